@@ -1,0 +1,1 @@
+"""Ray Train / Tune drivers: quickstart, train a stage, evaluate, sweep. Thin: config → mmreason."""

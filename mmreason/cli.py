@@ -1,0 +1,32 @@
+"""The `mmreason` console script: one front door to the jobs in `pipelines/` and `jobs/`.
+
+    mmreason quickstart [CONFIG] [key=value ...]
+    mmreason data gridworld [CONFIG] [key=value ...] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+COMMANDS = {
+    ("quickstart",): "jobs.quickstart",
+    ("data", "gridworld"): "pipelines.gridworld",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, module in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
+        if tuple(argv[: len(words)]) == words:
+            import importlib
+
+            return importlib.import_module(module).main(argv[len(words) :])
+    usage = "\n".join(f"  mmreason {' '.join(w)} [CONFIG] [key=value ...]" for w in COMMANDS)
+    stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
+    print(f"usage:\n{usage}", file=stream)
+    return 0 if stream is sys.stdout else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Parquet shards of the example schema, written atomically, with a manifest.
+
+A shard is written to a temporary name in its final directory and renamed into place, so a shard
+that exists is complete; its Parquet footer carries `info` (the spec and config hash that produced
+it) so a re-run can tell a finished shard from one some other config wrote. The manifest
+(`manifest.json`) lists the shards of a dataset; readers go through it, so files it does not name
+are never read. Every data pipeline (grid worlds, CinePile, A-OKVQA, MVoT import) writes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmreason.data.schema import EXAMPLE_SCHEMA, SCHEMA_VERSION, validate_row
+
+MANIFEST_NAME = "manifest.json"
+INFO_KEY = b"mmreason"
+TMP_MARK = ".tmp-"
+
+
+class CorruptShardError(ValueError):
+    """A shard on disk cannot be read as an example shard; the message names the file."""
+
+
+def write_shard(path: str | Path, rows: Iterable[dict[str, Any]], info: dict[str, Any]) -> int:
+    """Validate `rows`, write them to `path` atomically with `info` in the footer; returns the row count."""
+    path = Path(path)
+    rows = list(rows)
+    for row in rows:
+        validate_row(row)
+    table = pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+    info = {"schema_version": SCHEMA_VERSION, **info, "rows": len(rows)}
+    table = table.replace_schema_metadata({INFO_KEY: json.dumps(info, sort_keys=True).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(rows)
+
+
+def read_shard_info(path: str | Path) -> dict[str, Any]:
+    """The `info` a shard was written with (plus its row count); corrupt files raise naming the path."""
+    path = Path(path)
+    try:
+        meta = pq.read_metadata(path)
+        raw = (meta.metadata or {}).get(INFO_KEY)
+        if raw is None:
+            raise ValueError("no mmreason shard info in the footer (not written by mmreason)")
+        info = json.loads(raw)
+        schema = pq.read_schema(path).remove_metadata()
+        if not schema.equals(EXAMPLE_SCHEMA):
+            raise ValueError("columns differ from the example schema")
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise CorruptShardError(f"corrupt shard {path}: {exc}") from exc
+    if meta.num_rows != info.get("rows"):
+        raise CorruptShardError(f"corrupt shard {path}: footer says {info.get('rows')} rows, file has {meta.num_rows}")
+    return info
+
+
+def remove_temp_files(root: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted writes (never complete shards) under `root`."""
+    removed = []
+    for tmp in Path(root).rglob(f".*{TMP_MARK}*"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {root}: not a dataset directory, or the job writing it has not finished"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptShardError(f"corrupt manifest {path}: {exc}") from exc
+
+
+def ensure_writable_dir(root: str | Path) -> Path:
+    """Create `root` if needed and prove a file can be written there; errors name the directory."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output dir {root} is not writable: {exc.strerror or exc}") from exc
+    return root
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
