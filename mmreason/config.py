@@ -1,8 +1,8 @@
 """One config loader for every job: YAML files → typed dataclasses.
 
-- A file may inherit others with `base:` (or `defaults:`), a path or a list of paths relative to
-  the file; bases merge first, in order, and the file's own keys win (dicts merge deeply, anything
-  else is replaced).
+- Layers, later wins: the dataclass defaults, then each `base:` (or `defaults:`) file — a path or
+  list of paths relative to the inheriting file — then the file itself. Dataclass sections merge
+  key by key; any other value (list, dict of tasks) is replaced whole by the layer that sets it.
 - Command-line overrides `key.sub=value` apply last; the value is parsed as YAML (`3`, `[3, 4]`,
   `true`, `null`).
 - Unknown keys, wrong types and missing files raise `ConfigError` naming the key (dotted path) and
@@ -31,18 +31,28 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build `cls` from the YAML file at `path` (optional) plus `key=value` overrides."""
-    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    """Build `cls`: its defaults, then the YAML file at `path` (bases first), then `key=value` overrides.
+
+    Dataclass sections merge key by key at every layer; any other value (a list, a dict of tasks)
+    is replaced whole by the layer that sets it, so a file's `tasks:` says exactly which tasks run.
+    Overrides address single keys of the merged result (`tasks.maze.examples=5`).
+    """
+    try:
+        merged: dict[str, Any] = to_dict(cls())
+    except TypeError:  # a required field has no default
+        merged = {}
+    for layer in read_layers(path) if path is not None else []:
+        merged = typed_merge(cls, merged, layer)
     for override in overrides:
-        apply_override(raw, override)
+        apply_override(merged, override)
     source = str(path) if path is not None else "defaults"
     if overrides:
         source += " + command-line overrides"
-    return from_dict(cls, raw, source=source)
+    return from_dict(cls, merged, source=source)
 
 
-def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read one YAML mapping, resolving `base:` inheritance (cycles are errors)."""
+def read_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML mappings of `path` and its `base:` files, bases first (cycles are errors)."""
     path = Path(path)
     if not path.is_file():
         where = f" (inherited by {_chain[-1]})" if _chain else ""
@@ -62,23 +72,36 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             bases = data.pop(key)
     if isinstance(bases, str):
         bases = [bases]
-    merged: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = []
     for base in bases or []:
         if not isinstance(base, str):
             raise ConfigError(f"config file {path}: 'base' entries must be paths, got {base!r}")
-        merged = deep_merge(merged, read_yaml(path.parent / base, _chain + (resolved,)))
-    return deep_merge(merged, data)
+        layers += read_layers(path.parent / base, _chain + (resolved,))
+    return layers + [data]
 
 
-def deep_merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
-    """`high` wins; nested mappings merge key by key."""
+def typed_merge(cls: Any, low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """`high` wins; sub-mappings merge only where `cls` declares a dataclass section."""
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
     out = dict(low)
     for key, value in high.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        section = _dataclass_of(hints.get(key))
+        if section is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = typed_merge(section, out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _dataclass_of(tp: Any) -> Any:
+    """The dataclass in `tp` (also inside Optional[...]), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

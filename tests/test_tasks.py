@@ -1,0 +1,219 @@
+"""Grid-world generators: checked against the task rules, gymnasium, and the pixels of each frame."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
+
+from mmreason.data.schema import decode_row, validate_row
+from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example, layout_split, parse_answer
+from mmreason.tasks.render import AGENT_RGB, GridCanvas, find_color_cell
+from tests.conftest import FRACTIONS
+
+OPTS = RenderOptions(image_size=64, step_images=True)
+MOVE = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+AT = re.compile(r"(?:Now|still) at row (\d+), column (\d+)")
+
+
+def rows(task: str, size: int, n: int, split: str = "train", seed: int = 0, opts: RenderOptions = OPTS):
+    return [generate_example(TASKS[task], size, split, i, seed, FRACTIONS, opts) for i in range(n)]
+
+
+def grid_dims(task: str, meta: dict) -> int:
+    return meta["room"] if task == "minibehavior" else meta["size"]
+
+
+def test_same_seed_and_index_give_the_same_row_and_other_indices_differ():
+    for task, size in (("maze", 5), ("frozenlake", 4), ("minibehavior", 8)):
+        a = generate_example(TASKS[task], size, "train", 3, 11, FRACTIONS, OPTS)
+        b = generate_example(TASKS[task], size, "train", 3, 11, FRACTIONS, OPTS)
+        c = generate_example(TASKS[task], size, "train", 4, 11, FRACTIONS, OPTS)
+        assert a == b
+        assert (a["prompt"], a["meta"]) != (c["prompt"], c["meta"])
+
+
+def maze_passages(n: int, maze_info: str) -> set[frozenset]:
+    """Open passages straight from MVoT's maze_info: n² 'open downwards' flags, then n² 'open right'."""
+    open_edges = set()
+    for r in range(n):
+        for c in range(n):
+            if maze_info[r * n + c] == "T":
+                open_edges.add(frozenset({(r, c), (r + 1, c)}))
+            if maze_info[n * n + r * n + c] == "T":
+                open_edges.add(frozenset({(r, c), (r, c + 1)}))
+    return open_edges
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 6])
+def test_maze_paths_cross_only_open_passages_and_end_on_the_answer_cell(size):
+    for row in rows("maze", size, 40):
+        meta = json.loads(row["meta"])
+        edges = maze_passages(size, meta["maze_info"])
+        cells = {(r, c) for r in range(size) for c in range(size)}
+        assert all(cell in cells for edge in edges for cell in edge), "a passage leaves the grid"
+        # a perfect maze: a spanning tree of the grid
+        assert len(edges) == size * size - 1
+        reach, frontier = {(0, 0)}, [(0, 0)]
+        while frontier:
+            cell = frontier.pop()
+            for edge in edges:
+                if cell in edge:
+                    (other,) = edge - {cell}
+                    if other not in reach:
+                        reach.add(other)
+                        frontier.append(other)
+        assert reach == cells
+        path = [tuple(p) for p in meta["path"]]
+        assert path[0] == tuple(meta["start"]) and len(path) >= 2
+        for a, b in zip(path, path[1:]):
+            assert frozenset({a, b}) in edges, f"{row['id']}: step {a}->{b} crosses a wall"
+        # the moves in the prompt replay the path
+        moves = re.search(r"The agent moves: (.*?)\. Which", row["prompt"]).group(1).split(", ")
+        cell = path[0]
+        for move in moves:
+            cell = (cell[0] + MOVE[move[3:]][0], cell[1] + MOVE[move[3:]][1])
+        assert cell == path[-1]
+        candidates = [tuple(c) for c in meta["candidates"]]
+        assert len(set(candidates)) == 4 and tuple(meta["start"]) not in candidates
+        assert candidates["ABCD".index(row["answer"])] == path[-1]
+
+
+def test_maze_transcription_names_every_letter_where_it_is():
+    row = rows("maze", 4, 1)[0]
+    meta = json.loads(row["meta"])
+    for letter, (r, c) in zip("ABCD", meta["candidates"]):
+        assert f"{letter} is at row {r}, column {c}." in row["steps"][0]
+
+
+@pytest.mark.parametrize("task, size", [("maze", 3), ("maze", 6), ("frozenlake", 4), ("frozenlake", 7),
+                                        ("minibehavior", 8), ("minibehavior", 6)])
+def test_each_step_image_shows_the_agent_where_the_step_text_says(task, size):
+    for row in rows(task, size, 15):
+        validate_row(row)
+        ex = decode_row(row)
+        n = grid_dims(task, ex.meta)
+        canvas = GridCanvas(n, n, 64)
+        start = tuple(ex.meta["start"])
+        assert find_color_cell(ex.images[0], AGENT_RGB, canvas) == start
+        assert len(ex.step_images) == len(ex.steps)
+        assert find_color_cell(ex.step_images[0], AGENT_RGB, canvas) == start
+        want = start
+        for text, image in zip(ex.steps[1:], ex.step_images[1:]):
+            said = AT.search(text)
+            if said:  # pick up / put down name no cell: the agent stays where it was
+                want = (int(said.group(1)), int(said.group(2)))
+            assert find_color_cell(image, AGENT_RGB, canvas) == want, f"{ex.id}: {text}"
+
+
+def test_step_images_can_be_switched_off_and_rendered_large():
+    row = generate_example(TASKS["maze"], 4, "train", 0, 0, FRACTIONS, RenderOptions(image_size=256, step_images=False))
+    ex = decode_row(row)
+    assert ex.step_images == [] and ex.images[0].size == (256, 256)
+
+
+def test_frozenlake_answers_equal_gymnasiums_outcome():
+    outcome_letter = {"goal": "A", "hole": "B", "safe": "C"}
+    for size in (3, 4, 5, 6):
+        for row in rows("frozenlake", size, 30):
+            meta = json.loads(row["meta"])
+            env = FrozenLakeEnv(desc=meta["desc"], is_slippery=False)
+            state, _ = env.reset(seed=0)
+            assert divmod(state, size) == tuple(meta["start"])
+            outcome = "safe"
+            for k, action in enumerate(meta["gym_actions"]):
+                state, reward, terminated, _, _ = env.step(action)
+                assert list(divmod(state, size)) == meta["positions"][k]
+                if terminated:
+                    assert k == len(meta["gym_actions"]) - 1, "moves continue after the episode ended"
+                    outcome = "goal" if reward > 0 else "hole"
+            assert row["answer"] == outcome_letter[outcome]
+            goal = [(r, c) for r, line in enumerate(meta["desc"]) for c, ch in enumerate(line) if ch == "G"]
+            assert goal == [tuple(meta["goal"])]
+
+
+def simulate_room(meta: dict) -> list[tuple[tuple[int, int], str]]:
+    """An independent reading of the MiniBehavior rules, to check MiniGrid's results against."""
+    n, table = meta["room"], tuple(meta["table"])
+    agent, facing = tuple(meta["start"]), "right"
+    printer, where = tuple(meta["printer"]), "floor"
+    out = []
+    for action in meta["actions"]:
+        front = (agent[0] + MOVE[facing][0], agent[1] + MOVE[facing][1])
+        if action in MOVE:
+            facing = action
+            nxt = (agent[0] + MOVE[action][0], agent[1] + MOVE[action][1])
+            wall = nxt[0] in (0, n - 1) or nxt[1] in (0, n - 1)
+            if not wall and nxt != table and not (where == "floor" and nxt == printer):
+                agent = nxt
+        elif action == "pickup" and where in ("floor", "table"):
+            if (where == "floor" and front == printer) or (where == "table" and front == table):
+                where = "carried"
+        elif action == "drop" and where == "carried":
+            if front == table:
+                where = "table"
+            elif not (front[0] in (0, n - 1) or front[1] in (0, n - 1)):
+                where, printer = "floor", front
+        out.append((agent, where))
+    return out
+
+
+def test_minibehavior_final_state_matches_an_independent_simulation():
+    letters = {"carried": "A", "table": "B", "floor": "C"}
+    for size in (6, 8, 10):
+        for row in rows("minibehavior", size, 40):
+            meta = json.loads(row["meta"])
+            states = simulate_room(meta)
+            assert [list(a) for a, _ in states] == meta["positions"]
+            assert [w == "carried" for _, w in states] == meta["carrying"]
+            assert row["answer"] == letters[states[-1][1]]
+            for text, (_, where) in zip(row["steps"][1:], states):
+                assert text.endswith(f"Carrying objects: {'printer' if where == 'carried' else 'none'}.")
+
+
+@pytest.mark.parametrize("task, size", [("maze", 3), ("maze", 5), ("frozenlake", 4), ("minibehavior", 8)])
+def test_no_answer_letter_above_40_percent(task, size):
+    counts = Counter(row["answer"] for row in rows(task, size, 300))
+    assert max(counts.values()) / 300 <= 0.40, counts
+    assert len(counts) == (4 if task == "maze" else 3)
+
+
+def test_train_and_test_never_share_a_layout():
+    # 3×3 mazes have only 192 layouts, so any leak would show
+    for task, size in (("maze", 3), ("frozenlake", 3), ("minibehavior", 5)):
+        train = {json.loads(r["meta"])["layout_id"] for r in rows(task, size, 300, "train")}
+        test = {json.loads(r["meta"])["layout_id"] for r in rows(task, size, 60, "test")}
+        val = {json.loads(r["meta"])["layout_id"] for r in rows(task, size, 60, "val")}
+        assert train and test and val
+        assert not train & test and not train & val and not val & test
+
+
+def test_layout_split_ignores_the_seed_and_follows_the_fractions():
+    keys = [f"layout-{i}" for i in range(4000)]
+    got = Counter(layout_split("maze", k, FRACTIONS) for k in keys)
+    assert abs(got["train"] / 4000 - 0.8) < 0.03 and abs(got["test"] / 4000 - 0.1) < 0.02
+    assert layout_split("maze", "x", {"train": 0.0, "val": 0.0, "test": 1.0}) == "test"
+
+
+def test_answer_sentence_round_trips_through_the_regex():
+    assert parse_answer("Go up. Now at row 0, column 0. " + answer_sentence("C")) == "C"
+    assert parse_answer("no answer here") is None
+
+
+def test_grid_size_out_of_range_and_tiny_images_are_errors():
+    with pytest.raises(ValueError, match="grid size 9 out of range 3..6"):
+        generate_example(TASKS["maze"], 9, "train", 0, 0, FRACTIONS, OPTS)
+    with pytest.raises(ValueError, match="image_size 20 is too small"):
+        generate_example(TASKS["minibehavior"], 8, "train", 0, 0, FRACTIONS, RenderOptions(image_size=20))
+
+
+def test_canvas_locates_cells_of_drawn_discs():
+    canvas = GridCanvas(5, 5, 64)
+    img = canvas.blank()
+    canvas.disc(img, 3, 1, AGENT_RGB)
+    assert find_color_cell(img, AGENT_RGB, canvas) == (3, 1)
+    assert find_color_cell(np.zeros((64, 64, 3), np.uint8), AGENT_RGB, canvas) is None
