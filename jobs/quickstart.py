@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{manifest['total_rows']} rows, {len(manifest['shards'])} shards in {cfg.data.output_dir} "
           f"(rendered {last['rendered_rows']} in {last['seconds']:.1f}s{rate})")
     print(f"read them with: python -c \"from mmreason.data import load_examples; "
-          f"print(load_examples('{cfg.data.output_dir}', split='test', task='maze')[0])\"")
+          f"ex = load_examples('{cfg.data.output_dir}', split='test', task='maze')[0]; print(ex.prompt, ex.steps, ex.answer)\"")
     return 1 if manifest["errors"] else 0
 
 

@@ -128,6 +128,9 @@ def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
         import ray
 
         init_ray()
+        # One map operator whose outputs are a few bytes each: Ray Data's per-operator resource
+        # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
         ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
         ds = ds.map(_render_shard, fn_kwargs={"cfg": cfg, "root": str(root)}, num_cpus=1)
         for entry in ds.iter_rows():
