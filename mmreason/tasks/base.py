@@ -38,6 +38,11 @@ def parse_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def lettered(choices: list[str]) -> str:
+    """`A. first B. second …`, as choices are listed in prompts."""
+    return " ".join(f"{letter}. {text}" for letter, text in zip(LETTERS, choices))
+
+
 def cell_text(row: int, col: int) -> str:
     return f"row {row}, column {col}"
 

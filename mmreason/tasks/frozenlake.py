@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
 
-from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, move_text
+from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text
 from mmreason.tasks.render import AGENT_RGB, INK_RGB, START_RGB, GridCanvas, encode_png
 
 Cell = tuple[int, int]
@@ -204,12 +204,11 @@ class FrozenLakeTask:
                 steps.append(f"{move_text(direction)} Now at {cell_text(*nxt)}{what}.")
             cell = nxt
 
-        options = " ".join(f"{letter}. {text}" for letter, text in zip("ABC", CHOICES))
         prompt = (
             f"<image>\nThis is a {lake.n}x{lake.n} frozen lake seen from above. The agent starts at the red "
             f"dot; G is the goal and dark cells are holes. A move into the edge leaves the agent where it "
             f"is, and the walk ends at the goal or in a hole. Rows and columns count from 0 at the top left. "
-            f"The agent moves: {', '.join(f'go {d}' for d in moves)}. What happens? {options}"
+            f"The agent moves: {', '.join(f'go {d}' for d in moves)}. What happens? {lettered(CHOICES)}"
         )
         return Trajectory(
             prompt=prompt,

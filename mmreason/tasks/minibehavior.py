@@ -21,7 +21,7 @@ from minigrid.core.mission import MissionSpace
 from minigrid.core.world_object import WorldObj
 from minigrid.minigrid_env import MiniGridEnv
 
-from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, move_text, step_to
+from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text, step_to
 from mmreason.tasks.render import AGENT_RGB, START_RGB, GridCanvas, encode_png
 
 Cell = tuple[int, int]  # (row, col); MiniGrid positions are (x=col, y=row)
@@ -245,14 +245,13 @@ class MiniBehaviorTask:
 
         outcome, printer_cell = states[-1][1]
         words = {"pickup": "pick up", "drop": "put down"}
-        options = " ".join(f"{letter}. {text}" for letter, text in zip("ABC", CHOICES))
         prompt = (
             f"<image>\nThis is a {room.size}x{room.size} room seen from above (grey cells are walls). The agent "
             f"is the red dot, facing right; the purple square is a printer and the brown cell a table. A move "
             f"turns the agent to that direction and steps forward unless something blocks it; pick up and "
             f"put down act on the cell the agent faces. Rows and columns count from 0 at the top left. "
             f"The agent does: {', '.join(words.get(a, 'go ' + a) for a in actions)}. "
-            f"Where is the printer at the end? {options}"
+            f"Where is the printer at the end? {lettered(CHOICES)}"
         )
         return Trajectory(
             prompt=prompt,
