@@ -1,0 +1,178 @@
+"""Train one stage on Ray Train + DeepSpeed, then evaluate it.
+
+    python -m jobs.train CONFIG.yaml [key=value ...]
+    python -m jobs.train configs/train/cot-maze.yaml workers=2 optim.epochs=4
+
+Everything a user can get wrong (backbone, stage, dataset without shards, a checkpoint that is not
+one or is another family's) is checked here, before any worker starts. Re-running with the same
+`run_name` and `storage` resumes from the last checkpoint (epoch and curriculum stage restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmreason.cli_args import job_main, parse_job_args
+from mmreason.config import ConfigError, load_config
+from mmreason.data.reader import ray_dataset, read_table, shard_paths
+from mmreason.eval.runner import evaluate
+from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
+from mmreason.train.config import TrainConfig
+from pipelines import init_ray
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_path(cfg: TrainConfig) -> str:
+    """The checkpoint this stage starts from, checked before any worker starts."""
+    try:
+        spec = get_spec(cfg.model.backbone)
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone: {exc}") from None
+    for key, path in (("init_from", cfg.init_from), ("model.checkpoint", cfg.model.checkpoint)):
+        if path is not None and (Path(path).exists() or spec.tiny or key == "init_from"):
+            check_checkpoint(cfg.model.backbone, path)
+            return str(Path(path).resolve())
+        if path is not None:
+            return path  # a hub id for a real backbone
+    if not spec.tiny:
+        raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
+    init = cfg.run_dir / "init"
+    if not (init / "config.json").is_file():
+        build_tiny(cfg.model.backbone, init, seed=cfg.seed)
+    return str(init)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    for task in cfg.data.tasks:
+        if not shard_paths(cfg.data.path, split="train", task=task):
+            raise FileNotFoundError(f"data.path {cfg.data.path} has no train shards for task {task!r}")
+
+
+def train_dataset(cfg: TrainConfig):
+    import ray.data
+
+    parts = [ray_dataset(cfg.data.path, split="train", task=task) for task in cfg.data.tasks]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if cfg.data.sizes is not None:
+        sizes = set(cfg.data.sizes)
+        ds = ds.filter(lambda row: json.loads(row["meta"]).get("size") in sizes)
+    if cfg.data.max_train_rows is not None:
+        ds = ds.limit(cfg.data.max_train_rows)
+    return ds.materialize() if isinstance(ds, ray.data.Dataset) else ds
+
+
+def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Run the stage on Ray Train; returns the final worker metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmreason.tracking import tracking_uri
+    from mmreason.train.worker import train_loop_per_worker
+
+    init_ray()
+    ds = train_dataset(cfg)
+    n_rows = ds.count()
+    steps_per_epoch = n_rows // (cfg.workers * cfg.optim.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size "
+                          f"({cfg.workers} × {cfg.optim.batch_size})")
+    ds_config = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else (REPO / cfg.deepspeed)
+    if not ds_config.is_file():
+        raise ConfigError(f"deepspeed: config file not found: {cfg.deepspeed}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
+                           "deepspeed_config": str(ds_config), "mlflow_uri": tracking_uri(),
+                           "mlflow_run_id": mlflow_run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=str(Path(cfg.storage).resolve()),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    return dict(result.return_value or {}) | {"train_rows": n_rows, "steps_per_epoch": steps_per_epoch}
+
+
+def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """All configured eval modes on the exported model; predictions to JSONL per mode."""
+    family = load_backbone(cfg.model.backbone, export_dir)
+    rows = [r for r in read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist()
+            if r["task"] in cfg.data.tasks and (cfg.data.sizes is None or json.loads(r["meta"]).get("size") in cfg.data.sizes)]
+    if cfg.eval.max_examples is not None:
+        rows = rows[: cfg.eval.max_examples]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for mode, settings in cfg.eval.modes.items():
+        n_steps = cfg.coconut.max_latent_stage if mode == "coconut" else 0
+        t0 = time.perf_counter()
+        res = evaluate(family, rows, mode, settings, n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought,
+                       batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        with open(out_dir / f"predictions-{mode}.jsonl", "w") as fh:
+            for p in res.predictions:
+                fh.write(json.dumps(p) + "\n")
+        results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
+                         "latents_per_answer": res.latents_per_answer, "n": res.n,
+                         "seconds": time.perf_counter() - t0}
+    return results
+
+
+def run_stage(cfg: TrainConfig) -> dict[str, Any]:
+    """Check, train, export, evaluate, and track one stage."""
+    import mlflow
+
+    from mmreason.tracking import stage_run
+
+    # workers run elsewhere (another cwd, another node): hand them absolute paths
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    cfg.storage = str(Path(cfg.storage).resolve())
+    model_path = resolve_model_path(cfg)
+    check_data(cfg)
+    with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
+        metrics = fit(cfg, model_path, run.info.run_id)
+        export = cfg.run_dir / "export"
+        results = evaluate_export(cfg, export, cfg.run_dir / "eval")
+        for mode, res in results.items():
+            mlflow.log_metrics({f"{mode}_accuracy": res["accuracy"], f"{mode}_tokens_per_answer": res["tokens_per_answer"]})
+        (cfg.run_dir / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+        mlflow.log_artifacts(str(cfg.run_dir / "eval"), artifact_path="eval")
+        mlflow.log_artifacts(str(export), artifact_path="model")
+        return {"stage": cfg.stage, "run_dir": str(cfg.run_dir), "export": str(export), "train": metrics,
+                "eval": results, "mlflow_run_id": run.info.run_id}
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}"]
+    for mode, r in results.items():
+        lines.append(f"{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}{r['latents_per_answer']:>9}{r['n']:>6}")
+    return "\n".join(lines)
+
+
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_job_args("python -m jobs.train", __doc__, argv)
+    if args.config is None:
+        raise ConfigError("give a stage config, e.g. configs/train/cot-maze.yaml")
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_gpu() else None
+    out = run_stage(cfg)
+    print(results_table(out["eval"]))
+    print(f"export: {out['export']}   MLflow run: {out['mlflow_run_id']}")
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Evaluation in the three modes — `vanilla` (answer directly), `cot` (reasoning steps, then the
+answer), `coconut` (latent thoughts, then the answer) — each with its own generation settings.
+
+Accuracy reads the final `The answer is X.` with `mmreason.tasks.parse_answer`; tokens per answer
+count the generated tokens (latent thoughts are not tokens and are reported separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from mmreason.latent.coconut import GenerationSettings, generate
+from mmreason.models.base import Family
+from mmreason.tasks import parse_answer
+
+MODES = ("vanilla", "cot", "coconut")
+
+
+def _default_modes() -> dict[str, GenerationSettings]:
+    return {
+        "vanilla": GenerationSettings(max_new_tokens=16),
+        "cot": GenerationSettings(max_new_tokens=320),
+        "coconut": GenerationSettings(max_new_tokens=320),
+    }
+
+
+@dataclass
+class EvalConfig:
+    modes: dict[str, GenerationSettings] = field(default_factory=_default_modes)
+    """Generation settings per evaluation mode (vanilla, cot, coconut)."""
+    batch_size: int = 64
+    max_examples: int | None = 200
+    """Held-out rows to evaluate (None = all)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from mmreason.config import ConfigError
+
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ConfigError(f"eval.modes: unknown mode {mode!r} (known: {', '.join(MODES)})")
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    accuracy: float
+    tokens_per_answer: float
+    latents_per_answer: int
+    n: int
+    predictions: list[dict[str, Any]]
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.mode}_accuracy": self.accuracy, f"{self.mode}_tokens_per_answer": self.tokens_per_answer}
+
+
+def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings: GenerationSettings,
+             n_latent_steps: int = 0, c_thought: int = 1, batch_size: int = 64, seed: int = 0) -> EvalResult:
+    """Generate for every row in `mode` and score the answers."""
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r} (known: {', '.join(MODES)})")
+    rows = list(rows)
+    n_latents = n_latent_steps * c_thought if mode == "coconut" else 0
+    target = {"vanilla": "vanilla", "cot": "cot", "coconut": "latent"}[mode]
+    generator = torch.Generator().manual_seed(seed)
+    was_training = family.model.training
+    family.model.eval()
+    predictions = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            items = [family.encode(r, target, n_latent_steps, c_thought, with_target=False) for r in chunk]
+            outs = generate(family, family.collate(items, pad_side="left"), n_latents, settings, generator)
+            for row, ids in zip(chunk, outs):
+                text = family.tokenizer.decode(ids, skip_special_tokens=False)
+                pred = parse_answer(text)
+                predictions.append({"id": row["id"], "task": row["task"], "answer": row["answer"], "prediction": pred,
+                                    "correct": pred == row["answer"], "n_tokens": len(ids), "output": text})
+    finally:
+        family.model.train(was_training)
+    n = len(predictions)
+    return EvalResult(
+        mode=mode,
+        accuracy=sum(p["correct"] for p in predictions) / n if n else 0.0,
+        tokens_per_answer=sum(p["n_tokens"] for p in predictions) / n if n else 0.0,
+        latents_per_answer=n_latents,
+        n=n,
+        predictions=predictions,
+    )

@@ -1,0 +1,184 @@
+"""CoCoNuT (arXiv 2412.06769; facebookresearch/coconut) for any backbone family.
+
+- `latent_forward`: the training forward. Each `<|latent|>` position takes as input embedding the
+  last hidden state of the position before it, so the sequence is run in passes: one up to the
+  first latent, then one position per latent, reusing the KV cache; gradients flow through the
+  thoughts. Rows must be collated with `align_latents=True` (first latent at one column).
+- `generate`: batched generation with a KV cache — prompt prefill, one cached step per latent, then
+  token-by-token decoding. The reference implementation is batch 1 without a cache;
+  `generate_uncached` is that algorithm, kept as the oracle the batched one must equal.
+- `CurriculumSchedule`: stage = epoch // epochs_per_stage, capped at max_latent_stage; stage k
+  replaces the first k steps by k·c_thought latents; `uniform_prob` mixes in other stages.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmreason.models.base import IGNORE, Family, position_ids
+
+
+@dataclass
+class CurriculumSchedule:
+    c_thought: int = 1
+    """Latent thoughts per replaced reasoning step."""
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 3
+    """Stages beyond this keep this many latent steps."""
+    uniform_prob: float = 0.0
+    """Probability that a training row uses a random stage in [0, current] instead."""
+
+    def stage(self, epoch: int) -> int:
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+
+    def row_stage(self, epoch: int, rng: random.Random) -> int:
+        stage = self.stage(epoch)
+        if self.uniform_prob > 0 and rng.random() < self.uniform_prob:
+            return rng.randint(0, stage)
+        return stage
+
+
+def latent_forward(family: Family, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of a batch whose rows may hold latent positions."""
+    model = family.model
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    embeds = family.embed(batch)
+    pos = position_ids(mask)
+    is_latent = ids == family.latent_id
+    counts = is_latent.sum(1)
+    n_pass = int(counts.max()) if ids.numel() else 0
+    if n_pass == 0:
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+        logits = out.logits
+    else:
+        first = is_latent.float().argmax(1)
+        start = int(first[counts > 0].min())
+        if not bool((first[counts > 0] == start).all()):
+            raise ValueError("latent positions are not aligned; collate with align_latents=True")
+        parts, cache, r0, r1 = [], None, 0, start
+        for p in range(n_pass):
+            out = model(inputs_embeds=embeds[:, r0:r1], attention_mask=mask[:, :r1], position_ids=pos[:, r0:r1],
+                        past_key_values=cache, use_cache=True, output_hidden_states=True)
+            cache = out.past_key_values
+            parts.append(out.logits)
+            rows = (counts > p).nonzero().flatten()
+            # the latent at start+p reads the last hidden state of position start+p-1
+            thought = out.hidden_states[-1][rows, start + p - 1 - r0]
+            embeds = embeds.index_put((rows, torch.full_like(rows, start + p)), thought)
+            r0, r1 = r1, r1 + 1
+        out = model(inputs_embeds=embeds[:, r0:], attention_mask=mask, position_ids=pos[:, r0:],
+                    past_key_values=cache, use_cache=True)
+        logits = torch.cat(parts + [out.logits], dim=1)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return loss, logits
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        from mmreason.config import ConfigError
+
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / settings.temperature, -1)
+    if settings.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < settings.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(family: Family, batch: dict[str, torch.Tensor], n_latents: int, settings: GenerationSettings,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each left-padded row of `batch` (prompt, then `<|start-latent|>` + n latents +
+    `<|end-latent|>` when n > 0). Returns the generated token ids per row, up to and without eos."""
+    model = family.model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds = family.embed(batch)
+    pos = position_ids(mask)
+    width = ids.shape[1]
+    eos = family.tokenizer.eos_token_id
+    # prefill up to the first latent (or everything), then one cached step per latent thought
+    prefix = width - 1 - n_latents if n_latents else width
+    out = model(inputs_embeds=embeds[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix],
+                past_key_values=None, use_cache=True, output_hidden_states=n_latents > 0)
+    cache = out.past_key_values
+    for j in range(n_latents):
+        thought = out.hidden_states[-1][:, -1:]
+        at = prefix + j
+        out = model(inputs_embeds=thought, attention_mask=mask[:, : at + 1], position_ids=pos[:, at : at + 1],
+                    past_key_values=cache, use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+    if n_latents:  # the <|end-latent|> marker
+        out = model(inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    logits = out.logits[:, -1]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    generated: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    next_pos = pos[:, -1:] + 1
+    embed_tokens = model.get_input_embeddings()
+    for _ in range(settings.max_new_tokens):
+        token = _pick(logits, settings, generator)
+        for b in range(len(generated)):
+            if not done[b]:
+                if int(token[b]) == eos:
+                    done[b] = True
+                else:
+                    generated[b].append(int(token[b]))
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(inputs_embeds=embed_tokens(token[:, None]), attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return generated
+
+
+@torch.no_grad()
+def generate_uncached(family: Family, batch: dict[str, torch.Tensor], n_latents: int,
+                      max_new_tokens: int) -> list[int]:
+    """The reference algorithm (batch 1, greedy, no KV cache): every step re-runs the whole sequence."""
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError("generate_uncached takes one row")
+    model = family.model
+    embeds = family.embed(batch)
+    eos = family.tokenizer.eos_token_id
+    if n_latents:
+        prefix = embeds.shape[1] - 1 - n_latents
+        seq = embeds[:, :prefix]
+        for _ in range(n_latents):
+            hidden = model(inputs_embeds=seq, use_cache=False, output_hidden_states=True).hidden_states[-1]
+            seq = torch.cat([seq, hidden[:, -1:]], dim=1)
+        seq = torch.cat([seq, embeds[:, -1:]], dim=1)
+    else:
+        seq = embeds
+    out_ids: list[int] = []
+    for _ in range(max_new_tokens):
+        token = model(inputs_embeds=seq, use_cache=False).logits[:, -1].argmax(-1)
+        if int(token) == eos:
+            break
+        out_ids.append(int(token))
+        seq = torch.cat([seq, model.get_input_embeddings()(token[:, None])], dim=1)
+    return out_ids

@@ -1,0 +1,132 @@
+"""Backbone registry: one name → (model, tokenizer, family adapter).
+
+Real checkpoints (`anole-7b`, `internvl3-1b`, `phi4-mm`) load from a local path or hub id with
+`from_pretrained`. Tiny ones (`tiny-*`) are the same transformers classes with small random
+weights: built from config once, saved, and loaded back through the very same `from_pretrained`
+path — so the loading code real checkpoints take is what tests exercise. No code path here
+downloads anything unless a hub id is given explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from mmreason.models.anole import AnoleFamily
+from mmreason.models.anole import tiny_config as tiny_anole_config
+from mmreason.models.base import Family
+from mmreason.models.internvl import InternVLFamily
+from mmreason.models.internvl import tiny_config as tiny_internvl_config
+from mmreason.models.phi4mm import Phi4MMFamily
+from mmreason.models.phi4mm import tiny_config as tiny_phi4mm_config
+from mmreason.models.tokenizer import build_word_tokenizer
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: type[Family]
+    hub_id: str | None = None
+    """Default checkpoint for real backbones (used only when no local path is given)."""
+    tiny_config: Any = None
+    """For tiny backbones: (tokenizer) -> transformers config."""
+
+    @property
+    def tiny(self) -> bool:
+        return self.tiny_config is not None
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("internvl3-1b", InternVLFamily, hub_id="OpenGVLab/InternVL3-1B-hf"),
+        BackboneSpec("tiny-internvl", InternVLFamily, tiny_config=tiny_internvl_config),
+        BackboneSpec("anole-7b", AnoleFamily, hub_id="leloy/Anole-7b-v0.1-hf"),
+        BackboneSpec("tiny-anole", AnoleFamily, tiny_config=tiny_anole_config),
+        BackboneSpec("phi4-mm", Phi4MMFamily, hub_id="microsoft/Phi-4-multimodal-instruct"),
+        BackboneSpec("tiny-phi4mm", Phi4MMFamily, tiny_config=tiny_phi4mm_config),
+    )
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing, not a checkpoint, or holds another family's model."""
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})") from None
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizers' vocabulary is read from: generated rows of every grid-world task."""
+    from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example
+
+    fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
+    opts = RenderOptions(image_size=64, step_images=False)
+    texts = []
+    for task in TASKS.values():
+        for size in task.sizes:
+            for index in range(12):
+                row = generate_example(task, size, "train", index, 12345, fractions, opts)
+                texts += [row["prompt"], *row["steps"], answer_sentence(row["answer"]), *row["choices"]]
+    return texts
+
+
+def build_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build tiny backbone `name` with random weights and save it (model + tokenizer) to `out_dir`."""
+    spec = get_spec(name)
+    if not spec.tiny:
+        raise ValueError(f"{name} is not a tiny backbone")
+    tokenizer = build_word_tokenizer(tiny_corpus(), extra_special=getattr(spec.family, "extra_tokens", ()))
+    config = spec.tiny_config(tokenizer)
+    torch.manual_seed(seed)
+    model = spec.family.model_class(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "mmreason_backbone.txt").write_text(name + "\n")
+    return out
+
+
+def check_checkpoint(name: str, path: str | Path) -> None:
+    """Fail early (before any worker starts) when `path` is not a checkpoint of `name`'s family."""
+    spec = get_spec(name)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: no config.json")
+    import json
+
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in spec.family.model_types:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {model_type!r} model, but backbone {name!r} is the "
+            f"{spec.family.name} family ({', '.join(spec.family.model_types)})"
+        )
+
+
+def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Family:
+    """Load backbone `name` from `path` (a local checkpoint; for real backbones a hub id is allowed)."""
+    spec = get_spec(name)
+    if path is None:
+        if spec.tiny:
+            raise CheckpointError(f"{name}: give the path build_tiny() saved it to")
+        path = spec.hub_id
+    if Path(str(path)).exists() or spec.tiny:
+        check_checkpoint(name, path)
+    model = spec.family.model_class.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return spec.family(model, tokenizer)
+
+
+__all__ = ["BACKBONES", "BackboneSpec", "CheckpointError", "Family", "build_tiny", "check_checkpoint",
+           "get_spec", "load_backbone"]

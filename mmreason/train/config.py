@@ -1,0 +1,80 @@
+"""The config of one training stage (`cot`, `coconut`): one dataclass tree, loaded by
+`mmreason.config.load_config` from `configs/train/*.yaml` plus `key=value` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mmreason.config import ConfigError
+from mmreason.eval.runner import EvalConfig
+from mmreason.latent.coconut import CurriculumSchedule
+
+STAGES = ("cot", "coconut")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny-internvl"
+    """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl3-1b, anole-7b, phi4-mm."""
+    checkpoint: str | None = None
+    """Local checkpoint dir or hub id; None for a tiny backbone builds a fresh random one."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/quickstart/data/gridworld"
+    """A dataset directory written by a mmreason pipeline (it holds manifest.json)."""
+    tasks: list[str] = field(default_factory=lambda: ["maze"])
+    sizes: list[int] | None = field(default_factory=lambda: [3])
+    """Grid sizes to train and evaluate on (None = all)."""
+    eval_split: str = "test"
+    max_train_rows: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    """Rows per worker per step."""
+    epochs: int = 6
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["cot", "coconut"] = "cot"
+    run_name: str = "quickstart-cot"
+    """Runs with the same name and storage resume from the last checkpoint."""
+    storage: str = "runs/train"
+    init_from: str | None = None
+    """A checkpoint dir of an earlier stage to start from (coconut starts from a cot export)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    coconut: CurriculumSchedule = field(default_factory=CurriculumSchedule)
+    reset_optimizer: bool = True
+    """CoCoNuT: fresh optimizer state when the curriculum stage changes."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    keep_checkpoints: int = 2
+    """Ray Train keeps this many latest checkpoints; the best export is kept apart."""
+    seed: int = 0
+    experiment: str = "mmreason"
+    """MLflow experiment."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: unknown stage {self.stage!r} (known: {', '.join(STAGES)})")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.optim.epochs < 1 or self.optim.batch_size < 1:
+            raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage).resolve() / self.run_name

@@ -1,0 +1,159 @@
+"""The Ray Train worker loop: one stage (cot or coconut) with DeepSpeed inside each worker.
+
+Read top to bottom: load the backbone → `deepspeed.initialize` with torch AdamW → restore the last
+Ray Train checkpoint if there is one (epoch, curriculum stage, optimizer) → per epoch: the CoCoNuT
+stage, a fixed number of steps on this worker's shard of the Parquet dataset (equal on every
+worker), evaluation on rank 0, a checkpoint reported by every worker, MLflow metrics from rank 0.
+This and `jobs/train.py` are the only places that touch Ray Train and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmreason.config import from_dict
+from mmreason.latent.coconut import latent_forward
+from mmreason.train.config import TrainConfig
+
+STATE_TAG = "state"
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of `base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def encode_batch(family: Any, rows: list[dict], cfg: TrainConfig, epoch: int, rng: random.Random) -> dict:
+    """Rows → a padded training batch at this epoch's curriculum stage."""
+    items = []
+    for row in rows:
+        stage = cfg.coconut.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
+        target = "latent" if stage > 0 else "cot"
+        items.append(family.encode(row, target, stage, cfg.coconut.c_thought))
+    return family.collate(items, align_latents=True)
+
+
+def export_model(family: Any, out_dir: Path) -> None:
+    """HF format (safetensors) that `from_pretrained` loads; caller gathers ZeRO-3 shards first."""
+    family.model.save_pretrained(out_dir, safe_serialization=True)
+    family.tokenizer.save_pretrained(out_dir)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import deepspeed
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    from mmreason.data.reader import read_table
+    from mmreason.eval.runner import evaluate
+    from mmreason.models import load_backbone
+
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    family = load_backbone(cfg.model.backbone, config["model_path"])
+
+    ds_config = json.loads(Path(config["deepspeed_config"]).read_text())
+    ds_config.update(train_micro_batch_size_per_gpu=cfg.optim.batch_size, gradient_accumulation_steps=1,
+                     train_batch_size=cfg.optim.batch_size * world)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    optimizer = torch.optim.AdamW(family.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=family.model, optimizer=optimizer, config=ds_config)
+
+    steps_per_epoch = config["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    start_epoch, best = 0, -1.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume: same run name and storage
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=STATE_TAG)
+            progress = json.loads((Path(d) / "progress.json").read_text())
+        start_epoch, best = progress["epoch"] + 1, progress["best"]
+
+    mlflow = MlflowClient(config["mlflow_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
+    eval_rows = read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist() if rank == 0 else []
+    eval_rows = [r for r in eval_rows if r["task"] in cfg.data.tasks and _size_ok(r, cfg)]
+    if cfg.eval.max_examples is not None:
+        eval_rows = eval_rows[: cfg.eval.max_examples]
+    shard = ray.train.get_dataset_shard("train")
+    rng = random.Random(cfg.seed * 1000 + rank)
+    run_dir = cfg.run_dir
+    metrics: dict[str, Any] = {}
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        stage = cfg.coconut.stage(epoch) if cfg.stage == "coconut" else 0
+        if cfg.stage == "coconut" and cfg.reset_optimizer and epoch > start_epoch and stage != cfg.coconut.stage(epoch - 1):
+            _reset_optimizer_state(engine)
+        engine.train()
+        t0, seen, losses = time.perf_counter(), 0, []
+        batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
+                                     local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
+        for step, table in enumerate(batches):
+            if step >= steps_per_epoch:
+                break  # equal step counts on every worker
+            global_step = epoch * steps_per_epoch + step
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr_at(global_step, total_steps, cfg.optim.lr, cfg.optim.warmup_steps)
+            batch = encode_batch(family, table.to_pylist(), cfg, epoch, rng)
+            loss, _ = latent_forward(family, batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+            seen += table.num_rows
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(1, len(losses)),
+                   "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9)}
+        if rank == 0 and eval_rows and zero_stage < 3:
+            mode = "coconut" if stage > 0 else "cot"
+            result = evaluate(family, eval_rows, mode, cfg.eval.modes.get(mode) or cfg.eval.modes["cot"],
+                              n_latent_steps=stage, c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
+            metrics.update({"eval_accuracy": result.accuracy, "eval_tokens_per_answer": result.tokens_per_answer})
+            if result.accuracy > best:
+                best = result.accuracy
+                export_model(family, run_dir / "best")
+        if mlflow:
+            for key, value in metrics.items():
+                mlflow.log_metric(config["mlflow_run_id"], key, float(value), step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=STATE_TAG)
+            if rank == 0:
+                (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch, "stage": stage, "best": best}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    _export_final(engine, family, zero_stage, rank, run_dir / "export")
+    return {**metrics, "best_eval_accuracy": best}
+
+
+def _size_ok(row: dict, cfg: TrainConfig) -> bool:
+    return cfg.data.sizes is None or json.loads(row["meta"]).get("size") in cfg.data.sizes
+
+
+def _reset_optimizer_state(engine: Any) -> None:
+    """CoCoNuT resets the optimizer between curriculum stages; clear AdamW's moments in place."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner.state = defaultdict(dict)
+
+
+def _export_final(engine: Any, family: Any, zero_stage: int, rank: int, out_dir: Path) -> None:
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                export_model(family, out_dir)
+    elif rank == 0:
+        export_model(family, out_dir)
