@@ -105,7 +105,7 @@ class Family(abc.ABC):
         text = "".join(step + "\n" for step in steps) + answer_sentence(row["answer"])
         target_ids = self._text_ids(text) + [self.tokenizer.eos_token_id]
         ids = prompt + latents + target_ids
-        # the end-of-latents marker is predicted (it tells generation to leave latent mode)
+        # latents and their markers are inputs, never targets (generation inserts them itself)
         labels = [IGNORE] * (len(prompt) + len(latents)) + target_ids
         return Encoded(ids, labels, images, n_latents, len(prompt))
 

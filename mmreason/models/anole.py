@@ -1,0 +1,213 @@
+"""Anole / Chameleon family (`anole-7b`, `tiny-anole`): images are discrete VQ-VAE codes in the token
+stream, so the model reads images as tokens and can also *write* them — MVoT's visual thoughts
+(arXiv 2501.07542).
+
+One image in a sequence is ChameleonProcessor's layout: `<racm3:break>`, N × `<image>`, `<eoss>`.
+`embed` replaces the N `<image>` placeholders by the image's VQ codes, mapped to their `IMGIMG…`
+vocabulary tokens (`ChameleonModel.get_image_tokens`, the frozen VQ-VAE), and embeds the ids with
+the text embedding table. After that only token ids are left of the image, so cached generation
+from `inputs_embeds` never needs the pixels again. `image_token_ids(images)` gives the same ids
+for step images, which a trainer puts into the labels to teach the model to draw its thoughts;
+`visual_token_discrepancy` is MVoT's extra loss on those positions.
+
+The tiny variant: 64 px images, a VQ-VAE of 32 channels that downsamples 8× to 8×8 = 64 codes from
+a codebook of 256, and a 2-layer text model of width 128. Its vocabulary is the word-level
+tokenizer plus one `IMGIMG…` token per code (the names Chameleon's `vocabulary_map` decodes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from mmreason.models.base import Family, as_pil
+from mmreason.models.tokenizer import IMAGE
+
+IMAGE_START, IMAGE_END = "<racm3:break>", "<eoss>"
+"""Chameleon's begin/end-of-image tokens (ChameleonProcessor's defaults)."""
+TINY_CODEBOOK = 256
+PIXEL_SCALE = 0.0078
+"""ChameleonImageProcessor: pixels × 0.0078 − 1 (rescale, then normalise with mean 1, std 1)."""
+
+
+def image_code_token(code: int) -> str:
+    """The vocabulary name of VQ code `code`: digits spelled A–J between `IMGIMG` and a final `Z`
+    (the inverse of `ChameleonImageVocabularyMapping.bpe2img`)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def tiny_config(tokenizer: Any, image_size: int = 64) -> ChameleonConfig:
+    vocab = tokenizer.get_vocab()
+    needed = (IMAGE, IMAGE_START, IMAGE_END, image_code_token(TINY_CODEBOOK - 1))
+    missing = [name for name in needed if name not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks {missing}: build it with AnoleFamily.extra_tokens")
+    vq = dict(embed_dim=32, num_embeddings=TINY_CODEBOOK, latent_channels=32, resolution=image_size,
+              base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=None)
+    return ChameleonConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           vq_config=vq, vocabulary_map=vocab, tie_word_embeddings=True,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+
+
+class AnoleForConditionalGeneration(ChameleonForConditionalGeneration):
+    """Chameleon whose logits keep the image tokens.
+
+    `ChameleonForConditionalGeneration.forward` sets every `IMGIMG…` logit to the dtype's minimum
+    (the released Chameleon weights were not meant to draw). Anole and MVoT train and sample those
+    tokens, and with the mask a label on an image token has a cross-entropy of ~1e38. Same weights,
+    same config (`model_type` "chameleon"); set `suppress_image_tokens` to get Chameleon's behaviour
+    back, e.g. for a text-only answer.
+    """
+
+    suppress_image_tokens: bool = False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        if self.suppress_image_tokens:
+            logits[:, :, self.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def visual_token_discrepancy(logits: torch.Tensor, labels: torch.Tensor, codebook_embeddings: torch.Tensor,
+                             image_token_ids: torch.Tensor) -> torch.Tensor:
+    """MVoT's visual-token discrepancy loss (Li et al. 2025, arXiv 2501.07542, Sec. 3.3).
+
+    At every position whose label is an image token: Σ_j p_j · d(e_gt, e_j), where p is the softmax of
+    the logits over the image tokens only and d is the mean squared difference between codebook
+    embeddings — the expected distance, in the VQ-VAE's own space, between the drawn code and the
+    right one. Cross-entropy calls every wrong code equally wrong; this term prefers near misses.
+
+    `logits` (B, T, V) and `labels` (B, T) as the model takes them: labels are *not* shifted
+    (logits[:, t] predicts labels[:, t + 1]), -100 is ignored. `codebook_embeddings` (K, D): row k is
+    code k; `image_token_ids` (K,): the vocabulary id of code k. Returns the mean over image-token
+    positions; 0 (still in the graph) when there are none.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    image_token_ids = image_token_ids.to(labels.device, torch.long)
+    code_of = torch.full((max(logits.shape[-1], int(image_token_ids.max()) + 1),), -1, dtype=torch.long,
+                         device=labels.device)
+    code_of[image_token_ids] = torch.arange(len(image_token_ids), device=labels.device)
+    codes = code_of[labels.clamp(min=0)]
+    at_image = (labels >= 0) & (codes >= 0)
+    if not at_image.any():
+        return logits.sum() * 0.0
+    probs = logits[at_image][:, image_token_ids].float().softmax(-1)  # (M, K)
+    # the codebook is the frozen VQ-VAE's: a yardstick, not something this loss should move
+    book = codebook_embeddings.detach().float().to(probs.device)
+    truth = book[codes[at_image]]  # (M, D)
+    # |a-b|² = |a|² + |b|² − 2a·b: (M, K) distances without an (M, K, D) tensor (K = 8192 for Anole)
+    sq_dist = truth.pow(2).sum(-1, keepdim=True) + book.pow(2).sum(-1) - 2.0 * truth @ book.T
+    distance = sq_dist.clamp(min=0.0) / book.shape[-1]
+    return (probs * distance).sum(-1).mean()
+
+
+class AnoleFamily(Family):
+    name = "anole"
+    model_class = AnoleForConditionalGeneration
+    model_types = ("chameleon",)
+    extra_tokens = (IMAGE_START, IMAGE_END, *(image_code_token(code) for code in range(TINY_CODEBOOK)))
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any = None):
+        super().__init__(model, tokenizer)
+        mapping = model.model.vocabulary_mapping
+        self.image_token_id = mapping.image_token_id
+        if self.image_token_id is None:
+            raise ValueError(f"{type(model).__name__}: config.vocabulary_map has no {IMAGE!r} token")
+        self.image_start_id, self.image_end_id = self._special_ids(IMAGE_START, IMAGE_END)
+        vq = model.config.vq_config
+        self.image_size = vq.resolution
+        side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)  # one stride-2 conv per level but the last
+        self.codes_per_image = side * side
+        # row k = vocabulary id of VQ code k (Chameleon's own mapping, the inverse of bpe2img)
+        self.code_token_ids = mapping.img2bpe_mapping_tensor.long()
+        self.image_processor = image_processor
+        # Chameleon's VQ-VAE is frozen (MVoT and Anole train only the transformer)
+        model.model.vqmodel.requires_grad_(False)
+
+    def _special_ids(self, *tokens: str) -> list[int]:
+        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
+        unknown = [t for t, i in zip(tokens, ids) if i is None or i == self.tokenizer.unk_token_id]
+        if unknown:
+            raise ValueError(f"tokenizer {self.tokenizer.name_or_path!r} has no {unknown} token(s)")
+        return ids
+
+    def image_run(self) -> list[int]:
+        return [self.image_start_id] + [self.image_token_id] * self.codes_per_image + [self.image_end_id]
+
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        if self.image_processor is not None:  # a real checkpoint's own preprocessing
+            return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        size = (self.image_size, self.image_size)
+        # ChameleonImageProcessor: shortest edge to size, centre crop, LANCZOS
+        arr = np.stack([np.asarray(ImageOps.fit(im.convert("RGB"), size, Image.LANCZOS)) for im in images])
+        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().mul(PIXEL_SCALE).sub(1.0)
+        return {"pixel_values": pixels}
+
+    @torch.no_grad()
+    def _codes_as_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vq = self.model.model.vqmodel
+        pixels = pixel_values.to(vq.device, vq.dtype)
+        return self.model.model.get_image_tokens(pixels).long()
+
+    def image_token_ids(self, images: Iterable[Any]) -> torch.Tensor:
+        """(n_images, codes_per_image) vocabulary ids of the images' VQ codes (PIL images or encoded
+        bytes, e.g. a row's `step_images`): what goes between `<racm3:break>` and `<eoss>` in ids and labels."""
+        images = [as_pil(im) for im in images]
+        if not images:
+            return torch.empty(0, self.codes_per_image, dtype=torch.long)
+        return self._codes_as_tokens(self.image_inputs(images)["pixel_values"])
+
+    def codebook_embeddings(self) -> torch.Tensor:
+        """(K, D) VQ codebook, row k = code k: the space MVoT's discrepancy loss measures distance in."""
+        return self.model.model.vqmodel.quantize.embedding.weight
+
+    def visual_token_discrepancy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`visual_token_discrepancy` with this model's codebook and code → token mapping."""
+        return visual_token_discrepancy(logits, labels, self.codebook_embeddings(), self.code_token_ids)
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"]
+        if "pixel_values" in batch:
+            slots = ids == self.image_token_id
+            tokens = self._codes_as_tokens(batch["pixel_values"]).to(ids.device)
+            if int(slots.sum()) != tokens.numel():
+                raise ValueError(
+                    f"batch has {int(slots.sum())} {IMAGE} placeholders but {tokens.shape[0]} images × "
+                    f"{tokens.shape[1]} codes; build rows with this family's encode()"
+                )
+            ids = ids.masked_scatter(slots, tokens)
+        return self.model.get_input_embeddings()(ids)
+
+
+__all__ = ["AnoleFamily", "AnoleForConditionalGeneration", "IMAGE_END", "IMAGE_START", "image_code_token",
+           "tiny_config", "visual_token_discrepancy"]

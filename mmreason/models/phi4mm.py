@@ -1,0 +1,127 @@
+"""Phi-4-multimodal family (`phi4-mm`, `tiny-phi4mm`): a SigLIP-style vision encoder whose patch
+features are 2×2-pooled, projected, and written into the language model at image-token positions.
+
+Phi-4-MM cuts an image into a global view plus HD crops of `crop_size`; the image-token count grows
+with the number of crops. Every image here is resized to one crop, so each one costs the same fixed
+run — the processor's count for a one-crop image: (b² + b) for the crop, 1 separator, (b² + b) for
+the global view, with b = patches per side / 2 (real: 448 px, 14 px patches → 545 tokens).
+
+Transformers 5.23 runs the vision encoder *causally* under sdpa: `Phi4MultimodalVisionAttention`
+sets `is_causal = True` and its all-valid patch mask is dropped, so sdpa gets `is_causal=True` and
+patch i never sees patches after it (eager attention is bidirectional, as SigLIP was trained).
+`Phi4MMFamily` sets `is_causal = False` on those modules whenever it wraps a model.
+
+The tiny variant: 64 px images, 8 px patches → 16 pooled features → 41 image tokens; a 2-layer
+vision encoder of width 64; a minimal audio encoder (the model always builds one); a 2-layer text
+model of width 128.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionAttention
+
+from mmreason.models.base import Family
+
+IMAGE_TOKEN, AUDIO_TOKEN = "<|image|>", "<|audio|>"
+"""Tiny tokenizer only; real checkpoints name their own ids in the config."""
+
+
+def tiny_config(tokenizer: Any, image_size: int = 64) -> Phi4MultimodalConfig:
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, crop_size=image_size, patch_size=8, feature_layer=-1,
+                  image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    # never run (no audio in our rows) but Phi4MultimodalModel always builds an audio encoder
+    audio = dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2,
+                 ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                 audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+    return Phi4MultimodalConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        original_max_position_embeddings=2048,
+        # Phi-4-mini rotates 3/4 of each head; keep that code path
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vision_config=vision, audio_config=audio,
+    )
+
+
+def make_vision_bidirectional(model: nn.Module) -> int:
+    """Undo transformers 5.23's causal vision attention (see the module docstring); returns how many
+    attention modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, Phi4MultimodalVisionAttention):
+            module.is_causal = False
+            switched += 1
+    return switched
+
+
+def image_tokens_per_crop_layout(patches_per_side: int) -> int:
+    """Image tokens of a one-crop image: crop and global view each b×b pooled features plus one
+    separator per row (b × (b + 1)), and one separator between them."""
+    side = (patches_per_side + patches_per_side % 2) // 2  # odd grids are reflection-padded before pooling
+    return 2 * side * (side + 1) + 1
+
+
+class Phi4MMFamily(Family):
+    name = "phi4mm"
+    model_class = Phi4MultimodalForCausalLM
+    model_types = ("phi4_multimodal",)
+    extra_tokens = (IMAGE_TOKEN, AUDIO_TOKEN)
+
+    def __init__(self, model: Any, tokenizer: Any):
+        super().__init__(model, tokenizer)
+        vision = model.config.vision_config
+        if vision.image_size != vision.crop_size:
+            raise ValueError(f"{type(model).__name__}: vision image_size {vision.image_size} != crop_size "
+                             f"{vision.crop_size}; a crop must be one encoder input")
+        if make_vision_bidirectional(model) == 0:
+            raise ValueError(f"{type(model).__name__} has no Phi4MultimodalVisionAttention to fix")
+        self.image_token_id = vision.image_token_id
+        self.crop_size = vision.crop_size
+        self.patches_per_side = vision.image_size // vision.patch_size
+        self.tokens_per_image = image_tokens_per_crop_layout(self.patches_per_side)
+
+    def image_run(self) -> list[int]:
+        return [self.image_token_id] * self.tokens_per_image
+
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        size = (self.crop_size, self.crop_size)
+        arr = np.stack([np.asarray(im.convert("RGB").resize(size, Image.BICUBIC)) for im in images])
+        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # processor: mean .5, std .5
+        n = len(images)
+        # crop 0 is the global view, crop 1 the single HD crop; for a one-crop image both are the image
+        return {
+            "image_pixel_values": pixels.unsqueeze(1).repeat(1, 2, 1, 1, 1),
+            "image_sizes": torch.tensor([[self.crop_size, self.crop_size]] * n),
+            "image_attention_mask": torch.ones(n, 2, self.patches_per_side, self.patches_per_side, dtype=torch.bool),
+        }
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        if "image_pixel_values" in batch:
+            pixels = batch["image_pixel_values"]
+            n_slots = int((ids == self.image_token_id).sum())
+            if n_slots != pixels.shape[0] * self.tokens_per_image:
+                raise ValueError(
+                    f"batch has {n_slots} image tokens but {pixels.shape[0]} images × {self.tokens_per_image}; "
+                    "build rows with this family's encode()"
+                )
+            embeds = self.model.model.embed_tokens_extend(
+                ids, embeds, image_pixel_values=pixels.to(embeds.device),
+                image_sizes=batch["image_sizes"].to(embeds.device),
+                image_attention_mask=batch["image_attention_mask"].to(embeds.device),
+            )
+        return embeds
+
+
+__all__ = ["AUDIO_TOKEN", "IMAGE_TOKEN", "Phi4MMFamily", "image_tokens_per_crop_layout", "make_vision_bidirectional",
+           "tiny_config"]

@@ -1,0 +1,267 @@
+"""Tiny backbones end to end: build → save → from_pretrained, encode/collate/embed, loss and grads,
+cached generation from `inputs_embeds`, images reaching the logits; plus the family-specific parts
+(Anole's VQ tokens and MVoT loss, Phi-4-MM's bidirectional vision encoder)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoTokenizer
+
+from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_spec, load_backbone
+from mmreason.models.anole import image_code_token, visual_token_discrepancy
+from mmreason.models.base import IGNORE, position_ids
+from mmreason.models.phi4mm import make_vision_bidirectional
+from mmreason.tasks import TASKS, RenderOptions, generate_example
+
+TINY = ["tiny-internvl", "tiny-anole", "tiny-phi4mm"]
+FRACTIONS = {"train": 1.0, "val": 0.0, "test": 0.0}
+# parameters that only see images; everything else is the language model
+IMAGE_SIDE = ("vision", "vqmodel", "multi_modal_projector", "embed_tokens_extend")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    maze = generate_example(TASKS["maze"], 3, "train", 0, 0, FRACTIONS, RenderOptions())
+    lake = generate_example(TASKS["frozenlake"], 3, "train", 0, 0, FRACTIONS, RenderOptions())
+    return [maze, lake]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = build_tiny(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
+
+
+def forward(family, batch, **kwargs):
+    mask = batch["attention_mask"]
+    return family.model(inputs_embeds=family.embed(batch), attention_mask=mask, position_ids=position_ids(mask),
+                        **kwargs)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_save_load_keeps_weights_and_logits(name, tiny_dir, rows):
+    path = tiny_dir(name)
+    spec = get_spec(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)  # build_tiny's default seed: the same random weights again, never saved
+    fresh = spec.family(spec.family.model_class(spec.tiny_config(tokenizer)).eval(), tokenizer)
+
+    start = time.perf_counter()
+    loaded = load_backbone(name, path)
+    assert time.perf_counter() - start < 10.0
+
+    fresh_state, loaded_state = fresh.model.state_dict(), loaded.model.state_dict()
+    assert fresh_state.keys() == loaded_state.keys()
+    for key, value in fresh_state.items():
+        assert torch.equal(value, loaded_state[key]), key
+    batch = loaded.collate([loaded.encode(row) for row in rows])
+    with torch.no_grad():
+        torch.testing.assert_close(forward(loaded, batch).logits, forward(fresh, batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_encode_collate_embed_loss_backward(name, tiny_dir, rows):
+    family = load_backbone(name, tiny_dir(name))
+    family.model.train()
+    items = [family.encode(row) for row in rows]
+    run = family.image_run()
+    for item in items:
+        assert len(item.images) == 1
+        ids = item.input_ids
+        starts = [i for i in range(len(ids) - len(run) + 1) if ids[i:i + len(run)] == run]
+        assert len(starts) == 1 and starts[0] < item.prompt_len  # one image run, inside the prompt
+        assert all(label == IGNORE for label in item.labels[: item.prompt_len])
+    batch = family.collate(items)
+
+    out = forward(family, batch, labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+    params = dict(family.model.named_parameters())
+    text = {n: p for n, p in params.items() if not any(k in n for k in IMAGE_SIDE)}
+    missing = [n for n, p in text.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    image_side = {n: p for n, p in params.items() if any(k in n for k in IMAGE_SIDE)}
+    if name == "tiny-anole":  # Chameleon's VQ-VAE is frozen: codes are discrete, no gradient reaches it
+        assert all(not p.requires_grad and p.grad is None for p in image_side.values())
+    else:  # the vision encoder is trained through the merged features
+        assert sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in image_side.values()) > 10
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_cached_generation_matches_full_forward(name, tiny_dir, rows):
+    family = load_backbone(name, tiny_dir(name))
+    batch = family.collate([family.encode(row, with_target=False) for row in rows], pad_side="left")
+    assert batch["attention_mask"][:, 0].tolist() != [1, 1]  # rows differ in length: one is left-padded
+    embed_tokens = family.model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = family.embed(batch)
+        mask = batch["attention_mask"]
+        out = family.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+        cache, step_logits, new_embeds = out.past_key_values, [out.logits[:, -1]], []
+        for _ in range(6):  # greedy, one token at a time, pixels never passed again
+            token = step_logits[-1].argmax(-1, keepdim=True)
+            new_embeds.append(embed_tokens(token))
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = family.model(inputs_embeds=new_embeds[-1], attention_mask=mask,
+                               position_ids=position_ids(mask)[:, -1:], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_logits.append(out.logits[:, -1])
+        full = family.model(inputs_embeds=torch.cat([embeds, *new_embeds], dim=1), attention_mask=mask,
+                            position_ids=position_ids(mask)).logits
+    prompt_len = embeds.shape[1]
+    cached = torch.stack(step_logits, dim=1)
+    torch.testing.assert_close(cached, full[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_image_changes_first_target_logits(name, tiny_dir, rows):
+    family = load_backbone(name, tiny_dir(name))
+    family.model.eval()
+    row = rows[0]
+    inverted = ImageOps.invert(Image.open(io.BytesIO(row["images"][0])).convert("RGB"))
+    items = [family.encode(row), family.encode(dict(row, images=[png(inverted)]))]
+    assert items[0].input_ids == items[1].input_ids  # same text: only the image differs
+    first_target = next(i for i, label in enumerate(items[0].labels) if label != IGNORE)
+    with torch.no_grad():
+        logits = forward(family, family.collate(items)).logits[:, first_target - 1]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def test_check_checkpoint_names_backbone_and_family(tiny_dir):
+    internvl = tiny_dir("tiny-internvl")
+    with pytest.raises(CheckpointError, match=r"(?s)'internvl'.*'tiny-anole'.*chameleon"):
+        check_checkpoint("tiny-anole", internvl)
+    with pytest.raises(CheckpointError, match=r"(?s)'chameleon'.*'tiny-phi4mm'"):
+        check_checkpoint("tiny-phi4mm", tiny_dir("tiny-anole"))
+    with pytest.raises(CheckpointError, match="tiny-anole"):
+        load_backbone("tiny-anole", internvl)
+
+
+def test_real_backbones_registered_with_hub_ids():
+    assert get_spec("anole-7b").hub_id == "leloy/Anole-7b-v0.1-hf"
+    assert get_spec("phi4-mm").hub_id == "microsoft/Phi-4-multimodal-instruct"
+    assert get_spec("anole-7b").family is get_spec("tiny-anole").family
+    assert get_spec("phi4-mm").family is get_spec("tiny-phi4mm").family
+
+
+# --- Anole: VQ tokens, image labels, MVoT loss -----------------------------------------------------
+
+
+def test_anole_embed_writes_vq_tokens_at_placeholders(tiny_dir, rows):
+    family = load_backbone("tiny-anole", tiny_dir("tiny-anole"))
+    assert len(family.image_run()) == 64 + 2
+    tokens = family.image_token_ids(rows[0]["images"])
+    assert tokens.shape == (1, 64)
+    vocab = family.tokenizer.get_vocab()
+    code_tokens = {vocab[image_code_token(code)] for code in range(256)}
+    assert set(tokens[0].tolist()) <= code_tokens
+    assert len(set(tokens[0].tolist())) > 8  # a grid image is not one code
+    # the same ids the model's own Chameleon path produces
+    pixels = family.image_inputs([Image.open(io.BytesIO(rows[0]["images"][0]))])["pixel_values"]
+    assert torch.equal(tokens, family.model.model.get_image_tokens(pixels).long())
+
+    batch = family.collate([family.encode(rows[0])])
+    embeds = family.embed(batch)
+    slots = batch["input_ids"][0] == family.image_token_id
+    torch.testing.assert_close(embeds[0, slots], family.model.get_input_embeddings()(tokens[0]))
+    with pytest.raises(ValueError, match="placeholders"):
+        family.embed(dict(batch, pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1)))
+
+
+def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
+    """MVoT's visual thoughts: step-image codes in the labels give a normal loss (Chameleon's stock
+    forward masks image logits to -inf-ish, which would make it ~1e38)."""
+    family = load_backbone("tiny-anole", tiny_dir("tiny-anole"))
+    row = rows[0]
+    prompt = family.prompt_ids(row["prompt"])
+    thought = [family.image_start_id, *family.image_token_ids(row["step_images"][:1])[0].tolist(),
+               family.image_end_id]
+    ids = torch.tensor([prompt + thought])
+    labels = torch.tensor([[IGNORE] * len(prompt) + thought])
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             **family.image_inputs([Image.open(io.BytesIO(row["images"][0]))])}
+    out = forward(family, batch, labels=labels)
+    assert torch.isfinite(out.loss) and out.loss < 20
+    discrepancy = family.visual_token_discrepancy(out.logits, labels)
+    assert torch.isfinite(discrepancy) and discrepancy > 0
+    (out.loss + discrepancy).backward()
+    assert family.model.lm_head.weight.grad.abs().sum() > 0
+
+    family.model.suppress_image_tokens = True
+    with torch.no_grad():
+        assert forward(family, batch, labels=labels).loss > 1e30
+
+
+def test_visual_token_discrepancy_is_expected_codebook_distance():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # mean sq. distance = (i-j)²/2
+    code_ids = torch.tensor([10, 11, 12, 13])
+    labels = torch.tensor([[IGNORE, 10, 5]])  # position 0 predicts code 0; position 1 predicts a text token
+
+    def loss_with_mass_on(token: int) -> torch.Tensor:
+        logits = torch.zeros(1, 3, 16)
+        logits[0, 0, token] = 60.0
+        logits[0, 1, 3] = 60.0  # a text position: not part of the loss, whatever it predicts
+        return visual_token_discrepancy(logits, labels, codebook, code_ids)
+
+    losses = [float(loss_with_mass_on(10 + j)) for j in range(4)]
+    assert losses[0] < 1e-6
+    assert losses == sorted(losses) and len(set(losses)) == 4
+    assert losses == pytest.approx([j * j / 2 for j in range(4)], abs=1e-5)
+    # only image-token logits enter the softmax: mass on a text token leaves the uniform average
+    assert float(loss_with_mass_on(3)) == pytest.approx(sum(j * j / 2 for j in range(4)) / 4, abs=1e-5)
+    # uniform logits: the mean distance; gradient reaches the logits
+    logits = torch.zeros(1, 3, 16, requires_grad=True)
+    loss = visual_token_discrepancy(logits, labels, codebook, code_ids)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(3.5 / 2, abs=1e-6) and logits.grad[0, 0, 13] > 0
+    # no image labels: zero, still differentiable
+    zero = visual_token_discrepancy(logits, torch.tensor([[IGNORE, 5, 6]]), codebook, code_ids)
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+# --- Phi-4-MM: the vision encoder sees every patch ------------------------------------------------
+
+
+def test_phi4mm_vision_encoder_is_bidirectional(tiny_dir):
+    family = load_backbone("tiny-phi4mm", tiny_dir("tiny-phi4mm"))
+    family.model.eval()
+    assert family.tokens_per_image == 41 and len(family.image_run()) == 41
+    assert family.model.config.vision_config._attn_implementation == "sdpa"
+    image_embed = family.model.model.embed_tokens_extend.image_embed
+    torch.manual_seed(0)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    changed = pixels.clone()
+    changed[..., 56:, 56:] = -changed[..., 56:, 56:]  # the last 8×8 patch only
+
+    def first_feature_moves() -> bool:
+        with torch.no_grad():
+            a, b = image_embed.get_img_features(pixels), image_embed.get_img_features(changed)
+        return bool((a[0, 0] - b[0, 0]).abs().max() > 1e-5)
+
+    assert first_feature_moves()  # the first pooled feature sees the last patch
+    try:  # the transformers default it replaces: causal, so the first patch is blind to the last
+        for module in image_embed.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = True
+        assert not first_feature_moves()
+    finally:
+        assert make_vision_bidirectional(family.model) == 2
+    assert first_feature_moves()
