@@ -71,7 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ds_config.update(train_micro_batch_size_per_gpu=cfg.optim.batch_size, gradient_accumulation_steps=1,
                      train_batch_size=cfg.optim.batch_size * world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    optimizer = torch.optim.AdamW(family.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    trainable = [p for p in family.model.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=family.model, optimizer=optimizer, config=ds_config)
 
     steps_per_epoch = config["steps_per_epoch"]

@@ -1,0 +1,100 @@
+"""The training job for real: Ray Train (2 workers) + DeepSpeed ZeRO-2 + MLflow, at toy scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmreason.config import ConfigError, load_config
+from mmreason.models import CheckpointError, build_tiny, load_backbone
+from mmreason.train.config import TrainConfig
+from pipelines import gridworld
+from jobs import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def maze_data(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("data") / "gw"
+    cfg = gridworld.load_config(gridworld.GridworldConfig, None, [
+        f"output_dir={out}", "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"])
+    gridworld.run(cfg, log=lambda *_: None)
+    return out
+
+
+def stage_cfg(data: Path, storage: Path, *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", [
+        f"data.path={data}", f"storage={storage}", "run_name=t", "optim.batch_size=8", "optim.epochs=1",
+        "eval.max_examples=6", "eval.batch_size=6", "eval.modes.cot.max_new_tokens=24",
+        "eval.modes.vanilla.max_new_tokens=8", *extra])
+
+
+def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = stage_cfg(maze_data, tmp_path / "runs")
+    out = train.run_stage(cfg)
+    assert out["train"]["epoch"] == 0 and out["train"]["steps_per_epoch"] == 80 // 16
+    assert set(out["eval"]) == {"vanilla", "cot"}
+    export = Path(out["export"])
+    assert (export / "model.safetensors").is_file()
+    family = load_backbone("tiny-internvl", export)  # HF format, through from_pretrained
+    assert family.model.config.model_type == "internvl"
+    preds = (cfg.run_dir / "eval" / "predictions-cot.jsonl").read_text().splitlines()
+    assert len(preds) == 6 and {"id", "prediction", "correct", "n_tokens"} <= set(json.loads(preds[0]))
+    run = mlflow.get_run(out["mlflow_run_id"])
+    assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
+    assert run.data.tags.get("mlflow.parentRunId")
+
+    # same run name and storage, more epochs: resumes after epoch 0 instead of starting over
+    again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=2"))
+    assert again["train"]["epoch"] == 1
+    history = mlflow.MlflowClient().get_metric_history(again["mlflow_run_id"], "epoch")
+    assert [m.value for m in history] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "override, error, needle",
+    [
+        ("model.backbone=tiny-gpt", ConfigError, "unknown backbone 'tiny-gpt'"),
+        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut'\\], got 'rlhf'"),
+        ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
+    ],
+)
+def test_bad_stage_inputs_fail_before_any_worker_starts(maze_data, tmp_path, override, error, needle):
+    with pytest.raises(error, match=needle):
+        train.run_stage(stage_cfg(maze_data, tmp_path / "runs", override))
+    assert not (tmp_path / "runs" / "t").exists() or not list((tmp_path / "runs" / "t").glob("checkpoint_*"))
+
+
+def test_dataset_without_shards_and_foreign_checkpoints_are_named(maze_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"shards": []}))
+    with pytest.raises(FileNotFoundError, match=f"{empty} has no train shards"):
+        train.run_stage(stage_cfg(empty, tmp_path / "runs"))
+    not_ckpt = tmp_path / "notckpt"
+    not_ckpt.mkdir()
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"init_from={not_ckpt}"))
+    internvl = build_tiny("tiny-internvl", tmp_path / "ti")
+    (internvl / "config.json").write_text(
+        (internvl / "config.json").read_text().replace('"model_type": "internvl"', '"model_type": "chameleon"'))
+    with pytest.raises(CheckpointError, match="'chameleon' model"):
+        train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"init_from={internvl}"))
+
+
+@pytest.mark.parametrize("backbone", ["tiny-anole", "tiny-phi4mm"])
+def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}",
+                                    "eval.modes={cot: {max_new_tokens: 8}}"))
+    assert out["train"]["steps_per_epoch"] == 5 and out["train"]["loss"] > 0
+    family = load_backbone(backbone, out["export"])
+    assert family.model.config.model_type in family.model_types
+    assert out["eval"]["cot"]["n"] == 6
