@@ -2,6 +2,7 @@
 
     mmreason quickstart [CONFIG] [key=value ...]
     mmreason data gridworld [CONFIG] [key=value ...] [--overwrite]
+    mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite]
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Sequence
 COMMANDS = {
     ("quickstart",): "jobs.quickstart",
     ("data", "gridworld"): "pipelines.gridworld",
+    ("data", "import-mvot"): "pipelines.mvot_import",
 }
+# Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
+LEADING_ARGS = {("data", "import-mvot"): "PATH "}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(module).main(argv[len(words) :])
-    usage = "\n".join(f"  mmreason {' '.join(w)} [CONFIG] [key=value ...]" for w in COMMANDS)
+    usage = "\n".join(f"  mmreason {' '.join(w)} {LEADING_ARGS.get(w, '')}[CONFIG] [key=value ...]" for w in COMMANDS)
     stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
     print(f"usage:\n{usage}", file=stream)
     return 0 if stream is sys.stdout else 2

@@ -1,4 +1,4 @@
-"""Argument handling shared by every job entry point: `[CONFIG.yaml] [key=value ...] [--flag ...]`,
+"""Argument handling shared by every job entry point: `[ARG ...] [CONFIG.yaml] [key=value ...] [--flag ...]`,
 and one place that turns the errors a user can cause into a one-line message and exit code 2."""
 
 from __future__ import annotations
@@ -10,25 +10,34 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from mmreason.config import ConfigError
-from mmreason.data.shards import CorruptShardError
+from mmreason.data.shards import CorruptShardError, SourceError
 
-USER_ERRORS = (ConfigError, CorruptShardError, FileExistsError, FileNotFoundError, PermissionError)
+USER_ERRORS = (ConfigError, CorruptShardError, SourceError, FileExistsError, FileNotFoundError, PermissionError)
 
 
 @dataclass
 class JobArgs:
     config: str | None
     overrides: list[str] = field(default_factory=list)
+    positionals: dict[str, str] = field(default_factory=dict)
 
 
-def parse_job_args(prog: str, doc: str | None, argv: Sequence[str] | None, flags: Sequence[str] = ()) -> JobArgs:
-    """Parse `[CONFIG] [key=value ...]`; each `--flag` in `flags` becomes the override `flag=true`."""
+def parse_job_args(
+    prog: str, doc: str | None, argv: Sequence[str] | None, flags: Sequence[str] = (), positionals: Sequence[str] = ()
+) -> JobArgs:
+    """Parse `[CONFIG] [key=value ...]`; each `--flag` in `flags` becomes the override `flag=true`.
+
+    `positionals` names required arguments that come first (an input PATH, say); their values land
+    in `JobArgs.positionals` by name.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="*", metavar="CONFIG|key=value",
+    for name in positionals:
+        parser.add_argument(name, metavar=name.upper())
+    parser.add_argument("items", nargs="*", default=[], metavar="CONFIG|key=value",
                         help="a YAML config file (optional, first) and key.sub=value overrides")
     for flag in flags:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # flags may sit anywhere, even between positionals
     config, overrides = None, []
     for i, item in enumerate(ns.items):
         if "=" in item:
@@ -38,7 +47,7 @@ def parse_job_args(prog: str, doc: str | None, argv: Sequence[str] | None, flags
         else:
             parser.error(f"argument {item!r} is neither the first (config file) nor key=value")
     overrides += [f"{flag}=true" for flag in flags if getattr(ns, flag)]
-    return JobArgs(config, overrides)
+    return JobArgs(config, overrides, {name: getattr(ns, name) for name in positionals})
 
 
 def job_main(fn: Callable[..., int]) -> Callable[..., int]:

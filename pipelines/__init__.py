@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Iterator
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -16,3 +17,19 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="warning")
+
+
+def map_shards(
+    items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, 1 CPU each); yield each
+    result row as it finishes, so the caller can record progress (the manifest) shard by shard."""
+    import ray
+
+    init_ray()
+    # One map operator whose outputs are a few bytes each: Ray Data's per-operator resource
+    # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=1).iter_rows():
+        yield dict(row)

@@ -28,16 +28,19 @@ from mmreason.data.gridworld import (
     plan_shards,
     shard_info,
 )
-from mmreason.data.schema import SCHEMA_VERSION
 from mmreason.data.shards import (
     MANIFEST_NAME,
+    build_manifest,
+    check_existing,
     ensure_writable_dir,
-    read_shard_info,
     remove_temp_files,
+    summary_table,
     write_json_atomic,
     write_shard,
 )
-from pipelines import init_ray
+from pipelines import map_shards
+
+SHARD_KEYS = ("path", "task", "size", "split", "part", "start", "stop", "rows", "bytes")
 
 
 def _render_shard(item: dict[str, Any], cfg: GridworldConfig, root: str) -> dict[str, Any]:
@@ -59,58 +62,16 @@ def _render_shard(item: dict[str, Any], cfg: GridworldConfig, root: str) -> dict
 
 def _check_existing(cfg: GridworldConfig, root: Path, specs: list[ShardSpec]) -> tuple[list[dict], list[ShardSpec]]:
     """Split the plan into shards already done (skipped) and shards to (re)build."""
-    planned = {spec.relpath for spec in specs}
-    strays = sorted(str(p.relative_to(root)) for p in root.rglob("*.parquet") if str(p.relative_to(root)) not in planned)
-    if strays:
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"output dir {root} holds shards this config does not produce ({', '.join(strays[:5])}"
-                f"{' …' if len(strays) > 5 else ''}); use --overwrite to replace them, or another output_dir"
-            )
-        for rel in strays:
-            (root / rel).unlink()
-    done, todo = [], []
-    for spec in specs:
-        path = root / spec.relpath
-        if not path.exists() or cfg.overwrite:
-            todo.append(spec)
-            continue
-        info = read_shard_info(path)  # CorruptShardError names the file
-        want = shard_info(cfg, spec)
-        if info.get("config_hash") != want["config_hash"]:
-            raise FileExistsError(
-                f"shard {path} was written by a different config (seed, sizes, counts, image size, …); "
-                f"use --overwrite to regenerate it, or another output_dir"
-            )
-        if info.get("errors"):
-            todo.append(spec)  # a shard with failed examples is retried
-            continue
-        done.append({**asdict(spec), "path": spec.relpath, "rows": info["rows"], "bytes": path.stat().st_size,
-                     "seconds": 0.0, "errors": "[]"})
-    return done, todo
+    planned = {spec.relpath: shard_info(cfg, spec) for spec in specs}
+    finished, todo = check_existing(root, planned, cfg.overwrite, differs="seed, sizes, counts, image size, …")
+    done = [{**asdict(spec), "path": spec.relpath, "rows": finished[spec.relpath]["rows"],
+             "bytes": (root / spec.relpath).stat().st_size, "seconds": 0.0, "errors": "[]"}
+            for spec in specs if spec.relpath in finished]
+    return done, [spec for spec in specs if spec.relpath in todo]
 
 
 def _manifest(cfg: GridworldConfig, entries: list[dict], n_planned: int) -> dict[str, Any]:
-    rows: dict[str, dict[str, int]] = {}
-    errors = []
-    for e in entries:
-        by_task = rows.setdefault(e["split"], {})
-        by_task[e["task"]] = by_task.get(e["task"], 0) + e["rows"]
-        errors += json.loads(e["errors"])
-    return {
-        "dataset": DATASET_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "config": asdict(cfg),
-        "complete": len(entries) == n_planned and not errors,
-        "rows": rows,
-        "total_rows": sum(e["rows"] for e in entries),
-        "shards": sorted(
-            ({k: e[k] for k in ("path", "task", "size", "split", "part", "start", "stop", "rows", "bytes")}
-             for e in entries),
-            key=lambda e: e["path"],
-        ),
-        "errors": errors,
-    }
+    return build_manifest(DATASET_NAME, asdict(cfg), entries, n_planned, SHARD_KEYS)
 
 
 def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
@@ -125,16 +86,8 @@ def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     rendered = 0
     if todo:
-        import ray
-
-        init_ray()
-        # One map operator whose outputs are a few bytes each: Ray Data's per-operator resource
-        # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-        ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
-        ds = ds.map(_render_shard, fn_kwargs={"cfg": cfg, "root": str(root)}, num_cpus=1)
-        for entry in ds.iter_rows():
-            entries = [e for e in entries if e["path"] != entry["path"]] + [dict(entry)]
+        for entry in map_shards([asdict(s) for s in todo], _render_shard, {"cfg": cfg, "root": str(root)}):
+            entries = [e for e in entries if e["path"] != entry["path"]] + [entry]
             rendered += entry["rows"]
             write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, entries, len(specs)))
     seconds = time.perf_counter() - t0
@@ -143,14 +96,6 @@ def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
                             "examples_per_s": round(rendered / seconds, 1) if rendered else None}
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return manifest
-
-
-def summary_table(manifest: dict[str, Any]) -> str:
-    tasks = sorted({t for by_task in manifest["rows"].values() for t in by_task})
-    lines = [f"{'task':<14}" + "".join(f"{s:>8}" for s in ("train", "val", "test"))]
-    for t in tasks:
-        lines.append(f"{t:<14}" + "".join(f"{manifest['rows'].get(s, {}).get(t, 0):>8}" for s in ("train", "val", "test")))
-    return "\n".join(lines)
 
 
 @job_main

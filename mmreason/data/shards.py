@@ -13,12 +13,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmreason.data.schema import EXAMPLE_SCHEMA, SCHEMA_VERSION, validate_row
+from mmreason.data.schema import EXAMPLE_SCHEMA, SCHEMA_VERSION, SPLITS, validate_row
 
 MANIFEST_NAME = "manifest.json"
 INFO_KEY = b"mmreason"
@@ -27,6 +27,11 @@ TMP_MARK = ".tmp-"
 
 class CorruptShardError(ValueError):
     """A shard on disk cannot be read as an example shard; the message names the file."""
+
+
+class SourceError(ValueError):
+    """A data source a user named (folder, archive) cannot be read or holds nothing to import; the
+    message names it."""
 
 
 def write_shard(path: str | Path, rows: Iterable[dict[str, Any]], info: dict[str, Any]) -> int:
@@ -111,6 +116,83 @@ def ensure_writable_dir(root: str | Path) -> Path:
     except OSError as exc:
         raise PermissionError(f"output dir {root} is not writable: {exc.strerror or exc}") from exc
     return root
+
+
+def check_existing(
+    root: Path, planned: dict[str, dict[str, Any]], overwrite: bool, differs: str = ""
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Sort the planned shards (relative path → the info its footer must carry) into finished ones
+    (relative path → footer info; a re-run skips them) and ones to (re)build.
+
+    A shard the plan does not name, a corrupt shard, or one whose config hash differs stops the job
+    naming the file, unless `overwrite` (then strays are deleted and every planned shard is rebuilt).
+    A shard that recorded failed rows is rebuilt, so its failures are retried and listed again.
+    `differs` hints at what a different config means for this dataset.
+    """
+    found = (str(p.relative_to(root)) for p in root.rglob("*.parquet"))
+    strays = sorted(rel for rel in found if rel not in planned)
+    if strays:
+        if not overwrite:
+            raise FileExistsError(
+                f"output dir {root} holds shards this config does not produce ({', '.join(strays[:5])}"
+                f"{' …' if len(strays) > 5 else ''}); use --overwrite to replace them, or another output_dir"
+            )
+        for rel in strays:
+            (root / rel).unlink()
+    done, todo = {}, []
+    for rel, want in planned.items():
+        path = root / rel
+        if not path.exists() or overwrite:
+            todo.append(rel)
+            continue
+        info = read_shard_info(path)  # CorruptShardError names the file
+        if info.get("config_hash") != want["config_hash"]:
+            raise FileExistsError(
+                f"shard {path} was written by a different config{f' ({differs})' if differs else ''}; "
+                f"use --overwrite to regenerate it, or another output_dir"
+            )
+        if info.get("errors"):
+            todo.append(rel)
+            continue
+        done[rel] = info
+    return done, todo
+
+
+def build_manifest(
+    dataset: str,
+    config: dict[str, Any],
+    entries: list[dict[str, Any]],
+    n_planned: int,
+    shard_keys: tuple[str, ...],
+    errors: Sequence[dict[str, str]] = (),
+) -> dict[str, Any]:
+    """The manifest of a dataset from its finished shards' entries (each with `path`, `task`,
+    `split`, `rows` and its failed rows as a JSON string `errors`) plus failures outside any shard."""
+    rows: dict[str, dict[str, int]] = {}
+    all_errors = list(errors)
+    for e in entries:
+        by_task = rows.setdefault(e["split"], {})
+        by_task[e["task"]] = by_task.get(e["task"], 0) + e["rows"]
+        all_errors += json.loads(e["errors"])
+    return {
+        "dataset": dataset,
+        "schema_version": SCHEMA_VERSION,
+        "config": config,
+        "complete": len(entries) == n_planned and not all_errors,
+        "rows": rows,
+        "total_rows": sum(e["rows"] for e in entries),
+        "shards": sorted(({k: e[k] for k in shard_keys} for e in entries), key=lambda e: e["path"]),
+        "errors": all_errors,
+    }
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """Rows per task and split, as a small text table."""
+    tasks = sorted({t for by_task in manifest["rows"].values() for t in by_task})
+    lines = [f"{'task':<14}" + "".join(f"{s:>8}" for s in SPLITS)]
+    for t in tasks:
+        lines.append(f"{t:<14}" + "".join(f"{manifest['rows'].get(s, {}).get(t, 0):>8}" for s in SPLITS))
+    return "\n".join(lines)
 
 
 def _fsync(path: Path) -> None:

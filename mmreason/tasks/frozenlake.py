@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
@@ -33,6 +34,10 @@ CHOICES = [
     "The agent stays safe but does not reach the goal.",
 ]
 OUTCOMES = ("goal", "hole", "safe")
+# What the prompt says the picture shows: our renderer's, and gymnasium's own `rgb_array` frames
+# (the ones MVoT's FrozenLake data holds), so an imported prompt does not describe a red dot it lacks.
+LAKE_LEGEND = "The agent starts at the red dot; G is the goal and dark cells are holes."
+GYM_LAKE_LEGEND = "The agent is the elf and starts on the stool; the present is the goal and blue pits are holes."
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,42 @@ class LakeRenderer:
         return img
 
 
+def lake_text(
+    lake: LakeMap,
+    moves: list[str],
+    positions: list[Cell],
+    after_end: Sequence[str] = (),
+    legend: str = LAKE_LEGEND,
+) -> tuple[str, list[str]]:
+    """The prompt and text steps of a walk on `lake`: `positions[i]` is where move i leads (from
+    gymnasium); `after_end` are moves shown after the walk ended, each changing nothing.
+
+    One copy for generated lakes and imported MVoT lakes (`mmreason.data.mvot`), so both read alike;
+    `legend` says how the picture draws agent, goal and holes.
+    """
+    holes = lake.find("H")
+    hole_text = f"The holes are at {'; '.join(cell_text(*h) for h in holes)}." if holes else "There are no holes."
+    steps = [f"The agent starts at {cell_text(*lake.start)}. The goal is at {cell_text(*lake.goal)}. {hole_text}"]
+    cell = lake.start
+    for direction, nxt in zip(moves, positions):
+        if nxt == cell:
+            steps.append(f"{move_text(direction)} The edge blocks the move; still at {cell_text(*nxt)}.")
+        else:
+            what = {"H": ", which is a hole", "G": ", which is the goal"}.get(lake.at(nxt), "")
+            steps.append(f"{move_text(direction)} Now at {cell_text(*nxt)}{what}.")
+        cell = nxt
+    for direction in after_end:
+        steps.append(f"{move_text(direction)} The walk is over, so nothing changes; still at {cell_text(*cell)}.")
+    shown = list(moves) + list(after_end)
+    prompt = (
+        f"<image>\nThis is a {lake.n}x{lake.n} frozen lake seen from above. {legend} A move into the edge "
+        f"leaves the agent where it is, and the walk ends at the goal or in a hole. Rows and columns count "
+        f"from 0 at the top left. The agent moves: {', '.join(f'go {d}' for d in shown)}. What happens? "
+        f"{lettered(CHOICES)}"
+    )
+    return prompt, steps
+
+
 class FrozenLakeTask:
     name = "frozenlake"
     sizes = range(3, 9)
@@ -190,26 +231,7 @@ class FrozenLakeTask:
                 trail.append(cell)
                 step_images.append(encode_png(renderer.frame(cell, trail)))
 
-        holes = lake.find("H")
-        steps = [
-            f"The agent starts at {cell_text(*lake.start)}. The goal is at {cell_text(*lake.goal)}. "
-            f"The holes are at {'; '.join(cell_text(*h) for h in holes)}."
-        ]
-        cell = lake.start
-        for direction, nxt in zip(moves, positions):
-            if nxt == cell:
-                steps.append(f"{move_text(direction)} The edge blocks the move; still at {cell_text(*nxt)}.")
-            else:
-                what = {"H": ", which is a hole", "G": ", which is the goal"}.get(lake.at(nxt), "")
-                steps.append(f"{move_text(direction)} Now at {cell_text(*nxt)}{what}.")
-            cell = nxt
-
-        prompt = (
-            f"<image>\nThis is a {lake.n}x{lake.n} frozen lake seen from above. The agent starts at the red "
-            f"dot; G is the goal and dark cells are holes. A move into the edge leaves the agent where it "
-            f"is, and the walk ends at the goal or in a hole. Rows and columns count from 0 at the top left. "
-            f"The agent moves: {', '.join(f'go {d}' for d in moves)}. What happens? {lettered(CHOICES)}"
-        )
+        prompt, steps = lake_text(lake, moves, positions)
         return Trajectory(
             prompt=prompt,
             images=images,

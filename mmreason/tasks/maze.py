@@ -146,6 +146,28 @@ class MazeRenderer:
         return img
 
 
+def maze_text(n: int, candidates: list[Cell], path: list[Cell]) -> tuple[str, list[str]]:
+    """The prompt and text steps of a maze walk along `path` (start first), candidates lettered A–D.
+
+    One copy for generated mazes and imported MVoT mazes (`mmreason.data.mvot`), so both read alike.
+    """
+    start = path[0]
+    letter_of = {cell: letter for letter, cell in zip(LETTERS, candidates)}
+    moves = [direction_between(a, b) for a, b in zip(path, path[1:])]
+    layout_text = " ".join(f"{letter} is at {cell_text(*cell)}." for letter, cell in zip(LETTERS, candidates))
+    steps = [f"The agent starts at {cell_text(*start)}. {layout_text}"]
+    for direction, cell in zip(moves, path[1:]):
+        where = f", which is {letter_of[cell]}" if cell in letter_of else ""
+        steps.append(f"{move_text(direction)} Now at {cell_text(*cell)}{where}.")
+    prompt = (
+        f"<image>\nThis is a {n}x{n} maze seen from above; black lines are walls. The agent starts "
+        f"at the red dot and moves only through open passages. Rows and columns count from 0 at "
+        f"the top left. The agent moves: {', '.join(f'go {d}' for d in moves)}. "
+        f"Which lettered cell (A, B, C or D) does the agent end on?"
+    )
+    return prompt, steps
+
+
 class MazeTask:
     name = "maze"
     sizes = range(3, 7)
@@ -162,7 +184,6 @@ class MazeTask:
         candidates = [others[i] for i in rng.choice(len(others), size=3, replace=False)]
         answer_index = int(rng.integers(4))
         candidates.insert(answer_index, end)
-        letter_of = {cell: letter for letter, cell in zip(LETTERS, candidates)}
         moves = [direction_between(a, b) for a, b in zip(path, path[1:])]
 
         renderer = MazeRenderer(layout, start, candidates, opts.image_size)
@@ -172,18 +193,7 @@ class MazeTask:
             step_images.append(images[0])  # the transcription step looks at the initial state
             step_images += [encode_png(renderer.frame(cell, path[: k + 2])) for k, cell in enumerate(path[1:])]
 
-        layout_text = " ".join(f"{letter} is at {cell_text(*cell)}." for letter, cell in zip(LETTERS, candidates))
-        steps = [f"The agent starts at {cell_text(*start)}. {layout_text}"]
-        for direction, cell in zip(moves, path[1:]):
-            where = f", which is {letter_of[cell]}" if cell in letter_of else ""
-            steps.append(f"{move_text(direction)} Now at {cell_text(*cell)}{where}.")
-
-        prompt = (
-            f"<image>\nThis is a {n}x{n} maze seen from above; black lines are walls. The agent starts "
-            f"at the red dot and moves only through open passages. Rows and columns count from 0 at "
-            f"the top left. The agent moves: {', '.join(f'go {d}' for d in moves)}. "
-            f"Which lettered cell (A, B, C or D) does the agent end on?"
-        )
+        prompt, steps = maze_text(n, candidates, path)
         return Trajectory(
             prompt=prompt,
             images=images,
