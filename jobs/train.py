@@ -20,10 +20,11 @@ from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import ConfigError, load_config
-from mmreason.data.reader import ray_dataset, read_table, shard_paths
+from mmreason.data.reader import ray_dataset, shard_paths
 from mmreason.eval.runner import evaluate
 from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
+from mmreason.train.worker import held_out_rows
 from pipelines import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,10 +105,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> 
 def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
     """All configured eval modes on the exported model; predictions to JSONL per mode."""
     family = load_backbone(cfg.model.backbone, export_dir)
-    rows = [r for r in read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist()
-            if r["task"] in cfg.data.tasks and (cfg.data.sizes is None or json.loads(r["meta"]).get("size") in cfg.data.sizes)]
-    if cfg.eval.max_examples is not None:
-        rows = rows[: cfg.eval.max_examples]
+    rows = held_out_rows(cfg, cfg.eval.max_examples)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode, settings in cfg.eval.modes.items():
@@ -119,7 +117,7 @@ def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[s
             for p in res.predictions:
                 fh.write(json.dumps(p) + "\n")
         results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
-                         "latents_per_answer": res.latents_per_answer, "n": res.n,
+                         "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
                          "seconds": time.perf_counter() - t0}
     return results
 

@@ -7,6 +7,7 @@ count the generated tokens (latent thoughts are not tokens and are reported sepa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -33,7 +34,9 @@ class EvalConfig:
     """Generation settings per evaluation mode (vanilla, cot, coconut)."""
     batch_size: int = 64
     max_examples: int | None = 200
-    """Held-out rows to evaluate (None = all)."""
+    """Held-out rows to evaluate after training (None = all)."""
+    epoch_examples: int = 100
+    """Held-out rows evaluated after every epoch during training (0 = none)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +55,13 @@ class EvalResult:
     latents_per_answer: int
     n: int
     predictions: list[dict[str, Any]]
+
+    def by(self, key: str) -> dict[str, float]:
+        """Accuracy per value of a prediction field (e.g. `size`)."""
+        groups: dict[str, list[bool]] = {}
+        for p in self.predictions:
+            groups.setdefault(str(p.get(key)), []).append(p["correct"])
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
     def metrics(self) -> dict[str, float]:
         return {f"{self.mode}_accuracy": self.accuracy, f"{self.mode}_tokens_per_answer": self.tokens_per_answer}
@@ -77,7 +87,9 @@ def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings
             for row, ids in zip(chunk, outs):
                 text = family.tokenizer.decode(ids, skip_special_tokens=False)
                 pred = parse_answer(text)
-                predictions.append({"id": row["id"], "task": row["task"], "answer": row["answer"], "prediction": pred,
+                size = json.loads(row["meta"]).get("size")
+                predictions.append({"id": row["id"], "task": row["task"], "size": size, "answer": row["answer"],
+                                    "prediction": pred,
                                     "correct": pred == row["answer"], "n_tokens": len(ids), "output": text})
     finally:
         family.model.train(was_training)

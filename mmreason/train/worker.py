@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     from mlflow.tracking import MlflowClient
 
-    from mmreason.data.reader import read_table
     from mmreason.eval.runner import evaluate
     from mmreason.models import load_backbone
 
@@ -86,10 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch, best = progress["epoch"] + 1, progress["best"]
 
     mlflow = MlflowClient(config["mlflow_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
-    eval_rows = read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist() if rank == 0 else []
-    eval_rows = [r for r in eval_rows if r["task"] in cfg.data.tasks and _size_ok(r, cfg)]
-    if cfg.eval.max_examples is not None:
-        eval_rows = eval_rows[: cfg.eval.max_examples]
+    eval_rows = held_out_rows(cfg, cfg.eval.epoch_examples) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
     rng = random.Random(cfg.seed * 1000 + rank)
     run_dir = cfg.run_dir
@@ -139,8 +136,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {**metrics, "best_eval_accuracy": best}
 
 
-def _size_ok(row: dict, cfg: TrainConfig) -> bool:
-    return cfg.data.sizes is None or json.loads(row["meta"]).get("size") in cfg.data.sizes
+def held_out_rows(cfg: TrainConfig, limit: int | None) -> list[dict]:
+    """Up to `limit` rows of the eval split for the configured tasks and sizes, interleaved across
+    tasks and sizes so a cut keeps every one of them."""
+    from mmreason.data.reader import read_table
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist():
+        size = json.loads(row["meta"]).get("size")
+        if row["task"] in cfg.data.tasks and (cfg.data.sizes is None or size in cfg.data.sizes):
+            groups.setdefault((row["task"], size), []).append(row)
+    interleaved = [row for batch in zip_longest(*groups.values()) for row in batch if row is not None]
+    return interleaved if limit is None else interleaved[:limit]
 
 
 def _reset_optimizer_state(engine: Any) -> None:
