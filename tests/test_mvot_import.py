@@ -364,3 +364,23 @@ def test_job_on_a_corrupted_folder_exits_1_and_lists_the_skipped_records(extract
     assert not manifest["complete"] and manifest["total_rows"] == 16
     assert sorted(e["id"] for e in manifest["errors"]) == ["mvot-maze-grid3-path1", "mvot-maze-grid3-path3"]
     assert len(load_examples(out, task="maze")) == 4
+
+
+@pytest.mark.integration
+def test_imported_rows_train_and_evaluate_through_the_same_stage_as_generated_rows(tmp_path, ray_session, monkeypatch):
+    from jobs.train import run_stage
+    from mmreason.train.config import TrainConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "mvot"
+    mvot_import.run(load_config(MvotImportConfig, None, [f"source={SAMPLE}", f"output_dir={out}"]),
+                    log=lambda *_: None)
+    cfg = load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", [
+        f"data.path={out}", f"storage={tmp_path / 'runs'}", "run_name=mvot", "data.tasks=[maze, frozenlake]",
+        "data.eval_split=train", "optim.batch_size=4", "optim.epochs=1", "eval.max_examples=null",
+        "eval.modes={cot: {max_new_tokens: 8}}"])
+    result = run_stage(cfg)
+    assert result["train"]["train_rows"] == 15 and result["train"]["steps_per_epoch"] == 1
+    assert result["eval"]["cot"]["n"] == 15
+    preds = [json.loads(line) for line in (cfg.run_dir / "eval" / "predictions-cot.jsonl").read_text().splitlines()]
+    assert {p["id"] for p in preds} == {r["id"] for r in import_mvot(SAMPLE, FRACTIONS)[0] if r["split"] == "train"}
