@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.coconut.init_from = cot["export"]
         coconut = run_stage(cfg.coconut)
 
-    print("\nquickstart results (held-out 3x3 mazes)")
+    held_out = f"{cfg.cot.data.eval_split} split, tasks {cfg.cot.data.tasks}, sizes {cfg.cot.data.sizes or 'all'}"
+    print(f"\nquickstart results ({held_out})")
     print(f"{'model':<10}{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}")
     for stage in (cot, coconut):
         for mode, r in stage["eval"].items():

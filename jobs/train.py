@@ -11,7 +11,6 @@ one or is another family's) is checked here, before any worker starts. Re-runnin
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -20,7 +19,8 @@ from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import ConfigError, load_config
-from mmreason.data.reader import ray_dataset, shard_paths
+from mmreason.data.reader import shard_entries
+from mmreason.data.schema import EXAMPLE_SCHEMA
 from mmreason.eval.runner import evaluate
 from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
@@ -36,12 +36,14 @@ def resolve_model_path(cfg: TrainConfig) -> str:
         spec = get_spec(cfg.model.backbone)
     except ValueError as exc:
         raise ConfigError(f"model.backbone: {exc}") from None
-    for key, path in (("init_from", cfg.init_from), ("model.checkpoint", cfg.model.checkpoint)):
-        if path is not None and (Path(path).exists() or spec.tiny or key == "init_from"):
-            check_checkpoint(cfg.model.backbone, path)
-            return str(Path(path).resolve())
-        if path is not None:
-            return path  # a hub id for a real backbone
+    if cfg.init_from is not None:
+        check_checkpoint(cfg.model.backbone, cfg.init_from)
+        return str(Path(cfg.init_from).resolve())
+    if cfg.model.checkpoint is not None:
+        if spec.tiny or Path(cfg.model.checkpoint).exists():
+            check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
+            return str(Path(cfg.model.checkpoint).resolve())
+        return cfg.model.checkpoint  # a hub id for a real backbone
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
     init = cfg.run_dir / "init"
@@ -50,23 +52,28 @@ def resolve_model_path(cfg: TrainConfig) -> str:
     return str(init)
 
 
-def check_data(cfg: TrainConfig) -> None:
+def train_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The manifest entries of the training shards; no shards for a task is an error naming it."""
+    entries = []
     for task in cfg.data.tasks:
-        if not shard_paths(cfg.data.path, split="train", task=task):
-            raise FileNotFoundError(f"data.path {cfg.data.path} has no train shards for task {task!r}")
+        found = shard_entries(cfg.data.path, split="train", task=task, sizes=cfg.data.sizes)
+        if not found:
+            raise FileNotFoundError(f"data.path {cfg.data.path} has no train shards for task {task!r}"
+                                    + (f" and sizes {cfg.data.sizes}" if cfg.data.sizes else ""))
+        entries += found
+    return entries
 
 
-def train_dataset(cfg: TrainConfig):
+def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
+    """A streaming Ray Dataset over the training shards, and its row count (from the manifest)."""
     import ray.data
 
-    parts = [ray_dataset(cfg.data.path, split="train", task=task) for task in cfg.data.tasks]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if cfg.data.sizes is not None:
-        sizes = set(cfg.data.sizes)
-        ds = ds.filter(lambda row: json.loads(row["meta"]).get("size") in sizes)
-    if cfg.data.max_train_rows is not None:
-        ds = ds.limit(cfg.data.max_train_rows)
-    return ds.materialize() if isinstance(ds, ray.data.Dataset) else ds
+    entries = train_shards(cfg)
+    ds = ray.data.read_parquet([str(Path(cfg.data.path) / e["path"]) for e in entries], schema=EXAMPLE_SCHEMA)
+    n_rows = sum(e["rows"] for e in entries)
+    if cfg.data.max_train_rows is not None and cfg.data.max_train_rows < n_rows:
+        ds, n_rows = ds.limit(cfg.data.max_train_rows), cfg.data.max_train_rows
+    return ds, n_rows
 
 
 def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> dict[str, Any]:
@@ -78,8 +85,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> 
     from mmreason.train.worker import train_loop_per_worker
 
     init_ray()
-    ds = train_dataset(cfg)
-    n_rows = ds.count()
+    ds, n_rows = train_dataset(cfg)
     steps_per_epoch = n_rows // (cfg.workers * cfg.optim.batch_size)
     if steps_per_epoch < 1:
         raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size "
@@ -132,7 +138,7 @@ def run_stage(cfg: TrainConfig) -> dict[str, Any]:
     cfg.data.path = str(Path(cfg.data.path).resolve())
     cfg.storage = str(Path(cfg.storage).resolve())
     model_path = resolve_model_path(cfg)
-    check_data(cfg)
+    train_shards(cfg)
     with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
         metrics = fit(cfg, model_path, run.info.run_id)
         export = cfg.run_dir / "export"
@@ -159,17 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         raise ConfigError("give a stage config, e.g. configs/train/cot-maze.yaml")
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_gpu() else None
     out = run_stage(cfg)
     print(results_table(out["eval"]))
     print(f"export: {out['export']}   MLflow run: {out['mlflow_run_id']}")
     return 0
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -98,3 +98,58 @@ def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data,
     family = load_backbone(backbone, out["export"])
     assert family.model.config.model_type in family.model_types
     assert out["eval"]["cot"]["n"] == 6
+
+
+def test_sigkill_mid_run_then_rerun_resumes_at_the_right_epoch_and_stage(maze_data, tmp_path):
+    """Kill the driver (and the local Ray it started) once a checkpoint exists; the same command
+    run again continues from that checkpoint's epoch and curriculum stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import psutil
+
+    init = build_tiny("tiny-internvl", tmp_path / "init")
+    storage = tmp_path / "runs"
+    args = [str(REPO / "configs/train/coconut-maze.yaml"), f"data.path={maze_data}", f"storage={storage}",
+            "run_name=k", f"init_from={init}", "optim.batch_size=8", "optim.epochs=4", "eval.epoch_examples=0",
+            "eval.max_examples=4", "eval.modes={coconut: {max_new_tokens: 8}}",
+            "coconut={c_thought: 1, epochs_per_stage: 1, max_latent_stage: 2, uniform_prob: 0.0}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run_dir = storage / "k"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(run_dir.glob("checkpoint_*/progress.json")):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == proc.pid:
+                    p.send_signal(signal.SIGKILL)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        proc.wait(timeout=30)
+    done = max(json.loads(p.read_text())["epoch"] for p in run_dir.glob("checkpoint_*/progress.json"))
+    assert done < 3
+
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        from mmreason.config import load_config as load
+
+        out = train.run_stage(load(TrainConfig, args[0], args[1:]))
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    assert out["train"]["epoch"] == 3 and out["train"]["stage"] == 2
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    epochs = [m.value for m in client.get_metric_history(out["mlflow_run_id"], "epoch")]
+    stages = [m.value for m in client.get_metric_history(out["mlflow_run_id"], "stage")]
+    assert epochs == [float(e) for e in range(done + 1, 4)]
+    assert stages == [float(min(e, 2)) for e in range(done + 1, 4)]

@@ -13,19 +13,26 @@ from mmreason.data.schema import EXAMPLE_SCHEMA, SPLITS, TASK_NAMES, Example, de
 from mmreason.data.shards import read_manifest
 
 
-def shard_paths(root: str | Path, split: str | None = None, task: str | None = None) -> list[Path]:
-    """Paths of the manifest's shards for `split` / `task` (None = all)."""
+def shard_entries(root: str | Path, split: str | None = None, task: str | None = None,
+                  sizes: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The manifest's entries (path, task, size, split, rows, …) for `split` / `task` / grid `sizes`
+    (None = all)."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     if task is not None and task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASK_NAMES)})")
-    root = Path(root)
-    manifest = read_manifest(root)
     return [
-        root / shard["path"]
-        for shard in manifest["shards"]
+        shard
+        for shard in read_manifest(root)["shards"]
         if (split is None or shard["split"] == split) and (task is None or shard["task"] == task)
+        and (sizes is None or shard.get("size") in sizes)
     ]
+
+
+def shard_paths(root: str | Path, split: str | None = None, task: str | None = None,
+                sizes: Sequence[int] | None = None) -> list[Path]:
+    """Paths of the manifest's shards for `split` / `task` / grid `sizes` (None = all)."""
+    return [Path(root) / shard["path"] for shard in shard_entries(root, split, task, sizes)]
 
 
 def read_table(
@@ -50,11 +57,12 @@ def load_examples(root: str | Path, split: str | None = None, task: str | None =
     return list(iter_examples(root, split, task))
 
 
-def ray_dataset(root: str | Path, split: str | None = None, task: str | None = None, **read_kwargs: Any):
+def ray_dataset(root: str | Path, split: str | None = None, task: str | None = None,
+                sizes: Sequence[int] | None = None, **read_kwargs: Any):
     """A Ray Dataset of encoded rows (images stay bytes; collators decode them in the workers)."""
     import ray.data
 
-    paths = shard_paths(root, split, task)
+    paths = shard_paths(root, split, task, sizes)
     if not paths:
-        raise FileNotFoundError(f"no shards in {root} for split={split} task={task}")
+        raise FileNotFoundError(f"no shards in {root} for split={split} task={task} sizes={sizes}")
     return ray.data.read_parquet([str(p) for p in paths], schema=EXAMPLE_SCHEMA, **read_kwargs)

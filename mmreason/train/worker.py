@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             loss, _ = latent_forward(family, batch)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             seen += table.num_rows
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(1, len(losses)),
