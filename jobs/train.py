@@ -73,7 +73,10 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     n_rows = sum(e["rows"] for e in entries)
     if cfg.data.max_train_rows is not None and cfg.data.max_train_rows < n_rows:
         ds, n_rows = ds.limit(cfg.data.max_train_rows), cfg.data.max_train_rows
-    return ds, n_rows
+    # Read now, before the workers' placement group takes every CPU of a small machine (2 workers ×
+    # 1 CPU on 2 cores): streaming reads scheduled after that wait forever (seen here). The rows
+    # then sit in Ray's object store (spilled to disk when large).
+    return ds.materialize(), n_rows
 
 
 def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> dict[str, Any]:
