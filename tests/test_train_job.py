@@ -125,7 +125,7 @@ def test_sigkill_mid_run_then_rerun_resumes_at_the_right_epoch_and_stage(maze_da
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if list(run_dir.glob("checkpoint_*/progress.json")):
+            if _latest_checkpoint_epoch(run_dir) is not None:  # registered by Ray Train, not just uploaded
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -137,8 +137,8 @@ def test_sigkill_mid_run_then_rerun_resumes_at_the_right_epoch_and_stage(maze_da
             except (ProcessLookupError, psutil.Error):
                 pass
         proc.wait(timeout=30)
-    done = max(json.loads(p.read_text())["epoch"] for p in run_dir.glob("checkpoint_*/progress.json"))
-    assert done < 3
+    done = _latest_checkpoint_epoch(run_dir)  # what Ray Train resumes from
+    assert done is not None and done < 3
 
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
@@ -153,3 +153,13 @@ def test_sigkill_mid_run_then_rerun_resumes_at_the_right_epoch_and_stage(maze_da
     stages = [m.value for m in client.get_metric_history(out["mlflow_run_id"], "stage")]
     assert epochs == [float(e) for e in range(done + 1, 4)]
     assert stages == [float(min(e, 2)) for e in range(done + 1, 4)]
+
+
+def _latest_checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epoch of the checkpoint Ray Train has recorded as latest (its snapshot), if any."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return int(latest["metrics"]["epoch"]) if latest else None
