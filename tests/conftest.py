@@ -5,6 +5,19 @@ import pytest
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
+def maze_passages(n: int, maze_info: str) -> set[frozenset]:
+    """Open passages straight from MVoT's maze_info: n² 'open downwards' flags, then n² 'open right'.
+    Written from the format, independently of mmreason's MazeLayout, so tests can check it."""
+    open_edges = set()
+    for r in range(n):
+        for c in range(n):
+            if maze_info[r * n + c] == "T":
+                open_edges.add(frozenset({(r, c), (r + 1, c)}))
+            if maze_info[n * n + r * n + c] == "T":
+                open_edges.add(frozenset({(r, c), (r, c + 1)}))
+    return open_edges
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds)."""

@@ -24,7 +24,7 @@ from mmreason.data.schema import validate_row
 from mmreason.data.shards import SourceError, read_manifest
 from mmreason.tasks import TASKS, RenderOptions, generate_example, layout_split
 from pipelines import mvot_import
-from tests.conftest import FRACTIONS
+from tests.conftest import FRACTIONS, maze_passages
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "mvot" / "data_samples.zip"
@@ -53,18 +53,6 @@ def lake_env() -> dict:
 
 def by_id(rows: list[dict]) -> dict[str, dict]:
     return {row["id"]: row for row in rows}
-
-
-def open_passages(n: int, maze_info: str) -> set[frozenset]:
-    """Passages straight from maze_info: n² 'open downwards' flags, then n² 'open to the right'."""
-    edges = set()
-    for r in range(n):
-        for c in range(n):
-            if maze_info[r * n + c] == "T":
-                edges.add(frozenset({(r, c), (r + 1, c)}))
-            if maze_info[n * n + r * n + c] == "T":
-                edges.add(frozenset({(r, c), (r, c + 1)}))
-    return edges
 
 
 def gym_walk(desc: str, actions: list[int]) -> tuple[list[int], str | None]:
@@ -112,7 +100,7 @@ def test_maze_answers_and_paths_agree_with_maze_info(sample_rows):
     for rec in maze_records():
         row = rows[f"mvot-maze-grid3-path{rec['path_id']}"]
         n, path = rec["grid_num"], [tuple(c) for c in rec["path_locs"]]
-        edges = open_passages(n, rec["maze_info"])
+        edges = maze_passages(n, rec["maze_info"])
         for a, b in zip(path, path[1:]):
             assert frozenset({a, b}) in edges, f"{row['id']}: {a}->{b} crosses a wall"
         candidates = [tuple(c) for c in rec["candidate_locs"]]

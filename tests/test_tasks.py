@@ -13,7 +13,7 @@ from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
 from mmreason.data.schema import decode_row, validate_row
 from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example, layout_split, parse_answer
 from mmreason.tasks.render import AGENT_RGB, GridCanvas, find_color_cell
-from tests.conftest import FRACTIONS
+from tests.conftest import FRACTIONS, maze_passages
 
 OPTS = RenderOptions(image_size=64, step_images=True)
 MOVE = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -35,18 +35,6 @@ def test_same_seed_and_index_give_the_same_row_and_other_indices_differ():
         c = generate_example(TASKS[task], size, "train", 4, 11, FRACTIONS, OPTS)
         assert a == b
         assert (a["prompt"], a["meta"]) != (c["prompt"], c["meta"])
-
-
-def maze_passages(n: int, maze_info: str) -> set[frozenset]:
-    """Open passages straight from MVoT's maze_info: n² 'open downwards' flags, then n² 'open right'."""
-    open_edges = set()
-    for r in range(n):
-        for c in range(n):
-            if maze_info[r * n + c] == "T":
-                open_edges.add(frozenset({(r, c), (r + 1, c)}))
-            if maze_info[n * n + r * n + c] == "T":
-                open_edges.add(frozenset({(r, c), (r, c + 1)}))
-    return open_edges
 
 
 @pytest.mark.parametrize("size", [3, 4, 5, 6])

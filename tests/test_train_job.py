@@ -10,6 +10,7 @@ import pytest
 from mmreason.config import ConfigError, load_config
 from mmreason.models import CheckpointError, build_tiny, load_backbone
 from mmreason.train.config import TrainConfig
+from mmreason.data.gridworld import GridworldConfig
 from pipelines import gridworld
 from jobs import train
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def maze_data(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("data") / "gw"
-    cfg = gridworld.load_config(gridworld.GridworldConfig, None, [
+    cfg = load_config(GridworldConfig, None, [
         f"output_dir={out}", "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"])
     gridworld.run(cfg, log=lambda *_: None)
     return out
