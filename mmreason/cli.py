@@ -3,6 +3,8 @@
     mmreason quickstart [CONFIG] [key=value ...]
     mmreason data gridworld [CONFIG] [key=value ...] [--overwrite]
     mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite]
+    mmreason data cinepile [CONFIG] [key=value ...] [--overwrite]
+    mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite]
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ COMMANDS = {
     ("quickstart",): "jobs.quickstart",
     ("data", "gridworld"): "pipelines.gridworld",
     ("data", "import-mvot"): "pipelines.mvot_import",
+    ("data", "cinepile"): "pipelines.cinepile",
+    ("data", "aokvqa"): "pipelines.aokvqa",
 }
 # Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
 LEADING_ARGS = {("data", "import-mvot"): "PATH "}

@@ -20,10 +20,12 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def map_shards(
-    items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any]
+    items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
+    concurrency: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, 1 CPU each); yield each
-    result row as it finishes, so the caller can record progress (the manifest) shard by shard."""
+    """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, 1 CPU each), at most
+    `concurrency` at once (None: as many as there are CPUs); yield each result row as it finishes, so
+    the caller can record progress (the manifest) shard by shard."""
     import ray
 
     init_ray()
@@ -31,5 +33,5 @@ def map_shards(
     # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=1).iter_rows():
+    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=1, concurrency=concurrency).iter_rows():
         yield dict(row)

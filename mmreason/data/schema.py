@@ -19,6 +19,10 @@ SCHEMA_VERSION = 1
 TASK_NAMES = ("maze", "frozenlake", "minibehavior", "cinepile", "aokvqa")
 SPLITS = ("train", "val", "test")
 IMAGE_PLACEHOLDER = "<image>"
+# A video question's prompt holds one <video> where its clip's frames go; the frames are stored
+# once, in a clip row that `meta.clip_id` names, and `images` stays empty until they are joined in
+# (`mmreason.data.cinepile.attach_frames` turns <video> into one <image> per frame).
+VIDEO_PLACEHOLDER = "<video>"
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -56,6 +60,12 @@ def validate_row(row: dict[str, Any]) -> None:
         raise BadRowError(
             f"row {rid}: prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
             f"but 'images' has {len(row['images'])} entries"
+        )
+    n_videos = row["prompt"].count(VIDEO_PLACEHOLDER)
+    if n_videos > 1 or (n_videos and row["images"]):
+        raise BadRowError(
+            f"row {rid}: a prompt holds at most one {VIDEO_PLACEHOLDER}, and only with 'images' empty "
+            f"(got {n_videos} and {len(row['images'])} images)"
         )
     if row["step_images"] and len(row["step_images"]) != len(row["steps"]):
         raise BadRowError(

@@ -1,0 +1,149 @@
+"""Ray Data job: CinePile questions + their YouTube clips (yt-dlp) → sampled frames → Parquet shards.
+
+    python -m pipelines.cinepile [CONFIG.yaml] [key=value ...] [--overwrite]
+    mmreason data cinepile configs/data/cinepile.yaml source=/data/cinepile split=test max_videos=100
+
+The driver reads the source and checks every row (text only); rows that fail are listed by id
+and row number. Questions are grouped by clip; one Ray task per clip, at most
+`download.concurrency` at once, fetches it through the URL allow-list, samples its frames and
+writes a clip shard (the frames, once) and a question shard (its questions, referring to it).
+Every clip's outcome — ok, unavailable, rate-limited, too-large, too-long, invalid-url, corrupt —
+goes to `clips` and `coverage` in the manifest, which is rewritten as each clip finishes; a failed
+clip never stops the job. A re-run skips finished clips (no request is made for them) and retries
+the others; a job killed at any moment and re-run ends with every question of every good clip
+exactly once. `--overwrite` rebuilds everything.
+
+Exit status: 0 when every row and clip made it, 1 when some were skipped (listed on stderr and in
+the manifest), 2 for a user error (bad config, missing source or columns, foreign output_dir).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmreason.cli_args import job_main, parse_job_args
+from mmreason.config import load_config, to_dict
+from mmreason.data.cinepile import (
+    DATASET_NAME,
+    CinepileConfig,
+    ClipPlan,
+    clip_info,
+    outcome,
+    plan_clips,
+    process_clip,
+    question_info,
+    read_source,
+)
+from mmreason.data.download import OK, STATUSES
+from mmreason.data.shards import (
+    MANIFEST_NAME,
+    build_manifest,
+    check_existing,
+    ensure_writable_dir,
+    remove_temp_files,
+    summary_table,
+    write_json_atomic,
+)
+from pipelines import map_shards
+
+SHARD_KEYS = ("path", "task", "split", "clip_id", "rows", "bytes")
+PENDING = "pending"
+
+
+def _process(item: dict[str, Any], cfg: CinepileConfig, root: str) -> dict[str, Any]:
+    """Ray Data map function: one clip, start to finish."""
+    return process_clip(ClipPlan.from_json(item["plan"]), cfg, Path(root))
+
+
+def _manifest(cfg: CinepileConfig, plans: list[ClipPlan], outcomes: dict[str, dict], plan_errors: list[dict],
+              n_rows: int) -> dict[str, Any]:
+    done = [o for o in outcomes.values() if o["status"] == OK]
+    failed = [{"id": o["clip_id"], "error": f"{o['status']}: {o['reason']}", "status": o["status"], "url": o["url"],
+               "questions": o["questions"]} for o in outcomes.values() if o["status"] not in (OK, PENDING)]
+    out = build_manifest(DATASET_NAME, to_dict(cfg), done, len(plans), SHARD_KEYS, plan_errors + failed)
+    counts = Counter(o["status"] for o in outcomes.values())
+    stored = sum(o["frame_bytes"] for o in done)
+    out["coverage"] = {
+        "rows_read": n_rows, "rows_rejected": len(plan_errors),
+        "clips": len(plans), **{status: counts.get(status, 0) for status in (*STATUSES, PENDING)},
+        "questions_planned": sum(len(p.questions) for p in plans),
+        "questions_written": sum(o["rows"] for o in done),
+    }
+    # the frames are stored once per clip; as copies in every question row they would take this much
+    out["frame_storage"] = {"clip_shard_bytes": stored,
+                            "if_copied_per_question": sum(o["frame_bytes"] * o["rows"] for o in done)}
+    out["clip_shards"] = sorted(({"path": o["clip_path"], "clip_id": o["clip_id"], "frames": o["frames"],
+                                  "bytes": o["frame_bytes"]} for o in done), key=lambda e: e["path"])
+    out["clips"] = {o["clip_id"]: {k: o[k] for k in ("url", "status", "reason", "questions", "attempts", "downloaded")}
+                    for o in outcomes.values()}
+    return out
+
+
+def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
+    """Build the CinePile dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
+    table = read_source(cfg.source, cfg.split, cfg.hub_config)  # missing source or columns stop here
+    plans, plan_errors = plan_clips(table, cfg)
+    root = ensure_writable_dir(Path(cfg.output_dir).resolve())
+    remove_temp_files(root)
+    planned = {}
+    for plan in plans:
+        planned[plan.relpath] = question_info(cfg, plan)
+        planned[plan.clip_relpath] = clip_info(cfg, plan)
+    finished, _ = check_existing(root, planned, cfg.overwrite, differs="other source rows, filters or frame sampling")
+    outcomes: dict[str, dict[str, Any]] = {}
+    todo = []
+    for plan in plans:
+        if plan.relpath in finished and plan.clip_relpath in finished:
+            path = root / plan.clip_relpath
+            outcomes[plan.clip_id] = outcome(plan, OK, path=plan.relpath, clip_path=plan.clip_relpath,
+                                             rows=finished[plan.relpath]["rows"], frame_bytes=path.stat().st_size,
+                                             frames=finished[plan.clip_relpath].get("frames", 0),
+                                             bytes=(root / plan.relpath).stat().st_size)
+        else:
+            outcomes[plan.clip_id] = outcome(plan, PENDING)
+            todo.append(plan)
+    write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
+    log(f"cinepile: {table.num_rows} rows in {cfg.source} ({cfg.split}), {len(plan_errors)} rejected; "
+        f"{sum(len(p.questions) for p in plans)} questions over {len(plans)} clips, {len(plans) - len(todo)} "
+        f"clips already done, {len(todo)} to fetch → {root}")
+    t0 = time.perf_counter()
+    if todo:
+        items = [{"plan": plan.to_json()} for plan in todo]
+        for result in map_shards(items, _process, {"cfg": cfg, "root": str(root)}, concurrency=cfg.download.concurrency):
+            outcomes[result["clip_id"]] = result
+            write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
+    manifest = _manifest(cfg, plans, outcomes, plan_errors, table.num_rows)
+    fresh = [outcomes[p.clip_id] for p in todo]
+    manifest["last_run"] = {"clips_tried": len(todo), "clips_ok": sum(o["status"] == OK for o in fresh),
+                            "downloaded": sum(o["downloaded"] for o in fresh),
+                            "seconds": round(time.perf_counter() - t0, 3)}
+    write_json_atomic(root / MANIFEST_NAME, manifest)
+    return manifest
+
+
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_job_args("python -m pipelines.cinepile", __doc__, argv, flags=("overwrite",))
+    cfg = load_config(CinepileConfig, args.config, args.overrides)
+    manifest = run(cfg)
+    print(summary_table(manifest))
+    cov, last = manifest["coverage"], manifest["last_run"]
+    print("clips: " + ", ".join(f"{cov[s]} {s}" for s in (*STATUSES, PENDING) if cov[s]) + f" (of {cov['clips']})")
+    print(f"{manifest['total_rows']} questions of {cov['questions_planned']} in {cfg.output_dir} "
+          f"({last['clips_tried']} clips tried, {last['clips_ok']} ok, {last['downloaded']} downloaded, "
+          f"in {last['seconds']:.1f}s)")
+    if manifest["errors"]:
+        print(f"skipped {len(manifest['errors'])} rows or clips (listed under 'errors' in "
+              f"{cfg.output_dir}/{MANIFEST_NAME}):", file=sys.stderr)
+        for error in manifest["errors"]:
+            print(f"  {error['id']}: {error['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
