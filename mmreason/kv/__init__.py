@@ -1,0 +1,1 @@
+"""KV-cache presses (see `mmreason.kv.base` for the mechanics)."""

@@ -1,0 +1,551 @@
+"""The mechanics every press shares, written once (kvpress's design: a press is a dataclass of
+settings; `with press(model): model.generate(...)` installs hooks and removes them after).
+
+What `with press(model)` does, and undoes on exit:
+
+- the decoder's attention implementation is swapped for `mmreason_press_<impl>` (registered once
+  with transformers' `AttentionInterface`); it runs the model's own attention (`sdpa`/`eager`)
+  and then calls the press. While nothing has been dropped it passes the model's own mask through,
+  so a press that keeps everything changes no bit of the output;
+- forward hooks read the token ids off the input embedding (so both the CoCoNuT generation path,
+  which feeds `inputs_embeds`, and HF `generate` are seen), the 2-D padding mask and positions
+  off the decoder call, and each attention layer's input hidden states and cache.
+
+Per layer the session keeps a `LayerState` parallel to the cache's keys: for every cached entry its
+column in the uncompressed sequence (`col`, for causality), position (`pos`, float: merged entries
+sit between tokens), whether it is real (`valid`: left padding and rows padded after per-row
+pruning are not), its modality (text / vision / shared slot) and `log_mass` (log of how many tokens
+a merged entry stands for, added to its attention logit — ToMe's proportional attention). Once any
+entry is gone, attention is computed with a mask built from this state (valid ∧ col ≤ query col),
+so left-padded batches, per-row budgets and per-head pruning all work.
+
+Writing a press: subclass `Press`, override `compress(call)` (after each attention call: decide
+what to keep — `call.keep(mask)` — or replace entries — `call.replace(...)`), and, if the method
+needs per-token data from the forward (a router's scores), `fresh(call)`. `ScorePress` does the
+top-budget selection for methods that only produce scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mmreason.kv.modality import MODALITY_NAMES, SHARED, TEXT, VISION, ModalitySpec, modality_spec
+from mmreason.kv.rope import Rope
+
+IMPL_PREFIX = "mmreason_press_"
+
+
+# --- per-layer state ---------------------------------------------------------------------------
+@dataclass
+class LayerState:
+    """Metadata of one layer's cached entries, all (B, H, L) like the cache's keys minus head_dim."""
+
+    col: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+    mod: torch.Tensor
+    log_mass: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-entry values a press keeps alongside (e.g. DARE's router scores); gathered with the rest."""
+
+    @property
+    def length(self) -> int:
+        return self.col.shape[-1]
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        out = {"col": self.col, "pos": self.pos, "valid": self.valid, "mod": self.mod}
+        if self.log_mass is not None:
+            out["log_mass"] = self.log_mass
+        return out | {f"extra.{k}": v for k, v in self.extra.items()}
+
+    @classmethod
+    def from_fields(cls, data: dict[str, torch.Tensor]) -> "LayerState":
+        extra = {k[6:]: v for k, v in data.items() if k.startswith("extra.")}
+        return cls(data["col"], data["pos"], data["valid"], data["mod"], data.get("log_mass"), extra)
+
+    def cat(self, other: "LayerState") -> "LayerState":
+        if (self.log_mass is None) != (other.log_mass is None):
+            zeros = torch.zeros_like(other.pos if self.log_mass is None else self.pos)
+            a = self.log_mass if self.log_mass is not None else zeros
+            b = other.log_mass if other.log_mass is not None else zeros
+            self.log_mass, other.log_mass = a, b
+        mine, theirs = self.fields(), other.fields()
+        for key in list(mine):
+            if key not in theirs:  # an extra only this side has (e.g. scores not computed yet)
+                theirs[key] = torch.zeros_like(other.pos, dtype=mine[key].dtype)
+        for key in list(theirs):
+            if key not in mine:
+                mine[key] = torch.zeros_like(self.pos, dtype=theirs[key].dtype)
+        return LayerState.from_fields({k: torch.cat([mine[k], theirs[k]], dim=-1) for k in mine})
+
+    def gather(self, index: torch.Tensor) -> "LayerState":
+        return LayerState.from_fields({k: v.gather(-1, index) for k, v in self.fields().items()})
+
+
+def keep_top(scores: torch.Tensor, budget: torch.Tensor | int, eligible: torch.Tensor) -> torch.Tensor:
+    """(B, H, L) bool: per (row, head) the `budget` (int or (B,)) highest-scoring eligible entries."""
+    s = scores.float().masked_fill(~eligible, float("-inf"))
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    if isinstance(budget, torch.Tensor):
+        budget = budget.view(-1, 1, 1).to(rank.device)
+    return (rank < budget) & eligible
+
+
+# --- one attention call, as a press sees it ----------------------------------------------------
+class LayerCall:
+    """Everything a press may look at in one attention call of one layer."""
+
+    def __init__(self, session: "Session", module: torch.nn.Module, query: torch.Tensor, attn_kwargs: dict):
+        self.session = session
+        self.module = module
+        self.layer_idx: int = module.layer_idx
+        self.query = query
+        self.attn_kwargs = attn_kwargs
+        self._last_attention: torch.Tensor | None = None
+
+    # read-only views
+    @property
+    def press(self) -> "Press":
+        return self.session.press
+
+    @property
+    def cache_layer(self) -> Any:
+        return self.session.cache.layers[self.layer_idx]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache_layer.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache_layer.values
+
+    @property
+    def state(self) -> LayerState:
+        return self.session.states[self.layer_idx]
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.session.layer_inputs[self.layer_idx]["hidden_states"]
+
+    @property
+    def prefill(self) -> bool:
+        """True in the first forward of a generation (the prompt), False at every later step."""
+        return self.session.forward_index == 0
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.session.attention_modules)
+
+    @property
+    def scratch(self) -> dict[str, Any]:
+        """Shared by all layers within one forward (e.g. a router's decision made at one layer)."""
+        return self.session.forward_scratch
+
+    def query_cols(self) -> torch.Tensor:
+        return torch.arange(self.session.seen - self.q_len, self.session.seen, device=self.query.device)
+
+    def attention(self, window: int = 1) -> torch.Tensor:
+        """(B, H_q, window, L) softmax attention of the last `window` queries over the current
+        entries (valid, causal, with mass), in float32 — what the layer just computed."""
+        if window == 1 and self._last_attention is not None:
+            return self._last_attention
+        q = self.query[:, :, -window:].float()
+        k = self.keys.float()
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        scaling = self.attn_kwargs.get("scaling") or q.shape[-1] ** -0.5
+        logits = q @ k.transpose(-1, -2) * scaling
+        logits = logits + self.session.additive_mask(self.state, self.query_cols()[-window:], groups, torch.float32)
+        probs = logits.softmax(-1)
+        if window == 1:
+            self._last_attention = probs
+        return probs
+
+    def rope(self) -> Rope:
+        return self.session.rope
+
+    # writes
+    def keep(self, mask: torch.Tensor) -> bool:
+        """Keep the entries where `mask` ((B, H, L) or (B, L), bool) is True; returns whether any
+        valid entry was dropped (if none is, nothing changes)."""
+        st = self.state
+        if mask.dim() == 2:
+            mask = mask[:, None, :].expand_as(st.valid)
+        drop = st.valid & ~mask
+        if not bool(drop.any()):
+            return False
+        mask = mask & st.valid
+        length = int(mask.sum(-1).max())
+        order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :length]
+        new = st.gather(order)
+        new.valid = new.valid & mask.gather(-1, order)
+        idx = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.replace(self.keys.gather(2, idx), self.values.gather(2, idx), new)
+        return True
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, state: LayerState) -> None:
+        """Put new cache entries (and their metadata) in place of this layer's."""
+        layer = self.cache_layer
+        layer.keys, layer.values = keys.contiguous(), values.contiguous()
+        self.session.states[self.layer_idx] = state
+        self.session.compressed = True
+
+
+# --- the press interface -----------------------------------------------------------------------
+@dataclass
+class Press:
+    """Base class: a press is a dataclass whose fields are its settings (see the module docstring)."""
+
+    def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
+        """Before attention: extra per-entry data (B, q) for this call's new tokens, or None."""
+        return None
+
+    def compress(self, call: LayerCall) -> None:
+        """After attention: shrink or rewrite this layer's cache (`call.keep`, `call.replace`)."""
+
+    def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
+        """Differentiable keep weights (B, H, L) applied inside attention (training), or None."""
+        return None
+
+    def keeps_everything(self) -> bool:
+        """True when the settings say "keep every entry" (the press then never touches the cache)."""
+        return False
+
+    def setup(self, session: "Session") -> None:
+        """Called once when the press is applied (e.g. to build modules sized from the model)."""
+
+    @contextmanager
+    def __call__(self, target: Any) -> Iterator["Session"]:
+        """Apply this press to `target` (a model, or a `Family` whose model is used)."""
+        model = getattr(target, "model", target) if not isinstance(target, torch.nn.Module) else target
+        session = Session(self, model)
+        try:
+            session.install()
+            self.setup(session)
+            yield session
+        finally:
+            session.remove()
+
+
+class ScorePress(Press):
+    """A press that only scores entries: `score(call)` → (B, L) or (B, H, L), higher is kept;
+    `budget(call)` → how many to keep per modality. Selection keeps original order."""
+
+    def score(self, call: LayerCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def budget(self, call: LayerCall) -> dict[int, torch.Tensor | int]:
+        raise NotImplementedError
+
+    def select(self, call: LayerCall) -> torch.Tensor:
+        st = call.state
+        scores = self.score(call)
+        if scores.dim() == 2:
+            scores = scores[:, None, :].expand_as(st.valid)
+        keep = st.valid & ~torch.isin(st.mod, torch.tensor(list(self.budget_modalities()), device=st.mod.device))
+        for modality, k in self.budget(call).items():
+            eligible = st.valid if modality is None else st.valid & (st.mod == modality)
+            keep |= keep_top(scores, k, eligible)
+        return keep
+
+    def budget_modalities(self) -> tuple[int, ...]:
+        """Modalities `budget` rules over; entries of others are kept (default: all of them)."""
+        return (TEXT, VISION, SHARED)
+
+    def compress(self, call: LayerCall) -> None:
+        call.keep(self.select(call))
+
+
+# --- the session: hooks and state while a press is applied --------------------------------------
+_ACTIVE_IMPLS: set[str] = set()
+
+
+def _press_attention(orig: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        session = getattr(module, "_mmreason_session", None)
+        session = session() if session is not None else None
+        if session is None:
+            return ALL_ATTENTION_FUNCTIONS[orig](module, query, key, value, attention_mask, **kwargs)
+        return session.attend(module, query, key, value, attention_mask, kwargs)
+
+    return attention
+
+
+def _register(orig: str) -> str:
+    name = IMPL_PREFIX + orig
+    if name not in _ACTIVE_IMPLS:
+        if orig not in ALL_MASK_ATTENTION_FUNCTIONS or (orig != "eager" and orig not in ALL_ATTENTION_FUNCTIONS):
+            raise ValueError(f"presses need an sdpa or eager attention model, got attn_implementation={orig!r}")
+        AttentionInterface.register(name, _press_attention(orig))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
+        _ACTIVE_IMPLS.add(name)
+    return name
+
+
+def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+class Session:
+    """Hooks and per-layer state of one press applied to one model (see the module docstring)."""
+
+    def __init__(self, press: Press, model: torch.nn.Module):
+        self.press = press
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.attention_modules = [layer.self_attn for layer in self.decoder.layers]
+        self.config = self.attention_modules[0].config
+        self.spec: ModalitySpec = modality_spec(model)
+        self.rope = Rope(self.decoder.rotary_emb)
+        self.orig_impl = self.config._attn_implementation or "eager"
+        self.handles: list[Any] = []
+        self.training = False
+        self.stats: dict[str, float] = {"press_seconds": 0.0, "generations": 0}
+        self.ids_fresh: list[torch.Tensor] = []
+        self._reset(None)
+
+    # lifecycle
+    def install(self) -> None:
+        name = _register(self.orig_impl)
+        ref = weakref.ref(self)
+        for module in self.attention_modules:
+            module._mmreason_session = ref
+            self.handles.append(module.register_forward_pre_hook(self._attention_pre_hook, with_kwargs=True))
+        self.handles.append(self.model.get_input_embeddings().register_forward_hook(self._embedding_hook))
+        self.handles.append(self.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+        self.handles.append(self.decoder.register_forward_hook(self._decoder_hook))
+        # set on the decoder's config only (the setter would recurse into vision/audio sub-configs)
+        self.config._attn_implementation_internal = name
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for module in self.attention_modules:
+            if hasattr(module, "_mmreason_session"):
+                del module._mmreason_session
+        self.config._attn_implementation_internal = self.orig_impl
+
+    def _reset(self, cache: Any) -> None:
+        self.cache = cache
+        self.states: dict[int, LayerState] = {}
+        self.seen = 0
+        self.seen_by_mod: torch.Tensor | None = None  # (B, 2) valid tokens seen per modality
+        self.next_pos: torch.Tensor | None = None
+        self.compressed = False
+        self.forward_index = -1
+        self.ids_rest: torch.Tensor | None = None
+        self.prompt_modality: torch.Tensor | None = None
+
+    # hooks
+    def _embedding_hook(self, module, args, output) -> None:
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            self.ids_fresh = (self.ids_fresh + [ids.detach()])[-4:]
+
+    def _decoder_pre_hook(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        ref = embeds if embeds is not None else ids
+        if ref is None and args:
+            ref = args[0]
+        batch, q_len = ref.shape[0], ref.shape[1]
+        if cache is None or cache.get_seq_length() == 0 or cache is not self.cache:
+            self._reset(cache)
+            self.stats["generations"] += 1
+        self.forward_index += 1
+        self.forward_scratch: dict[str, Any] = {}
+        self.layer_inputs: dict[int, dict[str, Any]] = {}
+        mask = kwargs.get("attention_mask")
+        self.fwd_valid = (mask[:, -q_len:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                          else torch.ones(batch, q_len, dtype=torch.bool, device=ref.device))
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            start = self.next_pos if self.next_pos is not None else torch.zeros(batch, device=ref.device)
+            pos = start[:, None] + torch.arange(q_len, device=ref.device)
+            if self.compressed:  # the model would count positions from the (shorter) cache
+                kwargs["position_ids"] = pos.long()
+        elif pos.dim() == 3:  # multimodal rotary (t, h, w): keep the temporal one
+            pos = pos[0]
+        pos = pos.float().expand(batch, -1)
+        self.fwd_pos = pos
+        self.next_pos = pos[:, -1] + 1
+        self.fwd_q, self.fwd_batch = q_len, batch
+        self.fwd_modality: torch.Tensor | None = None
+        self.seen += q_len
+        return args, kwargs
+
+    def _decoder_hook(self, module, args, output) -> None:
+        if self.cache is None:
+            self.cache = getattr(output, "past_key_values", None)
+
+    def _attention_pre_hook(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and self.cache is None:
+            self.cache = cache
+        self.layer_inputs[module.layer_idx] = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+                                              "position_embeddings": kwargs.get("position_embeddings")}
+        return None
+
+    def _modality_of_forward(self) -> torch.Tensor:
+        """(B, q) modality of this forward's tokens, from the ids the embedding saw (see module doc)."""
+        if self.fwd_modality is not None:
+            return self.fwd_modality
+        b, q = self.fwd_batch, self.fwd_q
+        ids = None
+        # the latest embedding call shaped like this forward's input (Chameleon also embeds the VQ
+        # codes of its images on their own), else what is left of an earlier one (CoCoNuT embeds
+        # prompt + latents at once and feeds them over several forwards)
+        fresh = [t for t in self.ids_fresh if t.shape[0] == b and t.shape[1] >= q]
+        if fresh:
+            ids, self.ids_rest = fresh[-1][:, :q], fresh[-1][:, q:]
+        elif self.ids_rest is not None and self.ids_rest.shape[0] == b and self.ids_rest.shape[1] >= q:
+            ids, self.ids_rest = self.ids_rest[:, :q], self.ids_rest[:, q:]
+        self.ids_fresh = []
+        if ids is None:  # e.g. a latent thought fed as a hidden state with no id left: text
+            mod = torch.zeros(b, q, dtype=torch.int8, device=self.fwd_valid.device)
+        else:
+            mod = self.spec.modality(ids)
+        self.fwd_modality = mod
+        counts = torch.stack([((mod == m) & self.fwd_valid).sum(1) for m in (TEXT, VISION)], dim=1)
+        self.seen_by_mod = counts if self.seen_by_mod is None else self.seen_by_mod + counts
+        if self.forward_index == 0:
+            self.prompt_modality = mod
+        return mod
+
+    # attention
+    def additive_mask(self, state: LayerState, qcols: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, H_q, q, L) additive mask: 0 (+ log mass) where valid and causal, dtype-min elsewhere."""
+        allowed = state.valid[:, :, None, :] & (state.col[:, :, None, :] <= qcols.view(1, 1, -1, 1))
+        bias = torch.zeros((), dtype=torch.float32, device=allowed.device)
+        if state.log_mass is not None:
+            bias = state.log_mass[:, :, None, :].float()
+        mask = torch.where(allowed, bias, torch.tensor(torch.finfo(dtype).min, device=allowed.device))
+        mask = mask.to(dtype)
+        return mask.repeat_interleave(groups, dim=1) if groups > 1 else mask
+
+    def _append(self, layer: int, q_len: int, n_heads: int, extra: dict[str, torch.Tensor] | None) -> None:
+        mod = self._modality_of_forward()
+        b = mod.shape[0]
+        cols = torch.arange(self.seen - q_len, self.seen, device=mod.device).expand(b, -1)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x[:, None, :].expand(b, n_heads, q_len).contiguous()
+
+        new = LayerState(heads(cols), heads(self.fwd_pos), heads(self.fwd_valid), heads(mod),
+                         extra={k: heads(v) for k, v in (extra or {}).items()})
+        old = self.states.get(layer)
+        if old is None:
+            self.states[layer] = new
+        else:
+            if old.log_mass is not None:
+                new.log_mass = torch.zeros_like(new.pos)
+            self.states[layer] = old.cat(new)
+
+    def attend(self, module, query, key, value, attention_mask, kwargs):
+        layer = module.layer_idx
+        call = LayerCall(self, module, query, kwargs)
+        extra = self.press.fresh(call) if not self.press.keeps_everything() else None
+        self._append(layer, query.shape[2], key.shape[1], extra)
+        state = self.states[layer]
+        if state.length != key.shape[2]:
+            raise RuntimeError(f"layer {layer}: press state holds {state.length} entries, cache {key.shape[2]} "
+                               "(was the cache changed outside the press?)")
+        orig = ALL_ATTENTION_FUNCTIONS[self.orig_impl] if self.orig_impl != "eager" else _eager
+        groups = query.shape[1] // key.shape[1]
+        soft = self.press.soft_keep(call) if self.training else None
+        if soft is not None:
+            out = self._soft_attention(call, query, key, value, soft, groups, kwargs)
+        elif not self.compressed and state.log_mass is None:
+            out = orig(module, query, key, value, attention_mask, **kwargs)
+        else:
+            mask = self.additive_mask(state, call.query_cols(), groups, query.dtype)
+            out = orig(module, query, key, value, mask, **kwargs)
+        if not self.press.keeps_everything():
+            t0 = time.perf_counter()
+            self.press.compress(call)
+            self.stats["press_seconds"] += time.perf_counter() - t0
+        return out
+
+    def _soft_attention(self, call, query, key, value, soft, groups, kwargs):
+        """Eager attention whose weights are multiplied by differentiable keep weights and
+        renormalised (Dynamic-LLaVA's masked softmax); a query always keeps its own entry."""
+        state = call.state
+        qcols = call.query_cols()
+        k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        logits = (query @ k.transpose(-1, -2)) * scaling
+        logits = logits + self.additive_mask(state, qcols, groups, logits.dtype)
+        probs = logits.float().softmax(-1)
+        weights = soft.float()[:, :, None, :].expand(-1, -1, query.shape[2], -1)
+        own = state.col[:, :, None, :] == qcols.view(1, 1, -1, 1)
+        weights = torch.where(own, torch.ones_like(weights), weights)
+        weights = weights.repeat_interleave(groups, dim=1) if groups > 1 else weights
+        probs = probs * weights
+        probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+        out = probs.to(v.dtype) @ v
+        return out.transpose(1, 2).contiguous(), None
+
+    # reporting
+    def retained(self) -> dict[str, float]:
+        """Cached entries per modality over tokens seen of it, averaged over layers (and heads);
+        shared slots are reported as their count per token seen."""
+        if not self.states or self.seen_by_mod is None:
+            return {}
+        seen = self.seen_by_mod.float().sum(0)  # (2,)
+        total = {m: 0.0 for m in (TEXT, VISION, SHARED)}
+        for st in self.states.values():
+            heads = st.valid.shape[1]
+            for m in total:
+                total[m] += float(((st.mod == m) & st.valid).sum()) / heads
+        n = len(self.states)
+        all_seen = float(seen.sum())
+        out = {}
+        for m, name in MODALITY_NAMES.items():
+            denom = float(seen[m]) if m in (TEXT, VISION) else all_seen
+            if denom > 0:
+                out[name] = total[m] / n / denom
+        return out
+
+
+def clamp_budget(factor: float, length: torch.Tensor, lo: int, hi: int | None) -> torch.Tensor:
+    """Dynamic cache size: clamp(round(factor × length), lo, hi), never more than `length`."""
+    k = torch.round(length.float() * factor).long().clamp(min=lo)
+    if hi is not None:
+        k = k.clamp(max=hi)
+    return torch.minimum(k, length.long())
+
+
+def check_fraction(name: str, value: float, allow_zero: bool = False) -> None:
+    """Retention targets and ratios live in (0, 1] (or [0, 1)); anything else names the setting."""
+    from mmreason.config import ConfigError
+
+    ok = (0 <= value <= 1) if allow_zero else (0 < value <= 1)
+    if not ok or math.isnan(value):
+        span = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"{name} must be in {span}, got {value}")
+
+
+__all__ = ["LayerCall", "LayerState", "Press", "ScorePress", "Session", "check_fraction", "clamp_budget",
+           "keep_top"]
