@@ -231,6 +231,9 @@ class Press:
     def setup(self, session: "Session") -> None:
         """Called once when the press is applied (e.g. to build modules sized from the model)."""
 
+    def teardown(self, session: "Session") -> None:
+        """Called when the press is removed: undo whatever `setup` did to the model."""
+
     @contextmanager
     def __call__(self, target: Any) -> Iterator["Session"]:
         """Apply this press to `target` (a model, or a `Family` whose model is used)."""
@@ -241,6 +244,7 @@ class Press:
             self.setup(session)
             yield session
         finally:
+            self.teardown(session)
             session.remove()
 
 
@@ -318,7 +322,6 @@ class Session:
         self.rope = Rope(self.decoder.rotary_emb)
         self.orig_impl = self.config._attn_implementation or "eager"
         self.handles: list[Any] = []
-        self.training = False
         self.stats: dict[str, float] = {"press_seconds": 0.0, "generations": 0}
         self.ids_fresh: list[torch.Tensor] = []
         self._reset(None)
@@ -352,6 +355,7 @@ class Session:
         self.seen_by_mod: torch.Tensor | None = None  # (B, 2) valid tokens seen per modality
         self.next_pos: torch.Tensor | None = None
         self.compressed = False
+        self.layer_peak_bytes: dict[int, int] = {}  # per layer, inside a step before the press acts
         self.forward_index = -1
         self.ids_rest: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
@@ -407,7 +411,7 @@ class Session:
                                               "position_embeddings": kwargs.get("position_embeddings")}
         return None
 
-    def _modality_of_forward(self) -> torch.Tensor:
+    def forward_modality(self) -> torch.Tensor:
         """(B, q) modality of this forward's tokens, from the ids the embedding saw (see module doc)."""
         if self.fwd_modality is not None:
             return self.fwd_modality
@@ -445,7 +449,7 @@ class Session:
         return mask.repeat_interleave(groups, dim=1) if groups > 1 else mask
 
     def _append(self, layer: int, q_len: int, n_heads: int, extra: dict[str, torch.Tensor] | None) -> None:
-        mod = self._modality_of_forward()
+        mod = self.forward_modality()
         b = mod.shape[0]
         cols = torch.arange(self.seen - q_len, self.seen, device=mod.device).expand(b, -1)
 
@@ -473,7 +477,7 @@ class Session:
                                "(was the cache changed outside the press?)")
         orig = ALL_ATTENTION_FUNCTIONS[self.orig_impl] if self.orig_impl != "eager" else _eager
         groups = query.shape[1] // key.shape[1]
-        soft = self.press.soft_keep(call) if self.training else None
+        soft = self.press.soft_keep(call)
         if soft is not None:
             out = self._soft_attention(call, query, key, value, soft, groups, kwargs)
         elif not self.compressed and state.log_mass is None:
@@ -481,7 +485,9 @@ class Session:
         else:
             mask = self.additive_mask(state, call.query_cols(), groups, query.dtype)
             out = orig(module, query, key, value, mask, **kwargs)
-        if not self.press.keeps_everything():
+        size = key.numel() * key.element_size() + value.numel() * value.element_size()
+        self.layer_peak_bytes[layer] = max(self.layer_peak_bytes.get(layer, 0), size)
+        if not self.press.keeps_everything() and self.cache is not None:
             t0 = time.perf_counter()
             self.press.compress(call)
             self.stats["press_seconds"] += time.perf_counter() - t0

@@ -1,0 +1,282 @@
+"""CoSRe — cosine-compressed shared–residual factorisation of the KV cache (seed 000; the DCT part
+follows Fourier-VLM's low-pass of the vision feature grid and FreqKV's DCT of K/V).
+
+After the prompt, per layer and per image:
+
+1. Blockwise 2-D DCT. The image's cached entries lie on its token grid (h × w, see
+   `mmreason.kv.modality`); each `block` × `block` tile (edge-replicated at the border; a grid
+   smaller than a block is one smaller block, with `keep_*` scaled to it) is transformed with the
+   orthonormal DCT-II, its `keep_h` × `keep_w` lowest frequencies are kept and quantised with
+   JPEG-style steps that grow with frequency, Δ(u, v) = base_delta · (1 + u + v) (0 = none), and
+   an inverse DCT of size keep_h × keep_w turns them into a keep_h × keep_w tile of new entries
+   (scaled by √(keep_h·keep_w)/block so a constant tile stays constant); entries standing only
+   for edge padding are dropped. With keep = block and base_delta = 0 this is the identity.
+2. Shared slots + residuals (`slots` K > 0). The row's entries (text and the DCT entries; the first
+   token, an attention sink, is left alone) are clustered by k-means on [k, v] over all heads into
+   K shared slots. Per modality the `residual_text` / `residual_vis` fraction of entries farthest
+   from their slot stay as their own entries (the residual evidence); every other entry is folded
+   into its slot, and each slot is cached once as the mean of what it absorbed.
+
+RoPE: cached keys are rotated at their positions, and mixing rotated keys of different positions
+is meaningless. Keys are un-rotated with the model's own rotary module at their original
+positions, compressed pre-RoPE, and re-rotated at the new entry's position: for a DCT entry the
+grid position it stands for (fractional, interpolated between the tokens it covers), for a slot
+the mean position of its members. Values carry no position and are compressed directly.
+
+A merged entry stands for several tokens; its attention logit gets + log(count) (proportional
+attention, as in ToMe) so it weighs what its tokens weighed together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mmreason.config import ConfigError
+from mmreason.kv.base import LayerCall, LayerState, Press, check_fraction
+from mmreason.kv.modality import SHARED, TEXT, VISION
+
+KV = ("k", "v")
+
+
+def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n, n) orthonormal DCT-II: row k = a_k cos(π (2i + 1) k / 2n)."""
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    k = i[:, None]
+    m = torch.cos(math.pi * (2 * i[None, :] + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m
+
+
+def quant_steps(keep_h: int, keep_w: int, base_delta: float) -> torch.Tensor:
+    """(keep_h, keep_w) quantisation steps base_delta · (1 + u + v)."""
+    u = torch.arange(keep_h, dtype=torch.float64)[:, None]
+    v = torch.arange(keep_w, dtype=torch.float64)[None, :]
+    return base_delta * (1 + u + v)
+
+
+def _axis(n: int, block: int, keep: int) -> tuple[int, int, int]:
+    """Block and kept size along one axis of length n; a grid smaller than a block is one smaller
+    block that keeps the same fraction (at least one)."""
+    if n >= block:
+        return block, keep, -(-n // block)
+    return n, max(1, math.ceil(keep * n / block)), 1
+
+
+def compress_grid(x: torch.Tensor, block: int, keep_h: int, keep_w: int, base_delta: float = 0.0) -> torch.Tensor:
+    """(..., h, w, C) grid → (..., H', W', C) low-frequency reconstruction (see module doc, step 1)."""
+    h, w = x.shape[-3], x.shape[-2]
+    bh, kh, nh = _axis(h, block, keep_h)
+    bw, kw, nw = _axis(w, block, keep_w)
+    xf = x.double()
+    pad_h, pad_w = nh * bh - h, nw * bw - w
+    if pad_h or pad_w:  # replicate the last row / column
+        xf = torch.cat([xf, xf[..., -1:, :, :].expand(*xf.shape[:-3], pad_h, w, xf.shape[-1])], dim=-3)
+        xf = torch.cat([xf, xf[..., :, -1:, :].expand(*xf.shape[:-3], nh * bh, pad_w, xf.shape[-1])], dim=-2)
+    lead = xf.shape[:-3]
+    tiles = xf.reshape(*lead, nh, bh, nw, bw, xf.shape[-1])
+    dh, dw = dct_matrix(bh, x.device), dct_matrix(bw, x.device)
+    coef = torch.einsum("ui,...aibjc,vj->...aubvc", dh, tiles, dw)[..., :kh, :, :kw, :]
+    if base_delta > 0:
+        step = quant_steps(kh, kw, base_delta).to(x.device)[:, None, :, None]
+        coef = torch.round(coef / step) * step
+    ih, iw = dct_matrix(kh, x.device), dct_matrix(kw, x.device)
+    out = torch.einsum("ui,...aubvc,vj->...aibjc", ih, coef, iw) * math.sqrt(kh * kw / (bh * bw))
+    out = out.reshape(*lead, nh * kh, nw * kw, xf.shape[-1])
+    # entries that stand for edge padding only are dropped
+    return out[..., : -(-h * kh // bh), : -(-w * kw // bw), :].to(x.dtype)
+
+
+def reduced_coords(h: int, w: int, block: int, keep_h: int, keep_w: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fractional (row, col) in the original grid of each entry `compress_grid` makes, and how many
+    tokens each stands for."""
+    bh, kh, nh = _axis(h, block, keep_h)
+    bw, kw, nw = _axis(w, block, keep_w)
+    rows = torch.cat([a * bh + (torch.arange(kh) + 0.5) * bh / kh - 0.5 for a in range(nh)]).double()
+    cols = torch.cat([a * bw + (torch.arange(kw) + 0.5) * bw / kw - 0.5 for a in range(nw)]).double()
+    rows, cols = rows[: -(-h * kh // bh)], cols[: -(-w * kw // bw)]
+    return rows.clamp(0, h - 1), cols.clamp(0, w - 1), (bh * bw) / (kh * kw)
+
+
+def bilinear(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Values of a (h, w) grid at fractional (rows × cols)."""
+    h, w = grid.shape
+    r0 = rows.floor().long().clamp(0, h - 1)
+    c0 = cols.floor().long().clamp(0, w - 1)
+    r1, c1 = (r0 + 1).clamp(max=h - 1), (c0 + 1).clamp(max=w - 1)
+    fr, fc = (rows - r0).to(grid.dtype)[:, None], (cols - c0).to(grid.dtype)[None, :]
+    g = grid
+    top = g[r0][:, c0] * (1 - fc) + g[r0][:, c1] * fc
+    bottom = g[r1][:, c0] * (1 - fc) + g[r1][:, c1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d) → (centroids (k, d), assignment (n,)); deterministic init at evenly spaced points."""
+    init = torch.linspace(0, x.shape[0] - 1, k).round().long()
+    centroids = x[init].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids, torch.cdist(x, centroids).argmin(-1)
+
+
+@dataclass
+class CosrePress(Press):
+    block: int = 4
+    """DCT tile size b (tokens per side)."""
+    keep_h: int = 2
+    """Low frequencies kept per tile, vertically (≤ block)."""
+    keep_w: int = 2
+    """Low frequencies kept per tile, horizontally (≤ block)."""
+    base_delta: float = 0.0
+    """Quantisation step of the DC coefficient; step (u, v) = base_delta·(1 + u + v); 0 = none."""
+    slots: int = 0
+    """K shared slots per layer (0 = no shared–residual factorisation)."""
+    residual_text: float = 0.5
+    """With slots: fraction of text entries kept as their own (residual) entries."""
+    residual_vis: float = 0.5
+    """With slots: fraction of image entries kept as their own (residual) entries."""
+    proportional: bool = True
+    """Add log(tokens merged) to a merged entry's attention logit."""
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ConfigError(f"block must be >= 1, got {self.block}")
+        for name in ("keep_h", "keep_w"):
+            value = getattr(self, name)
+            if not 1 <= value <= self.block:
+                raise ConfigError(f"{name} must be in [1, block={self.block}], got {value}")
+        if self.base_delta < 0:
+            raise ConfigError(f"base_delta must be >= 0, got {self.base_delta}")
+        if self.slots < 0:
+            raise ConfigError(f"slots must be >= 0, got {self.slots}")
+        check_fraction("residual_text", self.residual_text)
+        check_fraction("residual_vis", self.residual_vis)
+
+    def keeps_everything(self) -> bool:
+        return self.keep_h == self.block and self.keep_w == self.block and self.base_delta == 0 and self.slots == 0
+
+    def compress(self, call: LayerCall) -> None:
+        if not call.prefill:
+            return
+        st = call.state
+        k_pre = call.rope().unrotate(call.keys, st.pos)
+        rows = [self._row(call, b, k_pre[b], call.values[b]) for b in range(k_pre.shape[0])]
+        keys, values, state = _pack(rows, call)
+        call.replace(keys, values, state)
+
+    def _row(self, call: LayerCall, b: int, k_pre: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One row's new entries: pre-RoPE keys, values and metadata, each (H, n, ...)."""
+        st = call.state
+        spec = call.session.spec
+        col, pos, valid, mod = st.col[b, 0], st.pos[b, 0], st.valid[b, 0], st.mod[b, 0]
+        dev = col.device
+        in_grid = torch.zeros_like(valid)
+        parts = []
+        for start, length in spec.images(call.session.prompt_modality[b]):
+            for offsets in spec.image_grids(length):
+                idx = (start + offsets).to(col.device)
+                h, w = offsets.shape
+                if not bool(valid[idx].all()):
+                    continue
+                in_grid[idx.flatten()] = True
+                grid = lambda t: t[:, idx.flatten()].view(t.shape[0], h, w, -1)  # noqa: E731
+                kr = compress_grid(grid(k_pre), self.block, self.keep_h, self.keep_w, self.base_delta)
+                vr = compress_grid(grid(v), self.block, self.keep_h, self.keep_w, self.base_delta)
+                rr, cc, mass = reduced_coords(h, w, self.block, self.keep_h, self.keep_w)
+                rr, cc = rr.to(dev), cc.to(dev)
+                p = bilinear(pos[idx].double(), rr, cc).flatten()
+                near = col[idx][rr.round().long()][:, cc.round().long()].flatten()
+                n = p.numel()
+                parts.append({"k": kr.reshape(k_pre.shape[0], n, -1), "v": vr.reshape(v.shape[0], n, -1),
+                              "col": near, "pos": p.float(), "mod": torch.full((n,), VISION, dtype=torch.int8, device=dev),
+                              "mass": torch.full((n,), float(mass), device=dev),
+                              "valid": torch.ones(n, dtype=torch.bool, device=dev)})
+        rest = ~in_grid & valid  # padding needs no entry: the mask hides it anyway
+        parts.append({"k": k_pre[:, rest], "v": v[:, rest], "col": col[rest], "pos": pos[rest], "mod": mod[rest],
+                      "mass": torch.ones(int(rest.sum()), device=dev), "valid": valid[rest]})
+        out = {key: torch.cat([p[key] for p in parts], dim=-2 if key in KV else -1) for key in parts[-1]}
+        if self.slots:
+            out = self._shared_residual(out)
+        order = out["col"].argsort(stable=True)
+        return {key: t[:, order] if key in KV else t[order] for key, t in out.items()}
+
+    def _shared_residual(self, e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Step 2 of the module doc on one row's entries."""
+        valid = e["valid"]
+        first = int(valid.nonzero()[0]) if bool(valid.any()) else 0
+        member = valid.clone()
+        member[first] = False  # the attention sink stays itself
+        idx = member.nonzero().flatten()
+        k = min(self.slots, idx.numel())
+        if k == 0:
+            return e
+        feats = torch.cat([e["k"][:, idx], e["v"][:, idx]], dim=-1).permute(1, 0, 2).reshape(idx.numel(), -1).float()
+        centroids, assign = kmeans(feats, k)
+        residual = (feats - centroids[assign]).norm(dim=-1)
+        dev = valid.device
+        own = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+        mods = e["mod"][idx]
+        for m, frac in ((TEXT, self.residual_text), (VISION, self.residual_vis)):
+            sel = (mods == m).nonzero().flatten()
+            n_keep = int(math.floor(frac * sel.numel() + 0.5))
+            if n_keep:
+                own[sel[residual[sel].topk(n_keep).indices]] = True
+        folded = idx[~own]
+        keep = torch.ones_like(valid)
+        keep[folded] = False
+        slots = {key: [] for key in ("k", "v", "col", "pos", "mod", "mass", "valid")}
+        for s in range(k):
+            members = folded[assign[~own] == s]
+            if members.numel() == 0:
+                continue
+            weight = e["mass"][members].to(e["v"].dtype)
+            total = weight.sum()
+            slots["k"].append((e["k"][:, members] * weight[:, None]).sum(1, keepdim=True) / total)
+            slots["v"].append((e["v"][:, members] * weight[:, None]).sum(1, keepdim=True) / total)
+            slots["col"].append(e["col"][members].max()[None])
+            slots["pos"].append((e["pos"][members] * weight.float()).sum()[None] / float(total))
+            slots["mod"].append(torch.tensor([SHARED], dtype=torch.int8, device=dev))
+            slots["mass"].append(total.float()[None])
+            slots["valid"].append(torch.tensor([True], device=dev))
+        out = {}
+        for key, t in e.items():
+            dim = -2 if key in KV else -1
+            kept = t[:, keep] if key in KV else t[keep]
+            extra = torch.cat(slots[key], dim=dim) if slots[key] else kept.narrow(dim, 0, 0)
+            out[key] = torch.cat([kept, extra.to(kept.dtype)], dim=dim)
+        return out
+
+
+def _pack(rows: list[dict[str, torch.Tensor]], call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
+    """Per-row entry lists → padded (B, H, L', ·) cache tensors and state; keys re-rotated."""
+    heads = rows[0]["k"].shape[0]
+    length = max(r["col"].numel() for r in rows)
+    dev = call.keys.device
+
+    def pad(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+        n = t.shape[-2] if t.dim() == 3 else t.shape[-1]
+        if n == length:
+            return t
+        if t.dim() == 3:
+            return torch.cat([t, t.new_full((t.shape[0], length - n, t.shape[-1]), value)], dim=1)
+        return torch.cat([t, t.new_full((length - n,), value)])
+
+    k_pre = torch.stack([pad(r["k"]) for r in rows]).to(dev)
+    values = torch.stack([pad(r["v"]) for r in rows]).to(dev)
+
+    def meta(key: str, value: float = 0) -> torch.Tensor:
+        return torch.stack([pad(r[key], value) for r in rows]).to(dev)[:, None, :].expand(-1, heads, -1).contiguous()
+
+    state = LayerState(col=meta("col").long(), pos=meta("pos").float(), valid=meta("valid").bool(),
+                       mod=meta("mod").to(torch.int8))
+    mass = meta("mass", 1.0).float()
+    if call.press.proportional and bool((mass != 1).any()):
+        state.log_mass = mass.clamp(min=1e-6).log()
+    keys = call.rope().rotate(k_pre, state.pos)
+    return keys.to(call.keys.dtype), values.to(call.values.dtype), state

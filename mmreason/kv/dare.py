@@ -1,0 +1,214 @@
+"""DARE — dynamic, asymmetric (per-modality) routing of KV entries (seed 002), built on the public
+Dynamic-LLaVA / DynamicViT template:
+
+- `DareRouter`: one small MLP per modality (text, vision) maps a token's hidden state at decoder
+  layer `layer` (the attention input) to a keep logit.
+- Training: `gumbel_softmax(hard=True)` keep masks at temperature `tau` (annealed 1.0 → 0.1 with
+  `anneal_temperature`), applied inside attention from `layer` on as a multiplicative mask on the
+  softmax weights (renormalised), so gradients reach the router; `ratio_loss` pulls each
+  modality's keep rate to its target: Σ_m mean_rows (keep_rate_m − ρ_m)².
+- Inference: straight-through top-k — exactly round(ρ_m × n_m) entries of each modality per row
+  (`target_count`), highest logits first; the dropped entries are pruned from the KV cache of
+  `layer` and every deeper layer after the prompt, and during decoding the text entries are
+  re-selected at each step so text retention stays at ρ_text of the text seen.
+
+The router trains in the `dare` stage (mmreason/train); a trained router is a state dict
+(`save_router` / `router_path`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmreason.config import ConfigError
+from mmreason.kv.base import LayerCall, Press, Session, check_fraction, keep_top
+from mmreason.kv.modality import TEXT, VISION
+
+
+def target_count(rho: float, n: torch.Tensor) -> torch.Tensor:
+    """Entries kept of `n`: round(ρ·n) with halves up — the count top-k keeps exactly."""
+    return torch.floor(n.float() * rho + 0.5).long()
+
+
+def anneal_temperature(step: int, total: int, start: float = 1.0, end: float = 0.1) -> float:
+    """Gumbel temperature, exponential from `start` at step 0 to `end` at step `total`."""
+    frac = min(max(step / max(total, 1), 0.0), 1.0)
+    return start * (end / start) ** frac
+
+
+class DareRouter(nn.Module):
+    """Per-modality importance predictors: LayerNorm → Linear → GELU → Linear → keep logit."""
+
+    def __init__(self, hidden_size: int, width: int = 64):
+        super().__init__()
+        self.hidden_size, self.width = hidden_size, width
+
+        def mlp() -> nn.Sequential:
+            return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, 1))
+
+        self.predictors = nn.ModuleDict({"text": mlp(), "vision": mlp()})
+
+    def forward(self, hidden: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) hidden states, (B, T) modality → (B, T) keep logits."""
+        h = hidden.to(self.predictors["text"][1].weight.dtype)
+        text = self.predictors["text"](h).squeeze(-1)
+        vision = self.predictors["vision"](h).squeeze(-1)
+        return torch.where(modality.to(text.device) == VISION, vision, text)
+
+
+def topk_keep(logits: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, rho_text: float,
+              rho_vis: float) -> torch.Tensor:
+    """(B, T) bool: per row and modality the `target_count` highest logits among valid tokens."""
+    keep = torch.zeros_like(valid)
+    for m, rho in ((TEXT, rho_text), (VISION, rho_vis)):
+        eligible = valid & (modality == m)
+        k = target_count(rho, eligible.sum(-1))
+        keep |= keep_top(logits[:, None], k, eligible[:, None])[:, 0]
+    return keep
+
+
+def straight_through_topk(logits: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, rho_text: float,
+                          rho_vis: float) -> torch.Tensor:
+    """Hard top-k keep mask (float 0/1) whose gradient is the sigmoid's (straight-through)."""
+    hard = topk_keep(logits, modality, valid, rho_text, rho_vis).to(logits.dtype)
+    soft = torch.sigmoid(logits)
+    return hard - soft.detach() + soft
+
+
+def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hard 0/1 keep mask from a two-way Gumbel-softmax (keep vs drop), straight-through gradients."""
+    pair = torch.stack([logits, torch.zeros_like(logits)], dim=-1)
+    return F.gumbel_softmax(pair.float(), tau=tau, hard=True)[..., 0].to(logits.dtype)
+
+
+def ratio_loss(keep: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, rho_text: float,
+               rho_vis: float) -> torch.Tensor:
+    """Σ over modalities of mean over rows of (keep_rate − target)²; rows without a modality's
+    tokens do not count for it."""
+    loss = keep.sum() * 0.0
+    for m, rho in ((TEXT, rho_text), (VISION, rho_vis)):
+        member = (valid & (modality == m)).to(keep.dtype)
+        n = member.sum(-1)
+        has = n > 0
+        if bool(has.any()):
+            rate = (keep * member).sum(-1)[has] / n[has]
+            loss = loss + ((rate - rho) ** 2).mean()
+    return loss
+
+
+def save_router(router: DareRouter, path: str | Path) -> None:
+    torch.save({"hidden_size": router.hidden_size, "width": router.width, "state_dict": router.state_dict()}, path)
+
+
+def load_router(path: str | Path) -> DareRouter:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"router_path: no router file at {path}")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    router = DareRouter(data["hidden_size"], data["width"])
+    router.load_state_dict(data["state_dict"])
+    return router
+
+
+@dataclass
+class DarePress(Press):
+    rho_text: float = 0.7
+    """Fraction of text entries kept."""
+    rho_vis: float = 0.4
+    """Fraction of image entries kept."""
+    layer: int = 1
+    """The router reads this decoder layer's attention input; this layer and deeper ones drop."""
+    router_path: str | None = None
+    """Router saved by the dare stage; None = a fresh, untrained router (or one set on `.router`)."""
+    router_width: int = 64
+    tau: float = 1.0
+    """Gumbel-softmax temperature (training; anneal with `anneal_temperature`)."""
+    decode: bool = True
+    """Keep text retention at rho_text during decoding too (re-select at every step)."""
+
+    def __post_init__(self) -> None:
+        check_fraction("rho_text", self.rho_text)
+        check_fraction("rho_vis", self.rho_vis)
+        if self.layer < 0:
+            raise ConfigError(f"layer must be >= 0, got {self.layer}")
+        if self.tau <= 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        self.router: DareRouter | None = load_router(self.router_path) if self.router_path else None
+        self.masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        """Training: (keep, modality, valid) of every forward since the last `pop_masks()`."""
+
+    def keeps_everything(self) -> bool:
+        return self.rho_text == 1.0 and self.rho_vis == 1.0 and not self.training
+
+    @property
+    def training(self) -> bool:
+        return self.router is not None and self.router.training
+
+    def setup(self, session: Session) -> None:
+        n_layers = len(session.attention_modules)
+        if self.layer >= n_layers:
+            raise ConfigError(f"layer {self.layer} is past the model's last decoder layer ({n_layers - 1})")
+        hidden = session.config.hidden_size
+        if self.router is None:
+            self.router = DareRouter(hidden, self.router_width).eval()
+        elif self.router.hidden_size != hidden:
+            raise ConfigError(f"router_path: router was trained for hidden size {self.router.hidden_size}, "
+                              f"the model has {hidden}")
+        device = next(session.model.parameters()).device
+        self.router.to(device)
+
+    def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
+        if call.layer_idx < self.layer:
+            return None
+        if call.layer_idx == self.layer:
+            modality = call.session.forward_modality()
+            logits = self.router(call.hidden_states, modality)
+            call.scratch["dare"] = {"router": logits}
+            if self.training:
+                keep = gumbel_keep(logits, self.tau)
+                call.scratch["dare"]["keep"] = keep
+                self.masks.append((keep, modality, call.session.fwd_valid))
+        return call.scratch["dare"]
+
+    def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
+        if not self.training or call.layer_idx < self.layer:
+            return None
+        return call.state.extra["keep"]
+
+    def compress(self, call: LayerCall) -> None:
+        if self.training or call.layer_idx < self.layer or not (call.prefill or self.decode):
+            return
+        st = call.state
+        seen = call.session.seen_by_mod
+        keep = st.valid & (st.mod != TEXT) & (st.mod != VISION)
+        scores = st.extra["router"]
+        for m, rho in ((TEXT, self.rho_text), (VISION, self.rho_vis)):
+            keep |= keep_top(scores, target_count(rho, seen[:, m]), st.valid & (st.mod == m))
+        call.keep(keep)
+
+    def pop_masks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The training masks recorded since the last call (for `ratio_loss`)."""
+        masks, self.masks = self.masks, []
+        return masks
+
+    def ratio_loss(self) -> torch.Tensor:
+        """`ratio_loss` over the tokens of every forward since the last call."""
+        masks = self.pop_masks()
+        if not masks:
+            raise RuntimeError("no router masks recorded: run a training forward under the press first")
+        widths = [k.shape[1] for k, _, _ in masks]
+        keep = torch.cat([k for k, _, _ in masks], dim=1)
+        modality = torch.cat([m for _, m, _ in masks], dim=1)
+        valid = torch.cat([v for _, _, v in masks], dim=1)
+        assert keep.shape[1] == sum(widths)
+        return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
+
+
+__all__ = ["DarePress", "DareRouter", "anneal_temperature", "gumbel_keep", "load_router", "ratio_loss",
+           "save_router", "straight_through_topk", "target_count", "topk_keep"]
