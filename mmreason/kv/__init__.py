@@ -1,1 +1,79 @@
-"""KV-cache presses (see `mmreason.kv.base` for the mechanics)."""
+"""KV-cache presses: a press is a dataclass of settings; `with press(model):` (or `press(family)`)
+applies it to generation — `mmreason.latent.coconut.generate`, `mmreason.eval.runner.evaluate` or
+HF `model.generate` — and removes its hooks after. Mechanics in `mmreason.kv.base`, accounting in
+`mmreason.kv.accounting`.
+
+| name | press | what it does |
+|---|---|---|
+| `tova` | `TovaPress` | keep the top entries by the current query's attention, every step |
+| `dare` | `DarePress` | learned per-modality routers, top-k per modality, pruned from a layer on |
+| `cosre` | `CosrePress` | blockwise DCT of each image's cached grid + shared slots / residuals |
+| `hico` | `HicoPress` | video frames: merge per frame and clip, drop progressively deeper |
+| `kvpress:<method>` | `KvpressPress` | kvpress baselines: tova, snapkv, streaming_llm, knorm, expected_attention, random |
+
+Adding a press: a module with the dataclass, one line in `PRESSES`, a config, a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mmreason.config import ConfigError, from_dict
+from mmreason.kv.accounting import KVMeter
+from mmreason.kv.base import LayerCall, LayerState, Press, ScorePress, Session
+from mmreason.kv.cosre import CosrePress
+from mmreason.kv.dare import DarePress, DareRouter, anneal_temperature, ratio_loss
+from mmreason.kv.hico import HicoPress
+from mmreason.kv.tova import TovaPress
+
+PRESSES: dict[str, type[Press]] = {"tova": TovaPress, "dare": DarePress, "cosre": CosrePress, "hico": HicoPress}
+KVPRESS_PREFIX = "kvpress:"
+NO_PRESS = "none"
+
+
+def press_names() -> list[str]:
+    from mmreason.kv.kvpress_baselines import METHODS
+
+    return [NO_PRESS, *PRESSES, *(KVPRESS_PREFIX + m for m in METHODS)]
+
+
+def make_press(name: str, settings: dict[str, Any] | None = None) -> Press | None:
+    """The press `name` with `settings` (its fields); None for "none". Unknown names, unknown keys
+    and bad values raise `ConfigError` naming them — before any model is touched."""
+    settings = dict(settings or {})
+    if name == NO_PRESS:
+        if settings:
+            raise ConfigError(f"press 'none' takes no settings, got {', '.join(settings)}")
+        return None
+    if name.startswith(KVPRESS_PREFIX):
+        from mmreason.kv.kvpress_baselines import KvpressPress, kvpress_fields
+
+        method = name[len(KVPRESS_PREFIX):]
+        known = kvpress_fields(method)  # unknown method: error naming it
+        ratio = settings.pop("compression_ratio", 0.5)
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise ConfigError(f"press.compression_ratio must be a number, got {ratio!r}") from None
+        for key in settings:
+            if key not in known:
+                raise ConfigError(f"press.{key}: unknown setting for {name} (known: "
+                                  f"{', '.join(sorted(known))})")
+        try:
+            return KvpressPress(method=method, compression_ratio=ratio, options=settings)
+        except ConfigError as exc:
+            raise ConfigError(f"press {name}: {exc}") from None
+    if name not in PRESSES:
+        raise ConfigError(f"press: unknown press {name!r} (known: {', '.join(press_names())})")
+    cls = PRESSES[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in settings:
+        if key not in known:
+            raise ConfigError(f"press.{key}: unknown setting for press {name!r} (known: {', '.join(sorted(known))})")
+    return from_dict(cls, settings, source=f"press {name}", prefix="press.")
+
+
+__all__ = ["CosrePress", "DarePress", "DareRouter", "HicoPress", "KVMeter", "LayerCall", "LayerState", "PRESSES",
+           "Press", "ScorePress", "Session", "TovaPress", "anneal_temperature", "make_press", "press_names",
+           "ratio_loss"]

@@ -8,8 +8,10 @@ the uncompressed cache would hold, retained fraction per modality, and prefill /
 Bytes are the cache tensors' own (`numel × element_size` of each layer's keys and values), read
 after every forward of the model; with a press, the moment inside a step when the newest entry is
 in and nothing has been dropped yet is counted too (the press session reports it), so the peak is
-the true high-water mark. A generation starts at a forward with an empty cache (prefill); every
-later forward (latent thoughts, decoded tokens) is decoding.
+the true high-water mark of decoding. A generation starts at a forward with an empty cache
+(prefill); every later forward (latent thoughts, decoded tokens) is decoding. Presses that act
+after the prompt hold the whole prompt for a moment inside the prefill forward; that transient is
+reported on its own (`kv_bytes_prefill_transient`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class GenerationRecord:
     peak_bytes: list[int]
     columns: int = 0
     full_final_bytes: list[int] = field(default_factory=list)
+    prefill_transient_bytes: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_forwards: int = 0
@@ -103,8 +106,11 @@ class KVMeter:
             rec = GenerationRecord(rows=rows, prefill_columns=self._q, prefill_bytes=now,
                                    full_prefill_bytes=full_layer_bytes(cache, self._q), peak_bytes=list(now),
                                    columns=self._q, prefill_seconds=seconds)
+            rec.prefill_transient_bytes = list(now)
             if self.session is not None:
                 rec.retained_prefill = self.session.retained()
+                inner = self.session.layer_prefill_peak_bytes
+                rec.prefill_transient_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(now)]
             self.records.append(rec)
         else:
             rec = self.records[-1]
@@ -112,7 +118,7 @@ class KVMeter:
             rec.decode_seconds += seconds
             rec.decode_forwards += 1
             rec.peak_bytes = [max(a, b) for a, b in zip(rec.peak_bytes, now)]
-        if self.session is not None:  # inside a step: the newest entry in, nothing dropped yet
+        if self.session is not None and not self._new:  # inside a step: newest entry in, none dropped yet
             inner = self.session.layer_peak_bytes
             rec.peak_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(rec.peak_bytes)]
         rec.full_final_bytes = full_layer_bytes(cache, rec.columns)
@@ -141,6 +147,7 @@ class KVMeter:
             "kv_bytes_peak": total("peak_bytes") / rows,
             "kv_bytes_full_prefill": total("full_prefill_bytes") / rows,
             "kv_bytes_full_final": total("full_final_bytes") / rows,
+            "kv_bytes_prefill_transient": total("prefill_transient_bytes") / rows,
             "kv_fraction_prefill": total("prefill_bytes") / max(1, total("full_prefill_bytes")),
             "kv_fraction_peak": total("peak_bytes") / max(1, total("full_final_bytes")),
             "kv_bytes_prefill_per_layer": per_layer("prefill_bytes"),

@@ -43,6 +43,8 @@ from mmreason.kv.modality import MODALITY_NAMES, SHARED, TEXT, VISION, ModalityS
 from mmreason.kv.rope import Rope
 
 IMPL_PREFIX = "mmreason_press_"
+KV = ("k", "v")
+"""Keys of the per-entry tensors that carry a head and a channel axis in `LayerCall.replace_rows`."""
 
 
 # --- per-layer state ---------------------------------------------------------------------------
@@ -206,6 +208,35 @@ class LayerCall:
         layer.keys, layer.values = keys.contiguous(), values.contiguous()
         self.session.states[self.layer_idx] = state
         self.session.compressed = True
+        self._last_attention = None
+
+    def replace_rows(self, rows: list[dict[str, torch.Tensor]], proportional: bool = True) -> None:
+        """Replace the cache by per-row entry lists (merging presses): each row a dict of `k`
+        (H, n, D) *un-rotated* keys, `v` (H, n, D), and (n,) `col`, `pos`, `mod`, `mass` (tokens
+        each entry stands for), `valid`. Rows are padded to one length; keys are rotated at `pos`."""
+        heads = rows[0]["k"].shape[0]
+        length = max(r["col"].numel() for r in rows)
+        dev = self.keys.device
+
+        def pad(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+            n = t.shape[-2] if t.dim() == 3 else t.shape[-1]
+            if t.dim() == 3:
+                return torch.cat([t, t.new_full((t.shape[0], length - n, t.shape[-1]), value)], dim=1)
+            return torch.cat([t, t.new_full((length - n,), value)])
+
+        def meta(key: str, value: float = 0) -> torch.Tensor:
+            stacked = torch.stack([pad(r[key], value) for r in rows]).to(dev)
+            return stacked[:, None, :].expand(-1, heads, -1).contiguous()
+
+        state = LayerState(col=meta("col").long(), pos=meta("pos").float(), valid=meta("valid").bool(),
+                           mod=meta("mod").to(torch.int8))
+        mass = meta("mass", 1.0).float()
+        if proportional and bool((mass != 1).any()):
+            state.log_mass = mass.clamp(min=1e-6).log()
+        k_pre = torch.stack([pad(r["k"]) for r in rows]).to(dev)
+        values = torch.stack([pad(r["v"]) for r in rows]).to(dev)
+        keys = self.rope().rotate(k_pre, state.pos)
+        self.replace(keys.to(self.keys.dtype), values.to(self.values.dtype), state)
 
 
 # --- the press interface -----------------------------------------------------------------------
@@ -355,7 +386,9 @@ class Session:
         self.seen_by_mod: torch.Tensor | None = None  # (B, 2) valid tokens seen per modality
         self.next_pos: torch.Tensor | None = None
         self.compressed = False
-        self.layer_peak_bytes: dict[int, int] = {}  # per layer, inside a step before the press acts
+        # per layer, inside a step before the press acts: during the prompt / during decoding
+        self.layer_prefill_peak_bytes: dict[int, int] = {}
+        self.layer_peak_bytes: dict[int, int] = {}
         self.forward_index = -1
         self.ids_rest: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
@@ -486,7 +519,8 @@ class Session:
             mask = self.additive_mask(state, call.query_cols(), groups, query.dtype)
             out = orig(module, query, key, value, mask, **kwargs)
         size = key.numel() * key.element_size() + value.numel() * value.element_size()
-        self.layer_peak_bytes[layer] = max(self.layer_peak_bytes.get(layer, 0), size)
+        peaks = self.layer_prefill_peak_bytes if self.forward_index == 0 else self.layer_peak_bytes
+        peaks[layer] = max(peaks.get(layer, 0), size)
         if not self.press.keeps_everything() and self.cache is not None:
             t0 = time.perf_counter()
             self.press.compress(call)

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from mmreason.config import ConfigError
-from mmreason.kv.base import LayerCall, LayerState, Press, check_fraction
+from mmreason.kv.base import KV, LayerCall, Press, check_fraction
 from mmreason.kv.modality import SHARED, TEXT, VISION
 
-KV = ("k", "v")
 
 
 def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -166,9 +165,8 @@ class CosrePress(Press):
             return
         st = call.state
         k_pre = call.rope().unrotate(call.keys, st.pos)
-        rows = [self._row(call, b, k_pre[b], call.values[b]) for b in range(k_pre.shape[0])]
-        keys, values, state = _pack(rows, call)
-        call.replace(keys, values, state)
+        call.replace_rows([self._row(call, b, k_pre[b], call.values[b]) for b in range(k_pre.shape[0])],
+                          proportional=self.proportional)
 
     def _row(self, call: LayerCall, b: int, k_pre: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """One row's new entries: pre-RoPE keys, values and metadata, each (H, n, ...)."""
@@ -251,32 +249,3 @@ class CosrePress(Press):
             extra = torch.cat(slots[key], dim=dim) if slots[key] else kept.narrow(dim, 0, 0)
             out[key] = torch.cat([kept, extra.to(kept.dtype)], dim=dim)
         return out
-
-
-def _pack(rows: list[dict[str, torch.Tensor]], call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
-    """Per-row entry lists → padded (B, H, L', ·) cache tensors and state; keys re-rotated."""
-    heads = rows[0]["k"].shape[0]
-    length = max(r["col"].numel() for r in rows)
-    dev = call.keys.device
-
-    def pad(t: torch.Tensor, value: float = 0) -> torch.Tensor:
-        n = t.shape[-2] if t.dim() == 3 else t.shape[-1]
-        if n == length:
-            return t
-        if t.dim() == 3:
-            return torch.cat([t, t.new_full((t.shape[0], length - n, t.shape[-1]), value)], dim=1)
-        return torch.cat([t, t.new_full((length - n,), value)])
-
-    k_pre = torch.stack([pad(r["k"]) for r in rows]).to(dev)
-    values = torch.stack([pad(r["v"]) for r in rows]).to(dev)
-
-    def meta(key: str, value: float = 0) -> torch.Tensor:
-        return torch.stack([pad(r[key], value) for r in rows]).to(dev)[:, None, :].expand(-1, heads, -1).contiguous()
-
-    state = LayerState(col=meta("col").long(), pos=meta("pos").float(), valid=meta("valid").bool(),
-                       mod=meta("mod").to(torch.int8))
-    mass = meta("mass", 1.0).float()
-    if call.press.proportional and bool((mass != 1).any()):
-        state.log_mass = mass.clamp(min=1e-6).log()
-    keys = call.rope().rotate(k_pre, state.pos)
-    return keys.to(call.keys.dtype), values.to(call.values.dtype), state
