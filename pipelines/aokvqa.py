@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = run(cfg)
     print(summary_table(manifest))
     last = manifest["last_run"]
-    print(f"{manifest['total_rows']} rows in {cfg.output_dir} ({last['imported_rows']} imported in {last['seconds']:.1f}s)")
+    print(f"{manifest['total_rows']} rows in {cfg.output_dir} "
+          f"({last['imported_rows']} imported in {last['seconds']:.1f}s)")
     if manifest["errors"]:
         print(f"skipped {len(manifest['errors'])} records (listed under 'errors' in {cfg.output_dir}/{MANIFEST_NAME}):",
               file=sys.stderr)

@@ -113,7 +113,8 @@ def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     if todo:
         items = [{"plan": plan.to_json()} for plan in todo]
-        for result in map_shards(items, _process, {"cfg": cfg, "root": str(root)}, concurrency=cfg.download.concurrency):
+        kwargs = {"cfg": cfg, "root": str(root)}
+        for result in map_shards(items, _process, kwargs, concurrency=cfg.download.concurrency):
             outcomes[result["clip_id"]] = result
             write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
     manifest = _manifest(cfg, plans, outcomes, plan_errors, table.num_rows)

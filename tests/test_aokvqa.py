@@ -46,7 +46,8 @@ def data(tmp_path) -> tuple[Path, Path]:
            record("q6", 99),                                       # no such image
            record("q7", 4)]
     (ann / "aokvqa_v1p0_val.json").write_text(json.dumps(val))
-    test = [{k: v for k, v in record("t1", 5).items() if k not in ("correct_choice_idx", "rationales", "direct_answers")}]
+    hidden = ("correct_choice_idx", "rationales", "direct_answers")  # the test split publishes no answers
+    test = [{k: v for k, v in record("t1", 5).items() if k not in hidden}]
     (ann / "aokvqa_v1p0_test.json").write_text(json.dumps(test))
     return ann, coco
 

@@ -191,8 +191,10 @@ def plan_import(cfg: AokvqaConfig) -> tuple[list[AokvqaShard], list[dict[str, st
             qid = record.get("question_id") if isinstance(record, dict) else None
             rid = f"aokvqa-{split}-{qid}" if isinstance(qid, str) and qid else f"{path.name}[{row}]"
             try:
-                if rid in seen or not isinstance(qid, str) or not qid:
-                    raise RecordError("duplicate question_id" if rid in seen else f"question_id must be a string, got {qid!r}")
+                if not isinstance(qid, str) or not qid:
+                    raise RecordError(f"question_id must be a string, got {qid!r}")
+                if rid in seen:
+                    raise RecordError("duplicate question_id")
                 drafts.append(record_draft(record, split, cfg.coco_dir))
                 seen.add(rid)
             except RecordError as exc:
@@ -226,7 +228,8 @@ def build_shard(cfg: AokvqaConfig, spec: AokvqaShard) -> tuple[list[dict[str, An
 def import_aokvqa(source: str | Path, coco_dir: str | Path, splits: list[str] | None = None
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """All rows in one process (no shards, no Ray), and the skipped records."""
-    cfg = AokvqaConfig(source=str(source), coco_dir=str(coco_dir), splits=splits or list(SPLITS), rows_per_shard=1 << 30)
+    cfg = AokvqaConfig(source=str(source), coco_dir=str(coco_dir), splits=splits or list(SPLITS),
+                       rows_per_shard=1 << 30)
     shards, errors, _ = plan_import(cfg)
     rows = []
     for spec in shards:

@@ -127,7 +127,8 @@ def read_source(source: str, split: str, hub_config: str = "default") -> pa.Tabl
                                 f"or JSON file; the hub id needs HF_TOKEN and network)")
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        raise SourceError(f"CinePile source {source} lacks the columns {missing} (has: {', '.join(table.column_names)})")
+        raise SourceError(f"CinePile source {source} lacks the columns {missing} "
+                          f"(has: {', '.join(table.column_names)})")
     return table
 
 
@@ -328,14 +329,15 @@ def process_clip(plan: ClipPlan, cfg: CinepileConfig, root: Path) -> dict[str, A
 
     The clip shard is written first, then the question shard, each atomically, so a clip counts as
     done only when both exist. A clip shard already on disk (the job died between the two) is
-    reused, and a video already downloaded is not fetched again. A video that does not decode is
+    reused unless `overwrite`, and a video already downloaded is not fetched again. A video that does not decode is
     deleted, so a re-run fetches it afresh.
     """
     clip_path, question_path = root / plan.clip_relpath, root / plan.relpath
     videos = video_dir(cfg, root)
     started, attempts, downloaded = time.perf_counter(), 0, False
     want = clip_info(cfg, plan)
-    if clip_path.exists() and read_shard_info(clip_path).get("config_hash") == want["config_hash"]:
+    reuse = not cfg.overwrite and clip_path.exists()
+    if reuse and read_shard_info(clip_path).get("config_hash") == want["config_hash"]:
         clip_meta = read_clip_meta(clip_path)
     else:
         got = download_clip(plan.url, plan.clip_id, videos, cfg.download, archive=root / ARCHIVE_NAME)

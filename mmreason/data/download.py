@@ -1,7 +1,8 @@
 """Fetching one video clip with yt-dlp's Python API, politely, and saying how it went.
 
     from mmreason.data.download import DownloadConfig, download_clip
-    result = download_clip("https://www.youtube.com/watch?v=dQw4w9WgXcQ", "yt-dQw4w9WgXcQ", Path("videos"), DownloadConfig())
+    url = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
+    result = download_clip(url, clip_id_for_url(url), Path("videos"), DownloadConfig())
     result.status, result.path      # "ok" and the file, or a failure status and `result.reason`
 
 A URL is checked against the allow-list before any request: YouTube watch URLs, plus any http(s)
