@@ -1,0 +1,177 @@
+"""Accuracy against memory: evaluate a checkpoint under a press (`python -m jobs.evaluate`).
+
+One run = one (checkpoint, mode, press) point: the held-out rows of `data` go through
+`mmreason.eval.runner.evaluate` (the batched cached generation every stage is evaluated with)
+inside `with press(family)` and a `KVMeter`; the result row holds accuracy, tokens per answer, KV
+bytes per example after the prompt and at the decoding peak (and what the full cache would hold),
+retained fraction per modality, prefill latency, decode tokens/s and the press's own time. It is
+written as JSON (with per-layer bytes and the predictions) and appended to a CSV under
+`output_dir`, and logged to MLflow (`mmreason.tracking`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmreason.config import ConfigError
+from mmreason.latent.coconut import GenerationSettings
+from mmreason.train.config import DataConfig, ModelConfig
+
+CSV_COLUMNS = (
+    "run_name", "backbone", "checkpoint", "mode", "press", "press_settings", "n", "accuracy", "tokens_per_answer",
+    "kv_bytes_prefill", "kv_bytes_peak", "kv_bytes_full_prefill", "kv_bytes_full_final", "kv_fraction_prefill",
+    "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "retained_shared_prefill",
+    "retained_text_final", "retained_vision_final", "prefill_ms_per_example", "decode_tokens_per_s",
+    "press_seconds", "press_fraction_of_decode", "seconds",
+)
+
+
+@dataclass
+class PressEvalConfig:
+    run_name: str = "press-eval"
+    output_dir: str = "runs/eval"
+    """results.csv (one row per run) and RUN_NAME/{result.json, predictions.jsonl} go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone and the checkpoint to evaluate (required: a stage's `export` or `best`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Held-out rows: `data.path`, `tasks`, `sizes`, `eval_split`."""
+    mode: Literal["vanilla", "cot", "coconut"] = "cot"
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=200))
+    n_latent_steps: int = 0
+    """coconut mode: latent steps (× c_thought latents)."""
+    c_thought: int = 1
+    max_examples: int | None = 100
+    batch_size: int = 16
+    seed: int = 0
+    threads: int | None = None
+    """torch threads (None = torch's default)."""
+    press: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    """`name` (none, tova, dare, cosre, hico, kvpress:<method>) and the press's settings."""
+    experiment: str = "mmreason"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"max_examples must be >= 1 or null, got {self.max_examples}")
+        if not isinstance(self.press.get("name"), str):
+            raise ConfigError(f"press: needs a name (press=NAME), got {self.press!r}")
+
+
+def build_press(cfg: PressEvalConfig) -> Any:
+    """The configured press (None for "none"), checked before any model loads."""
+    from mmreason.kv import make_press
+
+    settings = {k: v for k, v in cfg.press.items() if k != "name"}
+    return make_press(cfg.press["name"], settings)
+
+
+def check_inputs(cfg: PressEvalConfig) -> str:
+    """Everything a user can get wrong that does not need the model; returns the checkpoint path."""
+    from mmreason.models import check_checkpoint, get_spec
+
+    try:
+        spec = get_spec(cfg.model.backbone)
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone: {exc}") from None
+    if cfg.model.checkpoint is None:
+        raise ConfigError("model.checkpoint: give the checkpoint to evaluate (a stage's export/ or best/ folder)")
+    if spec.tiny or Path(cfg.model.checkpoint).exists():
+        check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
+        return str(Path(cfg.model.checkpoint).resolve())
+    return cfg.model.checkpoint
+
+
+def held_out(cfg: PressEvalConfig) -> list[dict[str, Any]]:
+    from mmreason.train.worker import held_out_rows
+
+    if not (Path(cfg.data.path) / "manifest.json").is_file():
+        raise FileNotFoundError(f"data.path {cfg.data.path} is not a dataset (no manifest.json)")
+    rows = held_out_rows(cfg, cfg.max_examples)  # reads cfg.data only
+    if not rows:
+        raise ConfigError(f"data: no {cfg.data.eval_split} rows for tasks {cfg.data.tasks} and sizes {cfg.data.sizes} "
+                          f"in {cfg.data.path}")
+    return rows
+
+
+def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
+    """Check inputs, evaluate under the press, write JSON + CSV, log to MLflow; returns the row."""
+    import torch
+
+    from mmreason.eval.runner import evaluate
+    from mmreason.kv.accounting import KVMeter
+    from mmreason.models import load_backbone
+
+    press = build_press(cfg)
+    checkpoint = check_inputs(cfg)
+    rows = held_out(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    family = load_backbone(cfg.model.backbone, checkpoint)
+    t0 = time.perf_counter()
+    with (press(family) if press is not None else nullcontext()) as session, KVMeter(family.model, session) as meter:
+        result = evaluate(family, rows, cfg.mode, cfg.generation, n_latent_steps=cfg.n_latent_steps,
+                          c_thought=cfg.c_thought, batch_size=cfg.batch_size, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    kv = meter.summary()
+    tokens = sum(p["n_tokens"] for p in result.predictions)
+    press_seconds = session.stats["press_seconds"] if session is not None else 0.0
+    name = cfg.press["name"]
+    settings = {k: v for k, v in cfg.press.items() if k != "name"}
+    row: dict[str, Any] = {
+        "run_name": cfg.run_name, "backbone": cfg.model.backbone, "checkpoint": checkpoint, "mode": cfg.mode,
+        "press": name, "press_settings": json.dumps(settings, sort_keys=True), "n": result.n,
+        "accuracy": result.accuracy, "tokens_per_answer": result.tokens_per_answer,
+        **{k: v for k, v in kv.items() if not isinstance(v, list)},
+        "decode_tokens_per_s": tokens / kv["decode_seconds"] if kv.get("decode_seconds") else 0.0,
+        "press_seconds": press_seconds,
+        "press_fraction_of_decode": press_seconds / max(kv.get("decode_seconds", 0.0) + kv.get("prefill_seconds", 0.0),
+                                                        1e-9),
+        "seconds": seconds,
+    }
+    out_dir = Path(cfg.output_dir) / cfg.run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detail = {"row": row, "accuracy_by_size": result.by("size"), "config": asdict(cfg),
+              "kv_bytes_prefill_per_layer": kv.get("kv_bytes_prefill_per_layer"),
+              "kv_bytes_peak_per_layer": kv.get("kv_bytes_peak_per_layer")}
+    (out_dir / "result.json").write_text(json.dumps(detail, indent=2))
+    with open(out_dir / "predictions.jsonl", "w") as fh:
+        for p in result.predictions:
+            fh.write(json.dumps(p) + "\n")
+    append_csv(Path(cfg.output_dir) / "results.csv", row)
+    _track(cfg, row, out_dir)
+    return row
+
+
+def append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+
+
+def _track(cfg: PressEvalConfig, row: dict[str, Any], out_dir: Path) -> None:
+    import mlflow
+
+    from mmreason.tracking import stage_run
+
+    with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": "evaluate", "press": row["press"]}):
+        mlflow.log_metrics({k: float(v) for k, v in row.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifacts(str(out_dir), artifact_path="evaluate")
+
+
+def results_table(row: dict[str, Any]) -> str:
+    keys = ("press", "accuracy", "kv_fraction_prefill", "kv_fraction_peak", "retained_text_prefill",
+            "retained_vision_prefill", "prefill_ms_per_example", "decode_tokens_per_s")
+    cells = [f"{row.get(k, ''):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+    width = [max(len(k), len(c)) + 2 for k, c in zip(keys, cells)]
+    return "\n".join(["".join(k.rjust(w) for k, w in zip(keys, width)), "".join(c.rjust(w) for c, w in zip(cells, width))])
