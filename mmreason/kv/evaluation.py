@@ -74,7 +74,7 @@ def build_press(cfg: PressEvalConfig) -> Any:
 
 def check_inputs(cfg: PressEvalConfig) -> str:
     """Everything a user can get wrong that does not need the model; returns the checkpoint path."""
-    from mmreason.models import check_checkpoint, get_spec
+    from mmreason.models import CheckpointError, check_checkpoint, get_spec
 
     try:
         spec = get_spec(cfg.model.backbone)
@@ -83,7 +83,10 @@ def check_inputs(cfg: PressEvalConfig) -> str:
     if cfg.model.checkpoint is None:
         raise ConfigError("model.checkpoint: give the checkpoint to evaluate (a stage's export/ or best/ folder)")
     if spec.tiny or Path(cfg.model.checkpoint).exists():
-        check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
+        try:
+            check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"model.checkpoint: {exc}") from None
         return str(Path(cfg.model.checkpoint).resolve())
     return cfg.model.checkpoint
 

@@ -1,0 +1,103 @@
+"""`python -m jobs.evaluate` end to end on a tiny model saved to disk and a few generated maze rows;
+bad input fails before any model loads, naming the input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+
+import pytest
+
+from jobs import evaluate as job
+from mmreason.config import load_config
+from mmreason.data.gridworld import GridworldConfig, plan_shards
+from mmreason.data.shards import MANIFEST_NAME, write_json_atomic
+from mmreason.models import build_tiny
+from pipelines import gridworld
+from tests.kv_helpers import one_thread  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def maze_dir(tmp_path_factory):
+    """Four 3×3 maze rows (two held out) through the grid-world job's own shard writer, without Ray."""
+    out = tmp_path_factory.mktemp("kvdata") / "gw"
+    cfg = load_config(GridworldConfig, None, [f"output_dir={out}", "examples=4", "tasks={maze: {sizes: [3]}}",
+                                              "splits={train: 0.5, val: 0.0, test: 0.5}", "step_images=false"])
+    specs = plan_shards(cfg)
+    entries = [gridworld._render_shard(asdict(s), cfg, str(out)) for s in specs]
+    write_json_atomic(out / MANIFEST_NAME, gridworld._manifest(cfg, entries, len(specs)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny("tiny-internvl", tmp_path_factory.mktemp("kvmodel") / "m")
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MMREASON_PARENT_RUN_ID", raising=False)
+    return uri
+
+
+def args(maze_dir, model_dir, out, *extra):
+    return ["configs/eval/press-maze.yaml", f"model.checkpoint={model_dir}", f"data.path={maze_dir}", "data.sizes=[3]",
+            f"output_dir={out}", "generation.max_new_tokens=12", "max_examples=2", "batch_size=2", *extra]
+
+
+def test_evaluate_runs_end_to_end_and_writes_csv_json_and_mlflow(maze_dir, model_dir, tmp_path, mlflow_uri):
+    import mlflow
+
+    out = tmp_path / "eval"
+    assert job.main(args(maze_dir, model_dir, out, "run_name=full")) == 0
+    assert job.main(args(maze_dir, model_dir, out, "run_name=tova", "press=tova", "press.cache_size=20",
+                         "press.min_size=1")) == 0
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["press"] for r in table] == ["none", "tova"]
+    full, tova = table
+    assert int(full["n"]) == 2 and float(full["kv_fraction_prefill"]) == 1.0
+    assert float(tova["kv_bytes_prefill"]) < float(full["kv_bytes_prefill"])
+    assert float(tova["kv_fraction_prefill"]) < 1.0
+    assert json.loads(tova["press_settings"]) == {"cache_size": 20, "min_size": 1}
+    for r in table:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert float(r["decode_tokens_per_s"]) > 0 and float(r["prefill_ms_per_example"]) > 0
+    assert float(tova["retained_text_prefill"]) < 1.0 and float(tova["retained_vision_prefill"]) <= 1.0
+    detail = json.loads((out / "tova" / "result.json").read_text())
+    assert len(detail["kv_bytes_prefill_per_layer"]) == 2
+    assert len((out / "tova" / "predictions.jsonl").read_text().splitlines()) == 2
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["mmreason"], filter_string="tags.stage = 'evaluate'")
+    assert set(runs["tags.press"]) == {"none", "tova"}
+    assert "metrics.kv_fraction_prefill" in runs and "metrics.accuracy" in runs
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["press=h2o"], "unknown press 'h2o'"),
+    (["press=tova", "press.budget=3"], "press.budget"),
+    (["press=dare", "press.rho_vis=0"], "rho_vis"),
+    (["press=dare", "press.rho_text=1.5"], "rho_text"),
+    (["press=kvpress:knorm", "press.compression_ratio=1.0"], "compression_ratio"),
+    (["press=cosre", "press.keep_h=8"], "keep_h"),
+    (["press=tova", "press.factor=abc"], "press.factor"),
+    (["model.backbone=tiny-gpt"], "model.backbone"),
+    (["data.path=/nonexistent/data"], "/nonexistent/data"),
+])
+def test_bad_input_is_named_before_any_model_loads(maze_dir, model_dir, tmp_path, capsys, monkeypatch, extra, needle):
+    import mmreason.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(mmreason.models, "load_backbone", no_load)
+    assert job.main(args(maze_dir, model_dir, tmp_path / "eval", *extra)) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_family_is_named(maze_dir, model_dir, tmp_path, capsys):
+    assert job.main(args(maze_dir, model_dir, tmp_path / "eval", "model.backbone=tiny-anole")) == 2
+    assert "tiny-anole" in capsys.readouterr().err
