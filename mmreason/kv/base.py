@@ -59,6 +59,8 @@ class LayerState:
     log_mass: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-entry values a press keeps alongside (e.g. DARE's router scores); gathered with the rest."""
+    per_head: bool = False
+    """Whether heads hold different entries (kvpress prunes per head); if not, head 0 speaks for all."""
 
     @property
     def length(self) -> int:
@@ -88,10 +90,14 @@ class LayerState:
         for key in list(theirs):
             if key not in mine:
                 mine[key] = torch.zeros_like(self.pos, dtype=theirs[key].dtype)
-        return LayerState.from_fields({k: torch.cat([mine[k], theirs[k]], dim=-1) for k in mine})
+        out = LayerState.from_fields({k: torch.cat([mine[k], theirs[k]], dim=-1) for k in mine})
+        out.per_head = self.per_head or other.per_head
+        return out
 
     def gather(self, index: torch.Tensor) -> "LayerState":
-        return LayerState.from_fields({k: v.gather(-1, index) for k, v in self.fields().items()})
+        out = LayerState.from_fields({k: v.gather(-1, index) for k, v in self.fields().items()})
+        out.per_head = self.per_head
+        return out
 
 
 def keep_top(scores: torch.Tensor, budget: torch.Tensor | int, eligible: torch.Tensor) -> torch.Tensor:
@@ -168,14 +174,15 @@ class LayerCall:
         entries (valid, causal, with mass), in float32 — what the layer just computed."""
         if window == 1 and self._last_attention is not None:
             return self._last_attention
-        q = self.query[:, :, -window:].float()
-        k = self.keys.float()
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        scaling = self.attn_kwargs.get("scaling") or q.shape[-1] ** -0.5
-        logits = q @ k.transpose(-1, -2) * scaling
-        logits = logits + self.session.additive_mask(self.state, self.query_cols()[-window:], groups, torch.float32)
-        probs = logits.softmax(-1)
+        b, hq, _, d = self.query.shape
+        hk, length = self.keys.shape[1], self.keys.shape[2]
+        groups = hq // hk
+        # grouped-query attention without repeating the keys: (B, H_kv, groups·window, D)
+        q = self.query[:, :, -window:].float().reshape(b, hk, groups * window, d)
+        scaling = self.attn_kwargs.get("scaling") or d ** -0.5
+        logits = (q @ self.keys.float().transpose(-1, -2) * scaling).view(b, hq, window, length)
+        mask = self.session.additive_mask(self.state, self.query_cols()[-window:], groups, torch.float32, always=True)
+        probs = (logits + mask).softmax(-1)
         if window == 1:
             self._last_attention = probs
         return probs
@@ -198,6 +205,7 @@ class LayerCall:
         order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :length]
         new = st.gather(order)
         new.valid = new.valid & mask.gather(-1, order)
+        new.per_head = st.per_head or not bool((mask == mask[:, :1]).all())
         idx = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.replace(self.keys.gather(2, idx), self.values.gather(2, idx), new)
         return True
@@ -243,6 +251,10 @@ class LayerCall:
 @dataclass
 class Press:
     """Base class: a press is a dataclass whose fields are its settings (see the module docstring)."""
+
+    wants_attention = False
+    """Class flag: the press reads `call.attention()` at decode steps; the session then computes
+    that attention once and uses it for the layer's output as well."""
 
     def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
         """Before attention: extra per-entry data (B, q) for this call's new tokens, or None."""
@@ -471,15 +483,22 @@ class Session:
         return mod
 
     # attention
-    def additive_mask(self, state: LayerState, qcols: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, H_q, q, L) additive mask: 0 (+ log mass) where valid and causal, dtype-min elsewhere."""
-        allowed = state.valid[:, :, None, :] & (state.col[:, :, None, :] <= qcols.view(1, 1, -1, 1))
-        bias = torch.zeros((), dtype=torch.float32, device=allowed.device)
+    def additive_mask(self, state: LayerState, qcols: torch.Tensor, groups: int, dtype: torch.dtype,
+                      always: bool = False) -> torch.Tensor | None:
+        """(B, H_q or 1, q, L) additive mask: 0 (+ log mass) where valid and causal, dtype-min
+        elsewhere; None (no mask needed) for one query over all-valid entries without mass."""
+        if not always and qcols.numel() == 1 and state.log_mass is None and bool(state.valid.all()):
+            return None
+        heads = slice(None) if state.per_head else slice(0, 1)
+        valid, col = state.valid[:, heads], state.col[:, heads]
+        allowed = valid[:, :, None, :] & (col[:, :, None, :] <= qcols.view(1, 1, -1, 1))
         if state.log_mass is not None:
-            bias = state.log_mass[:, :, None, :].float()
-        mask = torch.where(allowed, bias, torch.tensor(torch.finfo(dtype).min, device=allowed.device))
-        mask = mask.to(dtype)
-        return mask.repeat_interleave(groups, dim=1) if groups > 1 else mask
+            bias = state.log_mass[:, heads, None, :].to(dtype)
+            mask = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        else:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                                 torch.finfo(dtype).min)
+        return mask.repeat_interleave(groups, dim=1) if groups > 1 and state.per_head else mask
 
     def _append(self, layer: int, q_len: int, n_heads: int, extra: dict[str, torch.Tensor] | None) -> None:
         mod = self.forward_modality()
@@ -513,6 +532,15 @@ class Session:
         soft = self.press.soft_keep(call)
         if soft is not None:
             out = self._soft_attention(call, query, key, value, soft, groups, kwargs)
+        elif (self.press.wants_attention and self.compressed and query.shape[2] == 1
+              and kwargs.get("sliding_window") is None):
+            # the press reads this step's attention: compute it once, use it for the output too
+            # (only once something was dropped: until then the model's own kernel runs, bit for bit)
+            probs = call.attention()
+            b, hq, _, length = probs.shape
+            out = probs.view(b, key.shape[1], groups, length).to(value.dtype) @ value
+            out = out.view(b, hq, 1, -1).transpose(1, 2).contiguous()
+            out = (out, None)
         elif not self.compressed and state.log_mass is None:
             out = orig(module, query, key, value, attention_mask, **kwargs)
         else:

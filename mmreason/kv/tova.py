@@ -46,6 +46,8 @@ class TovaPress(ScorePress):
     recency_weight: float = 0.0
     """Weight of recency (newest entry 1, oldest 0)."""
 
+    wants_attention = True
+
     def __post_init__(self) -> None:
         check_fraction("factor", self.factor)
         if self.vision_factor is not None:
