@@ -92,11 +92,13 @@ def check_inputs(cfg: PressEvalConfig) -> str:
 
 
 def held_out(cfg: PressEvalConfig) -> list[dict[str, Any]]:
+    from mmreason.train.config import TrainConfig
     from mmreason.train.worker import held_out_rows
 
     if not (Path(cfg.data.path) / "manifest.json").is_file():
         raise FileNotFoundError(f"data.path {cfg.data.path} is not a dataset (no manifest.json)")
-    rows = held_out_rows(cfg, cfg.max_examples)  # reads cfg.data only
+    # the training stages' own reader of held-out rows, given a stage config with our data section
+    rows = held_out_rows(TrainConfig(model=cfg.model, data=cfg.data), cfg.max_examples)
     if not rows:
         raise ConfigError(f"data: no {cfg.data.eval_split} rows for tasks {cfg.data.tasks} and sizes {cfg.data.sizes} "
                           f"in {cfg.data.path}")
