@@ -13,7 +13,17 @@ Dynamic-LLaVA / DynamicViT template:
   re-selected at each step so text retention stays at ρ_text of the text seen.
 
 The router trains in the `dare` stage (mmreason/train); a trained router is a state dict
-(`save_router` / `router_path`).
+(`save_router` / `router_path`). A training step, for that stage:
+
+    press = DarePress(rho_text=0.7, rho_vis=0.4, layer=1)
+    press.router = DareRouter(hidden_size).train()      # its parameters go into the optimizer
+    with press(family):                                 # hooks stay on across steps
+        press.tau = anneal_temperature(step, total_steps)
+        loss, _ = latent_forward(family, batch)         # attention masked from `layer` on
+        loss = loss + ratio_weight * press.ratio_loss() # over every forward since the last call
+    save_router(press.router, path)                     # DarePress(router_path=path) evaluates it
+
+With `press.router.eval()` the same press prunes the cache instead (top-k, no noise).
 """
 
 from __future__ import annotations
