@@ -107,13 +107,13 @@ def test_maze_answers_and_paths_agree_with_maze_info(sample_rows):
         assert row["answer"] == "ABCD"[candidates.index(path[-1])]
         assert row["choices"] == list("ABCD")
         # the prompt's moves replay the path; each step states the cell it reaches
-        moves = re.search(r"The agent moves: (.*?)\. Which", row["prompt"]).group(1).split(", ")
-        assert [m.removeprefix("go ") for m in moves] == [a.split("-")[0] for a in rec["action_list"]]
+        moves = re.search(r"Moves: (.*?)\. Which", row["prompt"]).group(1).split(", ")
+        assert moves == [a.split("-")[0] for a in rec["action_list"]]
         cell = path[0]
-        assert row["steps"][0].startswith(f"The agent starts at row {cell[0]}, column {cell[1]}.")
+        assert row["steps"][0].startswith(f"Start {cell[0] * n + cell[1]}.")
         for move, text, want in zip(moves, row["steps"][1:], path[1:]):
-            cell = (cell[0] + MOVE[move[3:]][0], cell[1] + MOVE[move[3:]][1])
-            assert cell == want and f"Now at row {cell[0]}, column {cell[1]}" in text
+            cell = (cell[0] + MOVE[move][0], cell[1] + MOVE[move][1])
+            assert cell == want and text.startswith(f"Go {move} {cell[0] * n + cell[1]}")
         assert len(row["steps"]) == len(path)
         meta = json.loads(row["meta"])
         assert meta["maze_info"] == rec["maze_info"] and meta["path"] == rec["path_locs"]
@@ -150,10 +150,8 @@ def test_frozenlake_answers_agree_with_gymnasium_and_show_the_additional_actions
         shown = ", ".join(f"go {GYM_MOVE[a]}" for a in actions + extra)
         assert f"The agent moves: {shown}. What happens?" in row["prompt"]
         assert len(row["steps"]) == 1 + len(actions) + len(extra)
-        n = 3
-        last = divmod(states[-1], n)
         for text in row["steps"][1 + len(actions) :]:
-            assert text.endswith(f"nothing changes; still at row {last[0]}, column {last[1]}.")
+            assert text.endswith(f"nothing changes; still at cell {states[-1]}.")  # gymnasium's state is the cell number
         seen_extra += len(extra)
         assert row["split"] == layout_split("frozenlake", "FHF/HFG/FSF", FRACTIONS)
     assert seen_extra == 3  # the sample's one walk with moves after it ended
@@ -162,7 +160,7 @@ def test_frozenlake_answers_agree_with_gymnasium_and_show_the_additional_actions
 def test_imported_text_reads_like_generated_text(sample_rows):
     """Same template as the generator, apart from the moves (and, for FrozenLake, the sentence that
     says how gymnasium's frames draw agent, goal and holes)."""
-    moves = re.compile(r"The agent moves: .*?\. ")
+    moves = re.compile(r"[Mm]oves: .*?\. ")
     generated = {t: generate_example(TASKS[t], 3, "train", 0, 0, FRACTIONS, RenderOptions())
                  for t in ("maze", "frozenlake")}
     for row in sample_rows:
@@ -174,7 +172,8 @@ def test_imported_text_reads_like_generated_text(sample_rows):
             assert legend.sub("", moves.sub("", row["prompt"])) == legend.sub("", moves.sub("", gen["prompt"]))
             assert "elf" in row["prompt"] and "red dot" not in row["prompt"]
         assert row["choices"] == gen["choices"]
-        step = re.compile(r"^Go (up|down|left|right)\. (Now at|The edge blocks|The walk is over)")
+        step = re.compile(r"^Go (up|down|left|right) \d+( [ABCD])?\.$" if row["task"] == "maze"
+                          else r"^Go (up|down|left|right)\. (Now at|The edge blocks|The walk is over)")
         assert all(step.match(text) for text in row["steps"][1:]), row["steps"]
 
 
@@ -197,7 +196,7 @@ def test_a_corrupted_copy_imports_the_rest_and_names_the_two_bad_records(extract
     reasons = {e["id"]: e["error"] for e in errors}
     assert set(reasons) == {"mvot-maze-grid3-path1", "mvot-maze-grid3-path3"}
     assert "data_samples/maze/grid3/path_1_3.jpg is missing" in reasons["mvot-maze-grid3-path1"]
-    assert "from row 0, column 1 to row 0, column 2 crosses a wall" in reasons["mvot-maze-grid3-path3"]
+    assert "from (0, 1) to (0, 2) crosses a wall" in reasons["mvot-maze-grid3-path3"]
 
 
 def edit_maze(folder: Path, path_id: int, **fields) -> None:
@@ -233,7 +232,7 @@ def edit_lake(folder: Path, traj: int | None, **fields) -> None:
         (lambda d: edit_maze(d, 5, path_locs=[[2, 2], [1, 2], [0, 2], [0, 1], [1, 1], [9, 1]]),
          "mvot-maze-grid3-path5", "outside the 3x3 grid"),
         (lambda d: edit_lake(d, 1, states=[7, 8, 7, 6, 7, 4, 4]),
-         "mvot-frozenlake-level3-env0-traj1", "gymnasium says row 1, column 2"),
+         "mvot-frozenlake-level3-env0-traj1", "gymnasium says (1, 2)"),
         (lambda d: edit_lake(d, 3, exec_states="success"),
          "mvot-frozenlake-level3-env0-traj3", "gymnasium's outcome is 'hole'"),
         (lambda d: edit_lake(d, 5, exec_states=["terminated"]),
@@ -345,7 +344,7 @@ def test_job_on_a_corrupted_folder_exits_1_and_lists_the_skipped_records(extract
     assert done.returncode == 1, done.stderr
     assert "skipped 2 records" in done.stderr
     assert "mvot-maze-grid3-path1: frame data_samples/maze/grid3/path_1_3.jpg is missing" in done.stderr
-    assert ("mvot-maze-grid3-path3: path_locs move 1 from row 0, column 1 to row 0, column 2 crosses a wall"
+    assert ("mvot-maze-grid3-path3: path_locs move 1 from (0, 1) to (0, 2) crosses a wall"
             in done.stderr)
     assert re.search(r"maze\s+\d+\s+\d+\s+\d+", done.stdout) and "16 rows in" in done.stdout
     manifest = read_manifest(out)

@@ -17,7 +17,7 @@ from tests.conftest import FRACTIONS, maze_passages
 
 OPTS = RenderOptions(image_size=64, step_images=True)
 MOVE = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
-AT = re.compile(r"(?:Now|still) at row (\d+), column (\d+)")
+AT = re.compile(r"(?:(?:Now|still) at cell |^Go \w+ )(\d+)")  # FrozenLake/MiniBehavior; maze notes
 
 
 def rows(task: str, size: int, n: int, split: str = "train", seed: int = 0, opts: RenderOptions = OPTS):
@@ -61,10 +61,10 @@ def test_maze_paths_cross_only_open_passages_and_end_on_the_answer_cell(size):
         for a, b in zip(path, path[1:]):
             assert frozenset({a, b}) in edges, f"{row['id']}: step {a}->{b} crosses a wall"
         # the moves in the prompt replay the path
-        moves = re.search(r"The agent moves: (.*?)\. Which", row["prompt"]).group(1).split(", ")
+        moves = re.search(r"Moves: (.*?)\. Which", row["prompt"]).group(1).split(", ")
         cell = path[0]
         for move in moves:
-            cell = (cell[0] + MOVE[move[3:]][0], cell[1] + MOVE[move[3:]][1])
+            cell = (cell[0] + MOVE[move][0], cell[1] + MOVE[move][1])
         assert cell == path[-1]
         candidates = [tuple(c) for c in meta["candidates"]]
         assert len(set(candidates)) == 4 and tuple(meta["start"]) not in candidates
@@ -74,8 +74,10 @@ def test_maze_paths_cross_only_open_passages_and_end_on_the_answer_cell(size):
 def test_maze_transcription_names_every_letter_where_it_is():
     row = rows("maze", 4, 1)[0]
     meta = json.loads(row["meta"])
+    start = meta["start"]
+    assert row["steps"][0].startswith(f"Start {start[0] * 4 + start[1]}.")
     for letter, (r, c) in zip("ABCD", meta["candidates"]):
-        assert f"{letter} is at row {r}, column {c}." in row["steps"][0]
+        assert f" {letter} {r * 4 + c}." in row["steps"][0]
 
 
 @pytest.mark.parametrize("task, size", [("maze", 3), ("maze", 6), ("frozenlake", 4), ("frozenlake", 7),
@@ -94,7 +96,7 @@ def test_each_step_image_shows_the_agent_where_the_step_text_says(task, size):
         for text, image in zip(ex.steps[1:], ex.step_images[1:]):
             said = AT.search(text)
             if said:  # pick up / put down name no cell: the agent stays where it was
-                want = (int(said.group(1)), int(said.group(2)))
+                want = divmod(int(said.group(1)), n)
             assert find_color_cell(image, AGENT_RGB, canvas) == want, f"{ex.id}: {text}"
 
 

@@ -41,7 +41,7 @@ from PIL import Image
 from mmreason.config import ConfigError, config_hash
 from mmreason.data.gridworld import SplitFractions
 from mmreason.data.shards import SourceError
-from mmreason.tasks.base import LETTERS, cell_text, direction_between, layout_id, layout_split
+from mmreason.tasks.base import LETTERS, direction_between, layout_id, layout_split
 from mmreason.tasks.frozenlake import CHOICES, GYM_ACTION, GYM_LAKE_LEGEND, OUTCOMES, LakeMap, lake_text, simulate
 from mmreason.tasks.maze import MazeLayout, maze_text
 
@@ -272,9 +272,9 @@ def maze_draft(source: MvotSource, file: SourceFile, record: Any, fractions: dic
         raise RecordError(f"candidate_locs must be {len(LETTERS)} distinct cells (A–D), got {candidates}")
     for k, (a, b) in enumerate(zip(path, path[1:]), start=1):
         if abs(a[0] - b[0]) + abs(a[1] - b[1]) != 1:
-            raise RecordError(f"path_locs move {k} jumps from {cell_text(*a)} to {cell_text(*b)}, not a neighbour")
+            raise RecordError(f"path_locs move {k} jumps from {tuple(a)} to {tuple(b)}, not a neighbour")
         if not layout.is_open(a, b):
-            raise RecordError(f"path_locs move {k} from {cell_text(*a)} to {cell_text(*b)} crosses a wall "
+            raise RecordError(f"path_locs move {k} from {tuple(a)} to {tuple(b)} crosses a wall "
                               f"(maze_info {maze_info})")
     moves = [direction_between(a, b) for a, b in zip(path, path[1:])]
     listed = _maze_moves(_field(record, "action_list", list), limit=len(moves))
@@ -286,7 +286,7 @@ def maze_draft(source: MvotSource, file: SourceFile, record: Any, fractions: dic
         if said != went:
             raise RecordError(f"action_list move {k} says {said} but path_locs goes {went}")
     if path[-1] not in candidates:
-        raise RecordError(f"the path ends at {cell_text(*path[-1])}, which is none of candidate_locs {candidates}")
+        raise RecordError(f"the path ends at {tuple(path[-1])}, which is none of candidate_locs {candidates}")
 
     prefix = _field(record, "file_prefix", str)
     here = posixpath.dirname(file.name)
@@ -369,8 +369,8 @@ def lake_draft(
         raise RecordError(f"states[{traj}] has {len(states)} entries for {len(moves)} actions "
                           f"(want the start + one per action)")
     if divmod(states[0], n) != lake.start:
-        raise RecordError(f"states[{traj}] starts at {cell_text(*divmod(states[0], n))}, "
-                          f"but S is at {cell_text(*lake.start)}")
+        raise RecordError(f"states[{traj}] starts at {tuple(divmod(states[0], n))}, "
+                          f"but S is at {tuple(lake.start)}")
 
     positions, outcome = simulate(lake, moves)  # gymnasium's own FrozenLakeEnv.step
     if len(positions) < len(moves):
@@ -378,8 +378,8 @@ def lake_draft(
                           f"but actions[{traj}] lists {len(moves)}")
     for k, (state, cell) in enumerate(zip(states[1:], positions), start=1):
         if divmod(state, n) != cell:
-            raise RecordError(f"states[{traj}] says {cell_text(*divmod(state, n))} after action {k}, "
-                              f"gymnasium says {cell_text(*cell)}")
+            raise RecordError(f"states[{traj}] says {tuple(divmod(state, n))} after action {k}, "
+                              f"gymnasium says {tuple(cell)}")
     exec_state = env["exec_states"][traj]
     if not isinstance(exec_state, str) or exec_state not in EXEC_OUTCOME:
         raise RecordError(f"exec_states[{traj}] is {exec_state!r}, not one of {', '.join(EXEC_OUTCOME)}")

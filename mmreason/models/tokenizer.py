@@ -1,7 +1,7 @@
 """The word-level tokenizer of the tiny backbones.
 
 Tiny models are trained from scratch, so a BPE vocabulary of 32k+ entries would only slow them down.
-This tokenizer splits text into words, single digits and punctuation (spaces kept as a `▁` prefix so
+This tokenizer splits text into words, whole numbers and punctuation (spaces kept as a `▁` prefix so
 decoding restores the text exactly) over a vocabulary read off generated grid-world text. It is a
 `PreTrainedTokenizerFast`, saved next to the model and loaded back by `AutoTokenizer.from_pretrained`
 like any real checkpoint's tokenizer. Real backbones use their own tokenizers.
@@ -19,7 +19,9 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 IMAGE = "<image>"
 LATENT, START_LATENT, END_LATENT = "<|latent|>", "<|start-latent|>", "<|end-latent|>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE, LATENT, START_LATENT, END_LATENT]
-_SPLIT = Regex(r"▁?[A-Za-z]+|▁?\d|▁?[^▁A-Za-z\d]")
+_SPLIT = Regex(r"▁?[A-Za-z]+|▁?\d+|▁?[^▁A-Za-z\d]")
+NUMBERS = [str(i) for i in range(100)]
+"""Always in the vocabulary: a number is one token, so a cell number (e.g. `7`) is one token to match."""
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -32,13 +34,13 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def build_word_tokenizer(texts: Iterable[str], extra_special: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every piece of `texts` (plus all digits and letters)."""
+    """A word-level tokenizer whose vocabulary is every piece of `texts` (plus numbers 0–99 and letters)."""
     pre = _pre_tokenizer()
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
     specials = SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS]
-    base = [c for c in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:;?!()-'\n"]
+    base = NUMBERS + [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:;?!()-'\n"]
     words = specials + sorted(set(base) | {"▁" + c for c in base if c != "\n"} | set(counts))
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))

@@ -43,8 +43,19 @@ def lettered(choices: list[str]) -> str:
     return " ".join(f"{letter}. {text}" for letter, text in zip(LETTERS, choices))
 
 
-def cell_text(row: int, col: int) -> str:
-    return f"row {row}, column {col}"
+CELL_NUMBERING = "Cells are numbered row by row from 0 at the top left."
+"""How prompts define cell numbers (`cell_number`)."""
+
+
+def cell_number(row: int, col: int, width: int) -> int:
+    """Row-major number of a cell. Thoughts name cells by one number rather than (row, column): a
+    cell is then one token to a word-level tokenizer, and a tiny model looks a letter's cell up
+    by matching that token (with two-token row/column keys the lookup stayed near chance)."""
+    return row * width + col
+
+
+def cell_text(row: int, col: int, width: int) -> str:
+    return f"cell {cell_number(row, col, width)}"
 
 
 def move_text(direction: str) -> str:

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
 
-from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text
+from mmreason.tasks.base import CELL_NUMBERING, DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text
 from mmreason.tasks.render import AGENT_RGB, INK_RGB, START_RGB, GridCanvas, encode_png
 
 Cell = tuple[int, int]
@@ -186,23 +186,23 @@ def lake_text(
     `legend` says how the picture draws agent, goal and holes.
     """
     holes = lake.find("H")
-    hole_text = f"The holes are at {'; '.join(cell_text(*h) for h in holes)}." if holes else "There are no holes."
-    steps = [f"The agent starts at {cell_text(*lake.start)}. The goal is at {cell_text(*lake.goal)}. {hole_text}"]
+    hole_text = f"The holes are at {'; '.join(cell_text(*h, lake.n) for h in holes)}." if holes else "There are no holes."
+    steps = [f"The agent starts at {cell_text(*lake.start, lake.n)}. The goal is at {cell_text(*lake.goal, lake.n)}. {hole_text}"]
     cell = lake.start
     for direction, nxt in zip(moves, positions):
         if nxt == cell:
-            steps.append(f"{move_text(direction)} The edge blocks the move; still at {cell_text(*nxt)}.")
+            steps.append(f"{move_text(direction)} The edge blocks the move; still at {cell_text(*nxt, lake.n)}.")
         else:
             what = {"H": ", which is a hole", "G": ", which is the goal"}.get(lake.at(nxt), "")
-            steps.append(f"{move_text(direction)} Now at {cell_text(*nxt)}{what}.")
+            steps.append(f"{move_text(direction)} Now at {cell_text(*nxt, lake.n)}{what}.")
         cell = nxt
     for direction in after_end:
-        steps.append(f"{move_text(direction)} The walk is over, so nothing changes; still at {cell_text(*cell)}.")
+        steps.append(f"{move_text(direction)} The walk is over, so nothing changes; still at {cell_text(*cell, lake.n)}.")
     shown = list(moves) + list(after_end)
     prompt = (
         f"<image>\nThis is a {lake.n}x{lake.n} frozen lake seen from above. {legend} A move into the edge "
-        f"leaves the agent where it is, and the walk ends at the goal or in a hole. Rows and columns count "
-        f"from 0 at the top left. The agent moves: {', '.join(f'go {d}' for d in shown)}. What happens? "
+        f"leaves the agent where it is, and the walk ends at the goal or in a hole. {CELL_NUMBERING} "
+        f"The agent moves: {', '.join(f'go {d}' for d in shown)}. What happens? "
         f"{lettered(CHOICES)}"
     )
     return prompt, steps

@@ -16,14 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from mmreason.tasks.base import (
-    LETTERS,
-    RenderOptions,
-    Trajectory,
-    cell_text,
-    direction_between,
-    move_text,
-)
+from mmreason.tasks.base import CELL_NUMBERING, LETTERS, RenderOptions, Trajectory, cell_number, direction_between
 from mmreason.tasks.render import AGENT_RGB, INK_RGB, START_RGB, GridCanvas, encode_png
 
 Cell = tuple[int, int]
@@ -149,21 +142,26 @@ class MazeRenderer:
 def maze_text(n: int, candidates: list[Cell], path: list[Cell]) -> tuple[str, list[str]]:
     """The prompt and text steps of a maze walk along `path` (start first), candidates lettered A–D.
 
+    Thoughts are terse notes on numbered cells: `Start 0. A 7. B 1. C 6. D 3.` transcribes the
+    picture, then `Go down 3 D.` per move (the cell it leads to, and the letter there if any). Each
+    cell is one number so the last step's letter is a one-token lookup in the transcription; with
+    `row r, column c` sentences a tiny model read the picture and walked the moves but stayed near
+    chance on that lookup (3×3, 50k samples), with numbers it reached 79 % at 40k.
+
     One copy for generated mazes and imported MVoT mazes (`mmreason.data.mvot`), so both read alike.
     """
     start = path[0]
+    number = {cell: cell_number(*cell, n) for cell in [*path, *candidates]}
     letter_of = {cell: letter for letter, cell in zip(LETTERS, candidates)}
     moves = [direction_between(a, b) for a, b in zip(path, path[1:])]
-    layout_text = " ".join(f"{letter} is at {cell_text(*cell)}." for letter, cell in zip(LETTERS, candidates))
-    steps = [f"The agent starts at {cell_text(*start)}. {layout_text}"]
+    layout_text = " ".join(f"{letter} {number[cell]}." for letter, cell in zip(LETTERS, candidates))
+    steps = [f"Start {number[start]}. {layout_text}"]
     for direction, cell in zip(moves, path[1:]):
-        where = f", which is {letter_of[cell]}" if cell in letter_of else ""
-        steps.append(f"{move_text(direction)} Now at {cell_text(*cell)}{where}.")
+        where = f" {letter_of[cell]}" if cell in letter_of else ""
+        steps.append(f"Go {direction} {number[cell]}{where}.")
     prompt = (
-        f"<image>\nThis is a {n}x{n} maze seen from above; black lines are walls. The agent starts "
-        f"at the red dot and moves only through open passages. Rows and columns count from 0 at "
-        f"the top left. The agent moves: {', '.join(f'go {d}' for d in moves)}. "
-        f"Which lettered cell (A, B, C or D) does the agent end on?"
+        f"<image>\n{n}x{n} maze: black lines are walls, the red dot is the agent. {CELL_NUMBERING} "
+        f"Moves: {', '.join(moves)}. Which letter does the agent end on?"
     )
     return prompt, steps
 

@@ -21,7 +21,7 @@ from minigrid.core.mission import MissionSpace
 from minigrid.core.world_object import WorldObj
 from minigrid.minigrid_env import MiniGridEnv
 
-from mmreason.tasks.base import DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text, step_to
+from mmreason.tasks.base import CELL_NUMBERING, DIRECTIONS, RenderOptions, Trajectory, cell_text, lettered, move_text, step_to
 from mmreason.tasks.render import AGENT_RGB, START_RGB, GridCanvas, encode_png
 
 Cell = tuple[int, int]  # (row, col); MiniGrid positions are (x=col, y=row)
@@ -221,17 +221,17 @@ class MiniBehaviorTask:
             step_images += [encode_png(renderer.frame(cell, printer)) for cell, printer in states]
 
         steps = [
-            f"The agent starts at {cell_text(*start)}, facing right. The printer is at "
-            f"{cell_text(*room.printer)}. The table is at {cell_text(*room.table)}. Carrying objects: none."
+            f"The agent starts at {cell_text(*start, room.size)}, facing right. The printer is at "
+            f"{cell_text(*room.printer, room.size)}. The table is at {cell_text(*room.table, room.size)}. Carrying objects: none."
         ]
         prev_cell, prev_printer = start, ("floor", room.printer)
         for action, (cell, printer) in zip(actions, states):
             carrying = "printer" if printer[0] == "carried" else "none"
             if action in DIRECTIONS and cell == prev_cell:
                 blocker = _blocker(room, step_to(cell, action), prev_printer)
-                result = f"The {blocker} blocks the move; still at {cell_text(*cell)}."
+                result = f"The {blocker} blocks the move; still at {cell_text(*cell, room.size)}."
             elif action in DIRECTIONS:
-                result = f"Now at {cell_text(*cell)}."
+                result = f"Now at {cell_text(*cell, room.size)}."
             elif printer == prev_printer:
                 result = "Nothing happens." if action == "drop" else "Nothing to pick up in front."
             elif printer[0] == "carried":
@@ -239,7 +239,7 @@ class MiniBehaviorTask:
             elif printer[0] == "table":
                 result = "The printer is now on the table."
             else:
-                result = f"The printer is now on the floor at {cell_text(*printer[1])}."
+                result = f"The printer is now on the floor at {cell_text(*printer[1], room.size)}."
             steps.append(f"{ACTION_TEXT[action]} {result} Carrying objects: {carrying}.")
             prev_cell, prev_printer = cell, printer
 
@@ -249,7 +249,7 @@ class MiniBehaviorTask:
             f"<image>\nThis is a {room.size}x{room.size} room seen from above (grey cells are walls). The agent "
             f"is the red dot, facing right; the purple square is a printer and the brown cell a table. A move "
             f"turns the agent to that direction and steps forward unless something blocks it; pick up and "
-            f"put down act on the cell the agent faces. Rows and columns count from 0 at the top left. "
+            f"put down act on the cell the agent faces. {CELL_NUMBERING} "
             f"The agent does: {', '.join(words.get(a, 'go ' + a) for a in actions)}. "
             f"Where is the printer at the end? {lettered(CHOICES)}"
         )
