@@ -4,7 +4,8 @@
     python -m jobs.train configs/train/cot-maze.yaml workers=2 optim.epochs=4
 
 Everything a user can get wrong (backbone, stage, dataset without shards, a checkpoint that is not
-one or is another family's) is checked here, before any worker starts. Re-running with the same
+one or is another family's, an rl reward path or signature, group size < 2, HiCo on a family without
+it) is checked here or when the config loads, before any worker starts. Re-running with the same
 `run_name` and `storage` resumes from the last checkpoint (epoch and curriculum stage restored).
 """
 
@@ -19,11 +20,13 @@ from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import ConfigError, load_config
+from mmreason.data.cinepile import matches_filters
 from mmreason.data.reader import shard_entries
 from mmreason.data.schema import EXAMPLE_SCHEMA
 from mmreason.eval.runner import evaluate
 from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
+from mmreason.train.rewards import Rewards
 from mmreason.train.worker import held_out_rows
 from pipelines import init_ray
 
@@ -46,6 +49,9 @@ def resolve_model_path(cfg: TrainConfig) -> str:
         return cfg.model.checkpoint  # a hub id for a real backbone
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
+    if cfg.video.use_hico and spec.family.name != "phi4mm":
+        raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not "
+                          f"{cfg.model.backbone} ({spec.family.name})")
     init = cfg.run_dir / "init"
     if not (init / "config.json").is_file():
         build_tiny(cfg.model.backbone, init, seed=cfg.seed)
@@ -71,12 +77,22 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     entries = train_shards(cfg)
     ds = ray.data.read_parquet([str(Path(cfg.data.path) / e["path"]) for e in entries], schema=EXAMPLE_SCHEMA)
     n_rows = sum(e["rows"] for e in entries)
-    if cfg.data.max_train_rows is not None and cfg.data.max_train_rows < n_rows:
-        ds, n_rows = ds.limit(cfg.data.max_train_rows), cfg.data.max_train_rows
+    filtered = cfg.data.hard_split is not None or cfg.data.visual_reliance is not None
+    if filtered:
+        hard, visual = cfg.data.hard_split, cfg.data.visual_reliance
+        ds = ds.filter(lambda row: matches_filters(json.loads(row["meta"]), hard, visual))
+    if cfg.data.max_train_rows is not None and (filtered or cfg.data.max_train_rows < n_rows):
+        ds, n_rows = ds.limit(cfg.data.max_train_rows), min(n_rows, cfg.data.max_train_rows)
     # Read now, before the workers' placement group takes every CPU of a small machine (2 workers ×
     # 1 CPU on 2 cores): streaming reads scheduled after that wait forever (seen here). The rows
     # then sit in Ray's object store (spilled to disk when large).
-    return ds.materialize(), n_rows
+    ds = ds.materialize()
+    if filtered:
+        n_rows = ds.count()  # the manifest's counts are before the filters
+        if n_rows == 0:
+            raise ConfigError(f"no training rows in {cfg.data.path} pass data.hard_split={cfg.data.hard_split}, "
+                              f"data.visual_reliance={cfg.data.visual_reliance}")
+    return ds, n_rows
 
 
 def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> dict[str, Any]:
@@ -114,11 +130,12 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> 
 def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
     """All configured eval modes on the exported model; predictions to JSONL per mode."""
     family = load_backbone(cfg.model.backbone, export_dir)
+    family.video = cfg.video
     rows = held_out_rows(cfg, cfg.eval.max_examples)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode, settings in cfg.eval.modes.items():
-        n_steps = cfg.coconut.max_latent_stage if mode == "coconut" else 0
+        n_steps = cfg.coconut.max_latent_stage if mode == "coconut" else 0  # rl's coconut mode samples the same
         t0 = time.perf_counter()
         res = evaluate(family, rows, mode, settings, n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought,
                        batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
@@ -142,6 +159,10 @@ def run_stage(cfg: TrainConfig) -> dict[str, Any]:
     cfg.storage = str(Path(cfg.storage).resolve())
     model_path = resolve_model_path(cfg)
     train_shards(cfg)
+    if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
+        rows = held_out_rows(cfg, 1)
+        if rows:
+            Rewards(cfg.rl.rewards).dry_run(rows[0], cfg.rl.sampling.max_new_tokens)
     with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
         metrics = fit(cfg, model_path, run.info.run_id)
         export = cfg.run_dir / "export"

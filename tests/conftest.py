@@ -28,3 +28,17 @@ def ray_session():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def maze_data(tmp_path_factory, ray_session):
+    """100 3×3 mazes (80 train) written by the real grid-world job; shared by the training tests."""
+    from mmreason.config import load_config
+    from mmreason.data.gridworld import GridworldConfig
+    from pipelines import gridworld
+
+    out = tmp_path_factory.mktemp("data") / "gw"
+    cfg = load_config(GridworldConfig, None, [
+        f"output_dir={out}", "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"])
+    gridworld.run(cfg, log=lambda *_: None)
+    return out

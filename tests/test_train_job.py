@@ -10,21 +10,10 @@ import pytest
 from mmreason.config import ConfigError, load_config
 from mmreason.models import CheckpointError, build_tiny, load_backbone
 from mmreason.train.config import TrainConfig
-from mmreason.data.gridworld import GridworldConfig
-from pipelines import gridworld
 from jobs import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def maze_data(tmp_path_factory, ray_session):
-    out = tmp_path_factory.mktemp("data") / "gw"
-    cfg = load_config(GridworldConfig, None, [
-        f"output_dir={out}", "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"])
-    gridworld.run(cfg, log=lambda *_: None)
-    return out
 
 
 def stage_cfg(data: Path, storage: Path, *extra: str) -> TrainConfig:
@@ -63,7 +52,7 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
     "override, error, needle",
     [
         ("model.backbone=tiny-gpt", ConfigError, "unknown backbone 'tiny-gpt'"),
-        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut'\\], got 'rlhf'"),
+        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl'\\], got 'rlhf'"),
         ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
     ],
 )

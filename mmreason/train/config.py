@@ -1,4 +1,4 @@
-"""The config of one training stage (`cot`, `coconut`): one dataclass tree, loaded by
+"""The config of one training stage (`cot`, `coconut`, `rl`): one dataclass tree, loaded by
 `mmreason.config.load_config` from `configs/train/*.yaml` plus `key=value` overrides."""
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from typing import Literal
 from mmreason.config import ConfigError
 from mmreason.eval.runner import EvalConfig
 from mmreason.latent.coconut import CurriculumSchedule
+from mmreason.models.base import VideoInput
+from mmreason.train.continual_backprop import ContinualBackpropConfig
+from mmreason.train.grpo import RLConfig
 
-STAGES = ("cot", "coconut")
+STAGES = ("cot", "coconut", "rl")
 
 
 @dataclass
@@ -30,7 +33,13 @@ class DataConfig:
     sizes: list[int] | None = field(default_factory=lambda: [3])
     """Grid sizes to train and evaluate on (None = all)."""
     eval_split: str = "test"
+    eval_path: str | None = None
+    """Dataset directory of the held-out rows (None = `path`; CinePile writes one split per directory)."""
     max_train_rows: int | None = None
+    hard_split: bool | None = None
+    """CinePile: train and evaluate on hard (true) or not-hard (false) questions only; null = both."""
+    visual_reliance: bool | None = None
+    """CinePile: only questions that do (true) or do not (false) rely on the visuals; null = both."""
 
 
 @dataclass
@@ -45,18 +54,24 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["cot", "coconut"] = "cot"
+    stage: Literal["cot", "coconut", "rl"] = "cot"
     run_name: str = "quickstart-cot"
     """Runs with the same name and storage resume from the last checkpoint."""
     storage: str = "runs/train"
     init_from: str | None = None
-    """A checkpoint dir of an earlier stage to start from (coconut starts from a cot export)."""
+    """A checkpoint dir of an earlier stage to start from (coconut and rl start from a cot export)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     coconut: CurriculumSchedule = field(default_factory=CurriculumSchedule)
     reset_optimizer: bool = True
     """CoCoNuT: fresh optimizer state when the curriculum stage changes."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """The rl stage: GRPO (group size, rewards by dotted path, sampling, clip, KL)."""
+    continual_backprop: ContinualBackpropConfig = field(default_factory=ContinualBackpropConfig)
+    """Continual backprop on the MLP units, in any stage (off by default)."""
+    video: VideoInput = field(default_factory=VideoInput)
+    """How video questions' frames enter the model (num_frames, use_hico)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     workers: int = 2
     cpus_per_worker: float = 1.0

@@ -1,9 +1,12 @@
-"""The Ray Train worker loop: one stage (cot or coconut) with DeepSpeed inside each worker.
+"""The Ray Train worker loop: one stage (cot, coconut or rl) with DeepSpeed inside each worker.
 
 Read top to bottom: load the backbone → `deepspeed.initialize` with torch AdamW → restore the last
-Ray Train checkpoint if there is one (epoch, curriculum stage, optimizer) → per epoch: the CoCoNuT
-stage, a fixed number of steps on this worker's shard of the Parquet dataset (equal on every
-worker), evaluation on rank 0, a checkpoint reported by every worker, MLflow metrics from rank 0.
+Ray Train checkpoint if there is one (epoch, curriculum stage, optimizer, continual-backprop state)
+→ per epoch: the CoCoNuT stage, a fixed number of steps on this worker's shard of the Parquet
+dataset (equal on every worker) — a supervised step, or for `rl` a GRPO step (sample, score,
+update; `mmreason.train.grpo`), then continual backprop when enabled — evaluation on rank 0, a
+checkpoint reported by every worker, MLflow metrics from rank 0 (rl: every step, reward components
+apart). Video questions get their clip's frames joined in here, from the dataset's clip shards.
 This and `jobs/train.py` are the only places that touch Ray Train and DeepSpeed.
 """
 
@@ -24,6 +27,7 @@ import torch
 from mmreason.config import from_dict
 from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
+from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
 
 STATE_TAG = "state"
 
@@ -55,10 +59,15 @@ def export_model(family: Any, out_dir: Path) -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
     import ray.train
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from mmreason.data.cinepile import ClipCache, video_rows
     from mmreason.eval.runner import evaluate
     from mmreason.models import load_backbone
+    from mmreason.train.continual_backprop import ContinualBackprop
+    from mmreason.train.grpo import grpo_step
+    from mmreason.train.rewards import Rewards
 
     cfg = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()
@@ -66,6 +75,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     family = load_backbone(cfg.model.backbone, config["model_path"])
+    family.video = cfg.video
+    # before deepspeed.initialize: it hooks the MLPs of the model DeepSpeed then wraps
+    cbp = ContinualBackprop(family.model, cfg.continual_backprop, cfg.seed) if cfg.continual_backprop.enabled else None
+    rl = cfg.stage == "rl"
+    rewards = Rewards(cfg.rl.rewards) if rl else None
+    reference = None
+    if rl and cfg.rl.kl_coef > 0:  # the frozen starting model, for KL(π‖π_ref)
+        reference = load_backbone(cfg.model.backbone, config["model_path"])
+        reference.video = cfg.video
+        reference.model.eval().requires_grad_(False)
+    n_latent_steps = cfg.coconut.max_latent_stage if rl and cfg.rl.mode == "coconut" else 0
+    sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     ds_config = json.loads(Path(config["deepspeed_config"]).read_text())
     ds_config.update(train_micro_batch_size_per_gpu=cfg.optim.batch_size, gradient_accumulation_steps=1,
@@ -74,6 +95,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainable = [p for p in family.model.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=family.model, optimizer=optimizer, config=ds_config)
+    if cbp:
+        cbp.bind(engine.optimizer)
+        carried = Path(config["model_path"]) / CBP_STATE  # the previous dataset's run, in a sequence
+        if carried.is_file():
+            cbp.load_state_dict(torch.load(carried))
 
     steps_per_epoch = config["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -83,11 +109,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=STATE_TAG)
             progress = json.loads((Path(d) / "progress.json").read_text())
+            if cbp and (Path(d) / CBP_STATE).is_file():
+                cbp.load_state_dict(torch.load(Path(d) / CBP_STATE))
         start_epoch, best = progress["epoch"] + 1, progress["best"]
 
     mlflow = MlflowClient(config["mlflow_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
     eval_rows = held_out_rows(cfg, cfg.eval.epoch_examples) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
+    clips = ClipCache(cfg.data.path)
     rng = random.Random(cfg.seed * 1000 + rank)
     run_dir = cfg.run_dir
     metrics: dict[str, Any] = {}
@@ -97,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cfg.stage == "coconut" and cfg.reset_optimizer and epoch > start_epoch and stage != cfg.coconut.stage(epoch - 1):
             _reset_optimizer_state(engine)
         engine.train()
-        t0, seen, losses = time.perf_counter(), 0, []
+        t0, seen, losses, rl_steps = time.perf_counter(), 0, [], []
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
         for step, table in enumerate(batches):
@@ -106,48 +135,93 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             global_step = epoch * steps_per_epoch + step
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, cfg.optim.lr, cfg.optim.warmup_steps)
-            batch = encode_batch(family, table.to_pylist(), cfg, epoch, rng)
-            loss, _ = latent_forward(family, batch)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            seen += table.num_rows
+            rows = video_rows(table.to_pylist(), clips, cfg.video.num_frames)
+            if rl:
+                step_metrics = _mean_over_workers(grpo_step(engine, family, rows, cfg.rl, rewards, sampler, reference,
+                                                            n_latent_steps, cfg.coconut.c_thought))
+                rl_steps.append(step_metrics)
+                losses.append(step_metrics["loss"])
+                if mlflow:
+                    mlflow.log_batch(config["mlflow_run_id"], metrics=[
+                        Metric(f"rl_{k}", float(v), int(time.time() * 1000), global_step) for k, v in step_metrics.items()])
+            else:
+                batch = encode_batch(family, rows, cfg, epoch, rng)
+                loss, _ = latent_forward(family, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            if cbp:
+                cbp.after_step()
+            seen += table.num_rows * (cfg.rl.group_size if rl else 1)
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(1, len(losses)),
                    "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9)}
+        if rl_steps:  # epoch means of the per-step rl metrics; seconds summed
+            for key in rl_steps[0]:
+                total = sum(m[key] for m in rl_steps)
+                metrics[key if key.endswith("seconds") else f"rl_{key}"] = total if key.endswith("seconds") else total / len(rl_steps)
+        if cbp:
+            metrics["cbp_replaced"] = cbp.replaced
         if rank == 0 and eval_rows and zero_stage < 3:
-            mode = "coconut" if stage > 0 else "cot"
-            result = evaluate(family, eval_rows, mode, cfg.eval.modes.get(mode) or cfg.eval.modes["cot"],
-                              n_latent_steps=stage, c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
+            mode = cfg.rl.mode if rl else "coconut" if stage > 0 else "cot"
+            n_steps = n_latent_steps if rl else stage
+            settings = cfg.eval.modes.get(mode) or cfg.eval.modes.get("cot") or next(iter(cfg.eval.modes.values()))
+            result = evaluate(family, eval_rows, mode, settings,
+                              n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
             metrics.update({"eval_accuracy": result.accuracy, "eval_tokens_per_answer": result.tokens_per_answer})
             if result.accuracy > best:
                 best = result.accuracy
                 export_model(family, run_dir / "best")
         if mlflow:
             for key, value in metrics.items():
-                mlflow.log_metric(config["mlflow_run_id"], key, float(value), step=epoch)
+                if not key.startswith("rl_"):  # rl_* went to MLflow every step
+                    mlflow.log_metric(config["mlflow_run_id"], key, float(value), step=epoch)
+        cbp_state = cbp.state_dict() if cbp else None  # on every rank: it averages utilities over them
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=STATE_TAG)
             if rank == 0:
                 (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch, "stage": stage, "best": best}))
+                if cbp_state:
+                    torch.save(cbp_state, Path(tmp) / CBP_STATE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     _export_final(engine, family, zero_stage, rank, run_dir / "export")
+    if cbp:
+        cbp_state = cbp.state_dict()
+        if rank == 0:  # the next dataset of a sequence starts from this export and carries on
+            torch.save(cbp_state, run_dir / "export" / CBP_STATE)
     return {**metrics, "best_eval_accuracy": best}
 
 
 def held_out_rows(cfg: TrainConfig, limit: int | None) -> list[dict]:
-    """Up to `limit` rows of the eval split for the configured tasks and sizes, interleaved across
-    tasks and sizes so a cut keeps every one of them."""
+    """Up to `limit` rows of the eval split (from `data.eval_path`, else `data.path`) for the
+    configured tasks, sizes and CinePile filters, interleaved across tasks and sizes so a cut keeps
+    every one of them; video questions come with their frames."""
+    from mmreason.data.cinepile import matches_filters, video_rows
     from mmreason.data.reader import read_table
 
+    root = cfg.data.eval_path or cfg.data.path
     groups: dict[tuple, list[dict]] = {}
-    for row in read_table(cfg.data.path, split=cfg.data.eval_split).to_pylist():
-        size = json.loads(row["meta"]).get("size")
-        if row["task"] in cfg.data.tasks and (cfg.data.sizes is None or size in cfg.data.sizes):
+    for row in read_table(root, split=cfg.data.eval_split).to_pylist():
+        meta = json.loads(row["meta"])
+        size = meta.get("size")
+        if row["task"] in cfg.data.tasks and (cfg.data.sizes is None or size in cfg.data.sizes) \
+                and matches_filters(meta, cfg.data.hard_split, cfg.data.visual_reliance):
             groups.setdefault((row["task"], size), []).append(row)
     interleaved = [row for batch in zip_longest(*groups.values()) for row in batch if row is not None]
-    return interleaved if limit is None else interleaved[:limit]
+    return video_rows(interleaved if limit is None else interleaved[:limit], root, cfg.video.num_frames)
+
+
+def _mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
+    """Every worker's step metrics averaged (same keys on every worker: same config)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
 def _reset_optimizer_state(engine: Any) -> None:
