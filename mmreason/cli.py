@@ -5,6 +5,7 @@
     mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite]
     mmreason data cinepile [CONFIG] [key=value ...] [--overwrite]
     mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite]
+    mmreason infer cinepile [CONFIG] [key=value ...]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     ("data", "import-mvot"): "pipelines.mvot_import",
     ("data", "cinepile"): "pipelines.cinepile",
     ("data", "aokvqa"): "pipelines.aokvqa",
+    ("infer", "cinepile"): "jobs.video_qa",
 }
 # Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
 LEADING_ARGS = {("data", "import-mvot"): "PATH "}

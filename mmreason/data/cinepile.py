@@ -202,11 +202,17 @@ def question_draft(row: dict[str, Any], split: str, index: int) -> dict[str, Any
     }
 
 
+def matches_filters(meta: dict[str, Any], hard_split: bool | None = None, visual_reliance: bool | None = None,
+                    question_category: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether a question (its meta) passes the hard-split / visual-reliance / category filters
+    (None or empty = no filter); the data job and the training and inference jobs share it."""
+    return ((hard_split is None or meta.get("hard_split") is hard_split)
+            and (visual_reliance is None or meta.get("visual_reliance") is visual_reliance)
+            and (not question_category or meta.get("question_category") in question_category))
+
+
 def _keep(draft: dict[str, Any], cfg: CinepileConfig) -> bool:
-    meta = draft["meta"]
-    return ((cfg.hard_split is None or meta["hard_split"] is cfg.hard_split)
-            and (cfg.visual_reliance is None or meta["visual_reliance"] is cfg.visual_reliance)
-            and (not cfg.question_category or meta["question_category"] in cfg.question_category))
+    return matches_filters(draft["meta"], cfg.hard_split, cfg.visual_reliance, cfg.question_category)
 
 
 # --- the plan: questions grouped by clip ---------------------------------------------------------------
@@ -378,15 +384,58 @@ def read_clips(root: str | Path, clip_ids: set[str] | None = None) -> dict[str, 
     return clips
 
 
-def attach_frames(row: dict[str, Any], clips: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A question row with its clip's frames in `images` and `<video>` replaced by one `<image>` each."""
+def pick_frames(frames: list[Any], num_frames: int | None) -> list[Any]:
+    """`num_frames` of a clip's stored frames, evenly spread (the centre of each of `num_frames`
+    equal slices); all of them when None or when the clip has no more."""
+    if num_frames is None or num_frames >= len(frames):
+        return list(frames)
+    return [frames[int((i + 0.5) * len(frames) / num_frames)] for i in range(num_frames)]
+
+
+def attach_frames(row: dict[str, Any], clips: Any, num_frames: int | None = None,
+                  keep_video: bool = False) -> dict[str, Any]:
+    """A question row with its clip's frames in `images` (`num_frames` of them, evenly picked) and
+    `<video>` replaced by one `<image>` each — or kept (`keep_video`), for a model family that lays
+    out a video itself. `clips` maps clip id → clip row (`read_clips`, `ClipCache`)."""
     meta = json.loads(row["meta"])
     clip = clips.get(meta.get("clip_id"))
     if clip is None:
         raise KeyError(f"row {row['id']}: clip {meta.get('clip_id')!r} is not in the clips table")
-    frames = clip["images"]
-    prompt = row["prompt"].replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER * len(frames))
+    frames = pick_frames(clip["images"], num_frames)
+    prompt = row["prompt"] if keep_video else row["prompt"].replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER * len(frames))
     return {**row, "prompt": prompt, "images": list(frames)}
+
+
+class ClipCache:
+    """Clip rows of a dataset read on demand from the clip shards its manifest lists, the last
+    `max_clips` kept in memory (questions of one clip usually come together). `get(clip_id)` like
+    the dict `read_clips` returns."""
+
+    def __init__(self, root: str | Path, max_clips: int = 64):
+        self.root, self.max_clips = Path(root), max_clips
+        self.paths = {e["clip_id"]: e["path"] for e in read_manifest(self.root).get("clip_shards", [])}
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def get(self, clip_id: str | None) -> dict[str, Any] | None:
+        if clip_id not in self.paths:
+            return None
+        if clip_id not in self._rows:
+            (row,) = pq.read_table(self.root / self.paths[clip_id], schema=EXAMPLE_SCHEMA).to_pylist()
+            if len(self._rows) >= self.max_clips:
+                self._rows.pop(next(iter(self._rows)))
+            self._rows[clip_id] = {"images": row["images"], "meta": json.loads(row["meta"])}
+        return self._rows[clip_id]
+
+
+def video_rows(rows: list[dict[str, Any]], clips: "ClipCache | str | Path", num_frames: int | None = None,
+               keep_video: bool = True) -> list[dict[str, Any]]:
+    """Rows with the frames of every video question joined in (`attach_frames`); other rows as
+    they are. `clips` is a `ClipCache` or the dataset directory to open one on."""
+    if not any(VIDEO_PLACEHOLDER in row["prompt"] for row in rows):
+        return rows
+    cache = clips if isinstance(clips, ClipCache) else ClipCache(clips)
+    return [attach_frames(row, cache, num_frames, keep_video) if VIDEO_PLACEHOLDER in row["prompt"] else row
+            for row in rows]
 
 
 def load_cinepile(root: str | Path, split: str | None = None) -> list[Example]:

@@ -7,12 +7,18 @@ Sequence layout (all families, all stages):
 
 Only the part after the prompt (and after the latents) is in the loss. `n` latents replace the
 first `n / c_thought` steps (CoCoNuT's curriculum); vanilla targets hold the answer sentence only.
+
+A video question's prompt holds one `<video>` and its `images` are the clip's frames (joined with
+`mmreason.data.cinepile.attach_frames(..., keep_video=True)`); the family lays the frames out
+(`video_run`, `video_entries`): by default one image run per frame, and HiCo merging where a family
+implements it (`VideoInput.use_hico`, Phi-4-MM). Latent thoughts, when any, come after the frames.
 """
 
 from __future__ import annotations
 
 import abc
 import io
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +30,32 @@ from mmreason.tasks.base import answer_sentence
 
 IGNORE = -100
 Target = Literal["cot", "vanilla", "latent"]
+VIDEO = "<video>"  # the schema's VIDEO_PLACEHOLDER
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE)}|{re.escape(VIDEO)})")
+
+
+@dataclass
+class VideoInput:
+    """How a video's frames enter the model (seed 004's `--num_frames`, `--use_hico`)."""
+
+    num_frames: int | None = None
+    """Frames per clip given to the model, picked evenly from the clip's stored frames (None = all)."""
+    use_hico: bool = False
+    """HiCo (VideoChat-Flash): pool each frame's tokens to ~tokens_per_frame and average every
+    clip_frames consecutive frames into one (phi4mm family)."""
+    tokens_per_frame: int = 16
+    """HiCo: entries each frame's feature grid is pooled to (a g×g grid, g = round(√n))."""
+    clip_frames: int = 2
+    """HiCo: consecutive frames merged into one."""
+
+    def __post_init__(self) -> None:
+        from mmreason.config import ConfigError
+
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"video.num_frames must be >= 1 or null, got {self.num_frames}")
+        if self.tokens_per_frame < 1 or self.clip_frames < 1:
+            raise ConfigError(f"video.tokens_per_frame and video.clip_frames must be >= 1, "
+                              f"got {self.tokens_per_frame}, {self.clip_frames}")
 
 
 def as_pil(image: Any) -> Image.Image:
@@ -38,7 +70,8 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    """PIL images, or whatever `video_entries` makes of a video's frames."""
     n_latents: int = 0
     prompt_len: int = 0
 
@@ -55,6 +88,7 @@ class Family(abc.ABC):
         self.latent_id = tokenizer.convert_tokens_to_ids(LATENT)
         self.start_latent_id = tokenizer.convert_tokens_to_ids(START_LATENT)
         self.end_latent_id = tokenizer.convert_tokens_to_ids(END_LATENT)
+        self.video = VideoInput()
 
     # --- family hooks -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -69,24 +103,51 @@ class Family(abc.ABC):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Input embeddings of `batch["input_ids"]` with the images merged in."""
 
+    def video_run(self, n_frames: int) -> list[int]:
+        """Token ids that stand for a video of `n_frames` frames; by default one image run each."""
+        if self.video.use_hico:
+            raise ValueError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, "
+                             f"not {self.name}")
+        return self.image_run() * n_frames
+
+    def video_entries(self, frames: list[Image.Image]) -> list[Any]:
+        """What `image_inputs` gets for a video's frames, in the order of `video_run`'s tokens."""
+        return list(frames)
+
     # --- shared -------------------------------------------------------------------------------
+    def input_only_ids(self) -> set[int]:
+        """Ids that only ever stand for model input (image slots `embed` fills, latents, bos, pad):
+        a sampled reply holding one cannot be fed back through `embed` as text."""
+        ids = set(self.image_run()) | {self.latent_id, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id}
+        return {i for i in ids if i is not None}
+
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str, n_frames: int = 0) -> list[int]:
         ids = [self.tokenizer.bos_token_id]
-        parts = (prompt + "\n").split(IMAGE)
-        for i, part in enumerate(parts):
-            if i:
+        for part in _PLACEHOLDERS.split(prompt + "\n"):
+            if part == IMAGE:
                 ids += self.image_run()
-            if part:
+            elif part == VIDEO:
+                ids += self.video_run(n_frames)
+            elif part:
                 ids += self._text_ids(part)
         return ids
 
     def encode(self, row: dict[str, Any], target: Target = "cot", n_latent_steps: int = 0,
                c_thought: int = 1, with_target: bool = True) -> Encoded:
         """Token ids and labels for one example row (see the module docstring for the layout)."""
-        prompt = self.prompt_ids(row["prompt"])
+        images = [as_pil(im) for im in row["images"]]
+        if VIDEO in row["prompt"]:
+            if IMAGE in row["prompt"] or row["prompt"].count(VIDEO) != 1 or not images:
+                raise ValueError(f"row {row.get('id')}: a video prompt holds one {VIDEO}, no {IMAGE}, and the clip's "
+                                 f"frames in 'images' (join them with mmreason.data.cinepile.attach_frames(..., "
+                                 f"keep_video=True)); got {len(images)} frames")
+            prompt = self.prompt_ids(row["prompt"], len(images))
+            images = self.video_entries(images)
+        else:
+            prompt = self.prompt_ids(row["prompt"])
         steps = list(row["steps"])
         latents: list[int] = []
         n_latents = 0
@@ -98,7 +159,6 @@ class Family(abc.ABC):
             steps = steps[n_latent_steps:]
         elif target == "vanilla":
             steps = []
-        images = [as_pil(im) for im in row["images"]]
         if not with_target:
             ids = prompt + latents
             return Encoded(ids, [IGNORE] * len(ids), images, n_latents, len(prompt))

@@ -14,10 +14,19 @@ patch i never sees patches after it (eager attention is bidirectional, as SigLIP
 The tiny variant: 64 px images, 8 px patches → 16 pooled features → 41 image tokens; a 2-layer
 vision encoder of width 64; a minimal audio encoder (the model always builds one); a 2-layer text
 model of width 128.
+
+Video (a `<video>` prompt, seed 004): every frame is a one-crop image by default. With
+`video.use_hico` (HiCo, VideoChat-Flash arXiv 2501.00574, at the input): each frame's b×b feature
+grid (global view only — for a one-crop image the HD crop is the same picture) is average-pooled to
+g×g (`mmreason.kv.hico.pooling_matrix`, g = round(√tokens_per_frame)), every `clip_frames`
+consecutive frames are averaged cell by cell, and each clip enters as g² image tokens through the
+model's own projection — 16 tiny frames cost 8 clips × 4 tokens instead of 16 × 41.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,11 +72,32 @@ def make_vision_bidirectional(model: nn.Module) -> int:
     return switched
 
 
+def _install_output_hooks_once(model: nn.Module) -> None:
+    """Transformers 5.23 installs its hidden-state capturing hooks lazily, per model, on first use;
+    a call of the whole model with `output_hidden_states` (CoCoNuT's latent passes) after the vision
+    encoder's own first call (it always selects its last hidden state) hooks the vision layers a
+    second time, and from then on the encoder returns `hidden_states[-1] = None` (seen: every embed
+    after a latent pass failed). Installing them once from the top, up front, marks every sub-model
+    as hooked."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # another transformers: nothing to work around
+        return
+    maybe_install_capturing_hooks(model.model)
+
+
 def image_tokens_per_crop_layout(patches_per_side: int) -> int:
     """Image tokens of a one-crop image: crop and global view each b×b pooled features plus one
     separator per row (b × (b + 1)), and one separator between them."""
     side = (patches_per_side + patches_per_side % 2) // 2  # odd grids are reflection-padded before pooling
     return 2 * side * (side + 1) + 1
+
+
+@dataclass(frozen=True)
+class FrameClip:
+    """Consecutive frames HiCo merges into one entry of g² image tokens."""
+
+    frames: tuple[Image.Image, ...]
 
 
 class Phi4MMFamily(Family):
@@ -84,6 +114,7 @@ class Phi4MMFamily(Family):
                              f"{vision.crop_size}; a crop must be one encoder input")
         if make_vision_bidirectional(model) == 0:
             raise ValueError(f"{type(model).__name__} has no Phi4MultimodalVisionAttention to fix")
+        _install_output_hooks_once(model)
         self.image_token_id = vision.image_token_id
         self.crop_size = vision.crop_size
         self.patches_per_side = vision.image_size // vision.patch_size
@@ -92,10 +123,35 @@ class Phi4MMFamily(Family):
     def image_run(self) -> list[int]:
         return [self.image_token_id] * self.tokens_per_image
 
-    def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def hico_side(self) -> int:
+        """g: the side of the grid a frame is pooled to (at most the feature grid's side b)."""
+        b = (self.patches_per_side + self.patches_per_side % 2) // 2
+        return min(b, max(1, round(math.sqrt(self.video.tokens_per_frame))))
+
+    def video_run(self, n_frames: int) -> list[int]:
+        if not self.video.use_hico:
+            return self.image_run() * n_frames
+        n_clips = -(-n_frames // self.video.clip_frames)
+        return [self.image_token_id] * (n_clips * self.hico_side() ** 2)
+
+    def video_entries(self, frames: list[Image.Image]) -> list[Any]:
+        if not self.video.use_hico:
+            return list(frames)
+        c = self.video.clip_frames
+        return [FrameClip(tuple(frames[i : i + c])) for i in range(0, len(frames), c)]
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         size = (self.crop_size, self.crop_size)
         arr = np.stack([np.asarray(im.convert("RGB").resize(size, Image.BICUBIC)) for im in images])
-        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # processor: mean .5, std .5
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # processor: mean .5, std .5
+
+    def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        if any(isinstance(entry, FrameClip) for entry in images):
+            frames = [f for e in images for f in (e.frames if isinstance(e, FrameClip) else (e,))]
+            return {"frame_pixel_values": self._pixels(frames),
+                    "entry_frames": torch.tensor([len(e.frames) if isinstance(e, FrameClip) else 1 for e in images]),
+                    "entry_is_clip": torch.tensor([isinstance(e, FrameClip) for e in images])}
+        pixels = self._pixels(images)
         n = len(images)
         # crop 0 is the global view, crop 1 the single HD crop; for a one-crop image both are the image
         return {
@@ -107,6 +163,8 @@ class Phi4MMFamily(Family):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"]
         embeds = self.model.get_input_embeddings()(ids)
+        if "frame_pixel_values" in batch:
+            return self._embed_hico(ids, embeds, batch)
         if "image_pixel_values" in batch:
             pixels = batch["image_pixel_values"]
             n_slots = int((ids == self.image_token_id).sum())
@@ -123,5 +181,39 @@ class Phi4MMFamily(Family):
         return embeds
 
 
-__all__ = ["AUDIO_TOKEN", "IMAGE_TOKEN", "Phi4MMFamily", "image_tokens_per_crop_layout", "make_vision_bidirectional",
+    def _embed_hico(self, ids: torch.Tensor, embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Image tokens of a batch holding HiCo clips (and maybe plain images), in entry order: a
+        clip is its frames' pooled grids averaged; a plain image is laid out as transformers'
+        `Phi4MultimodalImageEmbedding` does for one crop (HD crop rows + separators, one separator,
+        global view rows + separators). One projection for all, as in the model."""
+        from mmreason.kv.hico import pooling_matrix
+
+        embedder = self.model.model.embed_tokens_extend.image_embed
+        pixels = batch["frame_pixel_values"].to(embeds.device, embedder.img_projection_up.weight.dtype)
+        p = self.patches_per_side
+        mask = torch.ones(pixels.shape[0], p, p, dtype=torch.bool, device=embeds.device)
+        feats = embedder.get_img_features(pixels, attention_mask=mask)  # (frames, b², d)
+        b = math.isqrt(feats.shape[1])
+        g = self.hico_side()
+        pool = pooling_matrix(b, b, g, g).to(feats.device, feats.dtype)
+        sep = embedder.sub_img_feature_extensor.reshape(1, 1, -1).expand(b, 1, -1)
+        pieces, i = [], 0
+        for count, is_clip in zip(batch["entry_frames"].tolist(), batch["entry_is_clip"].tolist()):
+            f = feats[i : i + count]
+            i += count
+            if is_clip:
+                pieces.append(torch.einsum("gt,ftd->fgd", pool, f).mean(0))
+            else:
+                view = torch.cat([f[0].reshape(b, b, -1), sep], dim=1).reshape(b * (b + 1), -1)
+                pieces.append(torch.cat([view, embedder.global_img_feature_extensor.reshape(1, -1), view]))
+        tokens = torch.cat(pieces)
+        tokens = embedder.img_projection_down(torch.nn.functional.gelu(embedder.img_projection_up(tokens)))
+        positions = (ids == self.image_token_id).nonzero(as_tuple=True)
+        if positions[0].numel() != tokens.shape[0]:
+            raise ValueError(f"batch has {positions[0].numel()} image tokens but its images and HiCo clips make "
+                             f"{tokens.shape[0]}; build rows with this family's encode()")
+        return embeds.index_put(positions, tokens.to(embeds.dtype))
+
+
+__all__ = ["AUDIO_TOKEN", "FrameClip", "IMAGE_TOKEN", "Phi4MMFamily", "image_tokens_per_crop_layout", "make_vision_bidirectional",
            "tiny_config"]

@@ -1,0 +1,109 @@
+"""Video QA inference on CinePile-format shards (seed 004's `inference_phi4_on_cinepile.py`):
+answer the questions with a trained model and write a results JSON.
+
+    python -m jobs.video_qa [CONFIG.yaml] [key=value ...]
+    mmreason infer cinepile configs/infer/cinepile.yaml model_path=runs/train/cinepile-phi4mm/export \\
+        dataset_path=runs/data/cinepile-test hard_split=true video.num_frames=8 video.use_hico=true
+
+The JSON (`output_file`) holds the accuracy (CinePile's official scoring), accuracy by question
+category and hard split, tokens per answer, the config, and per question: id, question, right
+letter and option, predicted letter, full output, correct. `mode: coconut` with `n_latent_steps`
+puts latent thoughts after the frames. Logged to MLflow as a run with the JSON as an artifact.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from mmreason.cli_args import job_main, parse_job_args
+from mmreason.config import ConfigError, load_config
+from mmreason.latent.coconut import GenerationSettings
+from mmreason.models.base import VideoInput
+
+
+@dataclass
+class VideoQAConfig:
+    model_path: str = "runs/train/cinepile-phi4mm/export"
+    """A trained checkpoint (an export of jobs.train) or a real backbone's checkpoint / hub id."""
+    backbone: str = "tiny-phi4mm"
+    dataset_path: str = "runs/data/cinepile"
+    """A CinePile dataset directory written by `mmreason data cinepile`."""
+    split: Literal["train", "test"] = "test"
+    output_file: str = "runs/cinepile_results.json"
+    mode: Literal["vanilla", "cot", "coconut"] = "cot"
+    n_latent_steps: int = 0
+    """coconut mode: latent steps after the frames (× c_thought latents)."""
+    c_thought: int = 1
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=64))
+    video: VideoInput = field(default_factory=VideoInput)
+    """num_frames, use_hico (as the model was trained)."""
+    hard_split: bool | None = None
+    """Only hard (true) or not-hard (false) questions; null = both."""
+    visual_reliance: bool | None = None
+    """Only questions that do (true) or do not (false) rely on the visuals; null = both."""
+    max_videos: int | None = None
+    """At most this many clips (their questions), in shard order."""
+    batch_size: int = 8
+    seed: int = 0
+    experiment: str = "mmreason"
+
+    def __post_init__(self) -> None:
+        if self.mode == "coconut" and self.n_latent_steps < 1:
+            raise ConfigError("n_latent_steps must be >= 1 in coconut mode")
+        if self.max_videos is not None and self.max_videos < 1:
+            raise ConfigError(f"max_videos must be >= 1 or null, got {self.max_videos}")
+
+
+def run(cfg: VideoQAConfig) -> dict:
+    import mlflow
+
+    from mmreason.data.cinepile import video_rows
+    from mmreason.data.shards import write_json_atomic
+    from mmreason.eval.video_qa import answer_questions, select_questions
+    from mmreason.models import get_spec, load_backbone
+    from mmreason.tracking import stage_run
+
+    try:
+        spec = get_spec(cfg.backbone)
+    except ValueError as exc:
+        raise ConfigError(f"backbone: {exc}") from None
+    if cfg.video.use_hico and spec.family.name != "phi4mm":
+        raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not {cfg.backbone}")
+    if not (Path(cfg.dataset_path) / "manifest.json").is_file():
+        raise FileNotFoundError(f"dataset_path {cfg.dataset_path} has no manifest.json (write it with mmreason data cinepile)")
+    rows = select_questions(cfg.dataset_path, cfg.split, cfg.hard_split, cfg.visual_reliance, cfg.max_videos)
+    if not rows:
+        raise ConfigError(f"no {cfg.split} questions in {cfg.dataset_path} pass hard_split={cfg.hard_split}, "
+                          f"visual_reliance={cfg.visual_reliance}")
+    family = load_backbone(cfg.backbone, cfg.model_path)
+    family.video = cfg.video
+    rows = video_rows(rows, cfg.dataset_path, cfg.video.num_frames)
+    results = answer_questions(family, rows, cfg.mode, cfg.generation, cfg.n_latent_steps, cfg.c_thought,
+                               cfg.batch_size, cfg.seed)
+    results = {"accuracy": results.pop("accuracy"), "n": results.pop("n"), **results, "config": asdict(cfg)}
+    out = Path(cfg.output_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, results)
+    with stage_run(cfg.experiment, f"video-qa-{Path(cfg.model_path).parent.name}", asdict(cfg),
+                   tags={"stage": "video-qa"}):
+        mlflow.log_metrics({"accuracy": results["accuracy"], "tokens_per_answer": results["tokens_per_answer"]})
+        mlflow.log_artifact(str(out))
+    return results
+
+
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_job_args("python -m jobs.video_qa", __doc__, argv)
+    cfg = load_config(VideoQAConfig, args.config, args.overrides)
+    results = run(cfg)
+    print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}); "
+          + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))
+    print(f"results: {cfg.output_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
