@@ -29,29 +29,29 @@ DATA_DIR = "runs/quickstart/data/gridworld"
 
 def _default_data() -> GridworldConfig:
     return GridworldConfig(output_dir=DATA_DIR, tasks={
-        "maze": TaskSizes(sizes=[3], examples=4000),
+        "maze": TaskSizes(sizes=[3], examples=6000),
         "frozenlake": TaskSizes(sizes=[3, 4], examples=200),
         "minibehavior": TaskSizes(sizes=[8], examples=200),
     })
 
 
 def _eval(modes: Sequence[str]) -> EvalConfig:
-    budget = {"vanilla": 16, "cot": 160, "coconut": 160}
+    budget = {"vanilla": 16, "cot": 96, "coconut": 96}
     return EvalConfig(modes={m: GenerationSettings(max_new_tokens=budget[m]) for m in modes}, max_examples=200)
 
 
 def _default_cot() -> TrainConfig:
     return TrainConfig(stage="cot", run_name="quickstart-cot", storage="runs/quickstart/train",
                        data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3]),
-                       optim=OptimConfig(lr=3e-3, batch_size=32, epochs=3, warmup_steps=20),
+                       optim=OptimConfig(lr=3e-3, batch_size=16, epochs=7, warmup_steps=20),
                        eval=_eval(["vanilla", "cot"]))
 
 
 def _default_coconut() -> TrainConfig:
     return TrainConfig(stage="coconut", run_name="quickstart-coconut", storage="runs/quickstart/train",
                        data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3]),
-                       optim=OptimConfig(lr=1e-3, batch_size=32, epochs=2, warmup_steps=5),
-                       coconut=CurriculumSchedule(c_thought=1, epochs_per_stage=1, max_latent_stage=1),
+                       optim=OptimConfig(lr=1e-3, batch_size=16, epochs=2, warmup_steps=5),
+                       coconut=CurriculumSchedule(c_thought=1, epochs_per_stage=2, max_latent_stage=1, first_stage=1),
                        eval=_eval(["vanilla", "cot", "coconut"]))
 
 

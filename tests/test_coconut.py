@@ -106,6 +106,8 @@ def test_sampling_is_reproducible_with_a_seed(family, rows):
 def test_curriculum_stages_and_mixing():
     sched = CurriculumSchedule(c_thought=2, epochs_per_stage=3, max_latent_stage=2, uniform_prob=0.0)
     assert [sched.stage(e) for e in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    from_cot = CurriculumSchedule(epochs_per_stage=2, max_latent_stage=2, first_stage=1)
+    assert [from_cot.stage(e) for e in range(5)] == [1, 1, 2, 2, 2]
     mixed = CurriculumSchedule(epochs_per_stage=1, max_latent_stage=3, uniform_prob=1.0)
     seen = {mixed.row_stage(3, random.Random(i)) for i in range(50)}
     assert seen == {0, 1, 2, 3}

@@ -7,7 +7,7 @@
 - `generate`: batched generation with a KV cache — prompt prefill, one cached step per latent, then
   token-by-token decoding. The reference implementation is batch 1 without a cache;
   `generate_uncached` is that algorithm, kept as the oracle the batched one must equal.
-- `CurriculumSchedule`: stage = epoch // epochs_per_stage, capped at max_latent_stage; stage k
+- `CurriculumSchedule`: stage = first_stage + epoch // epochs_per_stage, capped at max_latent_stage; stage k
   replaces the first k steps by k·c_thought latents; `uniform_prob` mixes in other stages.
 """
 
@@ -31,9 +31,12 @@ class CurriculumSchedule:
     """Stages beyond this keep this many latent steps."""
     uniform_prob: float = 0.0
     """Probability that a training row uses a random stage in [0, current] instead."""
+    first_stage: int = 0
+    """Stage of epoch 0: 1 when the run starts from a cot checkpoint, which already is stage 0
+    (CoCoNuT's `resume` skips those epochs the same way)."""
 
     def stage(self, epoch: int) -> int:
-        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+        return min(self.first_stage + epoch // self.epochs_per_stage, self.max_latent_stage)
 
     def row_stage(self, epoch: int, rng: random.Random) -> int:
         stage = self.stage(epoch)
