@@ -6,6 +6,9 @@
     mmreason data cinepile [CONFIG] [key=value ...] [--overwrite]
     mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite]
     mmreason infer cinepile [CONFIG] [key=value ...]
+    mmreason evaluate [CONFIG] [press=NAME] [press.key=value ...]
+    mmreason sweep CONFIG [key=value ...]
+    mmreason mlflow [--port 5000]
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ COMMANDS = {
     ("data", "cinepile"): "pipelines.cinepile",
     ("data", "aokvqa"): "pipelines.aokvqa",
     ("infer", "cinepile"): "jobs.video_qa",
+    ("evaluate",): "jobs.evaluate",
+    ("sweep",): "jobs.sweep",
+    ("mlflow",): "jobs.mlflow_ui",
 }
 # Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
 LEADING_ARGS = {("data", "import-mvot"): "PATH "}
+USAGE = {("mlflow",): "mmreason mlflow [--port 5000] [--host 127.0.0.1]"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(module).main(argv[len(words) :])
-    usage = "\n".join(f"  mmreason {' '.join(w)} {LEADING_ARGS.get(w, '')}[CONFIG] [key=value ...]" for w in COMMANDS)
+    usage = "\n".join("  " + USAGE.get(w, f"mmreason {' '.join(w)} {LEADING_ARGS.get(w, '')}[CONFIG] [key=value ...]")
+                      for w in COMMANDS)
     stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
     print(f"usage:\n{usage}", file=stream)
     return 0 if stream is sys.stdout else 2

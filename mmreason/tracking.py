@@ -1,23 +1,51 @@
-"""MLflow in one place: where the store is, parent run per pipeline invocation, child run per stage.
+"""MLflow in one place: where the store is, which experiment a run goes to, the tags every run
+carries, parent run per pipeline invocation, child run per stage or trial, and the local UI.
 
-The default store is a local SQLite file in the working directory (`mlflow.db`; MLflow 3.17
-refuses a plain file store); `MLFLOW_TRACKING_URI` points it at a server instead. Workers log with
-`MlflowClient(uri).log_metric(run_id, …)` to the run id the driver hands them.
+Layout (README "Reviewing runs in MLflow"):
+
+- Store: a local SQLite file in the working directory (`mlflow.db`; MLflow 3.17 refuses a plain
+  file store) unless `MLFLOW_TRACKING_URI` names another one (a server on a cluster).
+- Experiments per stage family: a stage run on its own goes to `<experiment>-train` (cot, coconut,
+  dare, rl) or `<experiment>-eval` (press evaluation, video QA); a sweep to `<experiment>-sweep`;
+  a pipeline (the quickstart) to `<experiment>-pipeline`. Runs started inside a pipeline or a sweep
+  nest under its run, in its experiment (MLflow nests runs only within one experiment).
+- Run names: a pipeline or sweep by its name, a stage by its `run_name`, a trial `<sweep>-<trial>`.
+- Tags on every run: `git_commit` (+ `git_dirty`), `config_hash` (of the run's resolved config),
+  `dataset_manifest_hash` and `dataset_path` (when the config reads a dataset), `stage`, and
+  whatever `MMREASON_RUN_TAGS` (a JSON object) adds — a sweep sets `sweep` and `trial_id` there.
+
+Workers log with `MlflowClient(uri).log_metric(run_id, …)` to the run id the driver hands them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmreason.config import ConfigError, config_hash
+
 PARENT_ENV = "MMREASON_PARENT_RUN_ID"
+TAGS_ENV = "MMREASON_RUN_TAGS"
+"""A JSON object of extra tags for every run this process starts (a sweep's trial id, say)."""
+COMMIT_ENV = "MMREASON_GIT_COMMIT"
+"""The commit, where the code runs without its .git (a `ray job submit` working dir)."""
+FAMILIES = {"cot": "train", "coconut": "train", "dare": "train", "rl": "train",
+            "evaluate": "eval", "video-qa": "eval", "sweep": "sweep", "pipeline": "pipeline"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def family_experiment(experiment: str, stage: str) -> str:
+    """`mmreason` + stage `cot` → `mmreason-train`; an unknown stage is its own family."""
+    return f"{experiment}-{FAMILIES.get(stage, stage)}"
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -30,23 +58,82 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(data) if isinstance(data, (list, dict)) else str(data)}
 
 
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, str]:
+    """{'git_commit': sha, 'git_dirty': 'true'|'false'} of the code that runs (or MMREASON_GIT_COMMIT)."""
+    if os.environ.get(COMMIT_ENV):
+        return {"git_commit": os.environ[COMMIT_ENV]}
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": sha, "git_dirty": "true" if dirty else "false"}
+
+
+def manifest_hash(dataset: str | Path) -> str | None:
+    """Hash of a dataset's manifest.json — what was written (shards, rows, schema, generator config),
+    not when or where: the `last_run` timings and the output directory are left out."""
+    path = Path(dataset) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    manifest.pop("last_run", None)
+    if isinstance(manifest.get("config"), dict):
+        manifest["config"] = {k: v for k, v in manifest["config"].items() if k not in ("output_dir", "overwrite")}
+    return config_hash(manifest)
+
+
+def run_tags(params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags every run carries (module doc), then `MMREASON_RUN_TAGS`, then `tags`."""
+    out = dict(git_state())
+    if params is not None:
+        out["config_hash"] = config_hash(params)
+        data = params.get("data") if isinstance(params.get("data"), dict) else {}
+        if data.get("path"):
+            out["dataset_path"] = str(data["path"])
+            digest = manifest_hash(data["path"])
+            if digest:
+                out["dataset_manifest_hash"] = digest
+    try:
+        extra = json.loads(os.environ.get(TAGS_ENV) or "{}")
+    except ValueError:
+        extra = {}
+    out.update({str(k): str(v) for k, v in extra.items()})
+    out.update(tags or {})
+    return out
+
+
+def _enter_experiment(mlflow: Any, experiment: str, parent_id: str | None) -> None:
+    """The parent run's experiment when nested (runs nest only within one), else `experiment`."""
+    if parent_id is not None:
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(parent_id).info.experiment_id)
+    else:
+        mlflow.set_experiment(experiment)
+
+
 @contextmanager
 def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
     """A child run for one stage under the pipeline's parent run (created here if none is active).
 
     Yields the active MLflow run; the parent is shared through MMREASON_PARENT_RUN_ID so that
-    stages run as separate processes nest under one pipeline invocation."""
+    stages run as separate processes nest under one pipeline invocation. On its own a stage goes
+    to its family's experiment (`family_experiment`), under a parent `pipeline-<name>`."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
     parent_id = os.environ.get(PARENT_ENV)
+    all_tags = run_tags(params, tags)
+    _enter_experiment(mlflow, family_experiment(experiment, (tags or {}).get("stage", "pipeline")), parent_id)
     own_parent = None
     if parent_id is None:
-        own_parent = mlflow.start_run(run_name=f"pipeline-{name}")
+        own_parent = mlflow.start_run(run_name=f"pipeline-{name}", tags=run_tags())
         parent_id = own_parent.info.run_id
     try:
-        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=tags or {}) as run:
+        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=all_tags) as run:
             mlflow.log_params(flatten(params))
             yield run
     finally:
@@ -55,14 +142,19 @@ def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str
 
 
 @contextmanager
-def pipeline_run(experiment: str, name: str) -> Iterator[str]:
-    """The parent run of a pipeline invocation; stages started inside nest under it."""
+def pipeline_run(experiment: str, name: str, family: str = "pipeline",
+                 params: dict[str, Any] | None = None) -> Iterator[str]:
+    """The parent run of a pipeline invocation (or a sweep: `family="sweep"`); stages and trials
+    started inside nest under it. Inside another pipeline's run it nests there in turn."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=name) as run:
-        previous = os.environ.get(PARENT_ENV)
+    previous = os.environ.get(PARENT_ENV)
+    _enter_experiment(mlflow, family_experiment(experiment, family), previous)
+    with mlflow.start_run(run_name=name, nested=previous is not None, parent_run_id=previous,
+                          tags=run_tags(params, {"stage": family})) as run:
+        if params is not None:
+            mlflow.log_params(flatten(params))
         os.environ[PARENT_ENV] = run.info.run_id
         try:
             yield run.info.run_id
@@ -71,3 +163,54 @@ def pipeline_run(experiment: str, name: str) -> Iterator[str]:
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = previous
+
+
+def check_tracking_uri(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Fail with a ConfigError naming the URI if runs could not be logged there; returns the URI.
+
+    Cheap and before any work starts: a server must answer HTTP within `timeout` s (MLflow's own
+    client would retry for minutes); a SQLite file's folder must exist and be writable."""
+    uri = uri or tracking_uri()
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered (an auth proxy, an older server without /health)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"MLflow tracking URI {uri} cannot be reached ({reason}); start the server or "
+                              f"unset MLFLOW_TRACKING_URI to log to ./mlflow.db") from None
+        return uri
+    if scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is None or not str(path):
+            raise ConfigError(f"MLflow tracking URI {uri}: expected sqlite:///PATH/mlflow.db")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"MLflow tracking URI {uri} cannot be reached: folder {path.parent} does not exist "
+                              f"or is not writable")
+        return uri
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (or a Windows drive letter)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise ConfigError(f"MLflow tracking URI {uri} is a file store, which MLflow 3.17 refuses; use "
+                              f"sqlite:///{Path(uri.removeprefix('file://')).resolve() / 'mlflow.db'}")
+        return uri
+    import mlflow
+
+    try:  # a database or a hosted service: one cheap query
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 — any failure here means "cannot log there"
+        raise ConfigError(f"MLflow tracking URI {uri} cannot be reached: {exc}") from None
+    return uri
+
+
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The `mlflow ui` command line for a local store: one worker (it spawns many processes
+    otherwise), bound to `host` only."""
+    import sys
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]

@@ -71,7 +71,7 @@ def test_evaluate_runs_end_to_end_and_writes_csv_json_and_mlflow(maze_dir, model
     assert len(detail["kv_bytes_prefill_per_layer"]) == 2
     assert len((out / "tova" / "predictions.jsonl").read_text().splitlines()) == 2
     mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=["mmreason"], filter_string="tags.stage = 'evaluate'")
+    runs = mlflow.search_runs(experiment_names=["mmreason-eval"], filter_string="tags.stage = 'evaluate'")
     assert set(runs["tags.press"]) == {"none", "tova"}
     assert "metrics.kv_fraction_prefill" in runs and "metrics.accuracy" in runs
 

@@ -1,0 +1,383 @@
+"""Sweep KV-compression settings (or a training stage's settings) with Ray Tune; print and log the
+Pareto front.
+
+    python -m jobs.sweep CONFIG.yaml [key=value ...]
+    mmreason sweep configs/sweep/presses-maze.yaml                       # grid over several presses
+    mmreason sweep configs/sweep/cosre-optuna-maze.yaml search.num_samples=40
+    mmreason sweep configs/sweep/stage-asha-maze.yaml                    # a stage sweep, ASHA
+
+Press trials run `jobs.evaluate`'s code (`run_press_eval`) on the configured checkpoint under the
+trial's press setting; stage trials run `jobs.train`'s `run_stage` and report every epoch to Tune
+(so ASHA can stop them), then optionally evaluate their export under a press. Each trial is an
+MLflow child run of the sweep's run (`<experiment>-sweep`); at the end the Pareto front over the
+objectives is printed and written — `pareto.csv`, `pareto.txt`, `pareto.png`, `pareto.html`,
+`trials.csv` — to `output_dir/<name>-<time>/` and logged to the sweep's run under `pareto/`.
+
+Everything a user can get wrong — an unknown press or setting, an empty search space, a bad value,
+a continuous range under grid search, an objective no trial reports, a tracking URI that cannot be
+reached, a checkpoint or dataset that is not there, trials larger than the cluster — fails before
+any trial starts. Concurrency: as many trials as the free Ray resources hold (`search.max_concurrent`
+caps it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmreason.cli_args import job_main, parse_job_args
+from mmreason.config import ConfigError, from_dict, load_config, to_dict
+from mmreason.sweep import LATENCY, SearchSpace, SweepConfig, build_space, check_points
+
+TUNE_BOOKKEEPING = {"done", "date", "pid", "hostname", "node_ip", "timestamp", "iterations_since_restore",
+                    "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "time_this_iter_s", "time_total_s",
+                    "time_since_restore"}
+PER_EPOCH_METRICS = ("epoch", "stage", "loss", "lr", "samples_per_s", "eval_accuracy", "eval_tokens_per_answer")
+
+
+def load(config: str | None, overrides: Sequence[str]) -> SweepConfig:
+    if config is None:
+        raise ConfigError("give a sweep config, e.g. configs/sweep/presses-maze.yaml")
+    return load_config(SweepConfig, config, overrides)
+
+
+def _eval_metrics() -> set[str]:
+    from mmreason.kv.evaluation import CSV_COLUMNS
+
+    text = {"run_name", "backbone", "checkpoint", "mode", "press", "press_settings"}
+    return {c for c in CSV_COLUMNS if c not in text} | {LATENCY}
+
+
+def _stage_point(plan: dict[str, Any], values: dict[str, Any], run_name: str) -> Any:
+    from mmreason.train.config import TrainConfig
+
+    overrides = list(plan["stage_overrides"]) + [f"{k}={json.dumps(v)}" for k, v in values.items()]
+    overrides += [f"run_name={run_name}", f"storage={plan['stage_storage']}"]
+    return load_config(TrainConfig, plan["stage"], overrides)
+
+
+def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
+    """Check everything and return the search space and the plan every trial gets (plain data)."""
+    from jobs import evaluate as eval_job
+    from mmreason.kv import make_press
+    from mmreason.kv.evaluation import check_inputs, held_out
+    from mmreason.tracking import check_tracking_uri, git_state
+
+    space = build_space(cfg)
+    uri = check_tracking_uri()
+    run_dir = Path(cfg.output_dir).resolve() / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan: dict[str, Any] = {
+        "name": cfg.name, "run_dir": str(run_dir), "trials_dir": str(run_dir / "trials"),
+        "objectives": cfg.objective_pairs, "threads": max(1, int(cfg.cpus_per_trial)),
+        "tags": git_state(), "evaluate": None, "press": None, "stage": None,
+    }
+    known: set[str] = set()
+    eval_cfg = None
+    if cfg.evaluate is not None and (not cfg.is_stage_sweep or cfg.presses):
+        eval_cfg = eval_job.load(cfg.evaluate, cfg.evaluate_overrides)
+        for section in (eval_cfg.data,):  # trials run in their own folders: absolute paths
+            section.path = str(Path(section.path).resolve())
+            if section.eval_path:
+                section.eval_path = str(Path(section.eval_path).resolve())
+        held_out(eval_cfg)  # the data: there, and with held-out rows
+        if not cfg.is_stage_sweep:
+            eval_cfg.model.checkpoint = check_inputs(eval_cfg)
+        plan["evaluate"] = to_dict(eval_cfg)
+        known |= _eval_metrics()
+    elif not cfg.is_stage_sweep:
+        raise ConfigError("evaluate: a press sweep needs the evaluation config its trials start from")
+
+    if cfg.is_stage_sweep:
+        from jobs import train
+
+        stage_path = str(Path(cfg.stage).resolve())
+        plan.update(stage=stage_path, stage_overrides=list(cfg.stage_overrides),
+                    stage_storage=str(run_dir / "train"), asha=asdict(cfg.asha) if cfg.asha.enabled else None)
+        base = _stage_point(plan, {}, "check")
+        # the data and starting checkpoint, as jobs.train checks them (no worker starts)
+        base.data.path = str(Path(base.data.path).resolve())
+        plan["stage_overrides"].append(f"data.path={base.data.path}")
+        if base.init_from:
+            plan["stage_overrides"].append(f"init_from={Path(base.init_from).resolve()}")
+        train.train_shards(base)
+        check_points(space, lambda _group, values: _stage_point(plan, values, "check"))
+        known |= set(PER_EPOCH_METRICS) | {"best_eval_accuracy", "train_rows", "steps_per_epoch"}
+        known |= {f"{mode}_{m}" for mode in base.eval.modes for m in ("accuracy", "tokens_per_answer")}
+        if cfg.asha.enabled and cfg.asha.metric not in PER_EPOCH_METRICS:
+            raise ConfigError(f"asha.metric: {cfg.asha.metric!r} is not reported every epoch "
+                              f"(known: {', '.join(PER_EPOCH_METRICS)})")
+        if cfg.presses:
+            (name, settings), = cfg.presses.items()
+            if any(isinstance(v, dict) for v in settings.values()):
+                raise ConfigError(f"presses.{name}: a stage sweep evaluates exports under constant press settings")
+            plan["press"] = {"name": name, **settings}
+            make_press(name, {k: v for k, v in settings.items() if not (isinstance(v, str) and "{export}" in v)})
+        need_cpu = cfg.cpus_per_trial + base.workers * base.cpus_per_worker
+        plan["trial_cpus"] = need_cpu
+    else:
+        check_points(space, lambda group, values: make_press(group, values))
+        plan["trial_cpus"] = cfg.cpus_per_trial
+    for metric, _ in cfg.objective_pairs:
+        if metric not in known:
+            raise ConfigError(f"objectives: no trial reports {metric!r} (known: {', '.join(sorted(known))})")
+    plan["tracking_uri"] = uri
+    return space, plan
+
+
+def concurrency(cfg: SweepConfig, plan: dict[str, Any]) -> int:
+    """Trials at once: what the free Ray resources hold, capped by search.max_concurrent."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": plan["trial_cpus"], "GPU": cfg.gpus_per_trial}
+    fits = [math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    total = ray.cluster_resources()
+    if any(total.get(k, 0.0) < v for k, v in need.items() if v > 0):
+        what = ", ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+        have = ", ".join(f"{total.get(k, 0.0):g} {k}" for k, v in need.items() if v > 0)
+        raise ConfigError(f"a trial needs {what} (trial + its Ray Train workers) but the cluster has {have}; "
+                          f"lower cpus_per_trial, workers or cpus_per_worker")
+    n = max(1, min(fits))
+    return min(n, cfg.search.max_concurrent) if cfg.search.max_concurrent else n
+
+
+# ---------------------------------------------------------------- inside a trial (a Ray Tune actor)
+
+def _enter_trial(plan: dict[str, Any]) -> str:
+    """Point this process at the sweep's MLflow store and run; returns the trial id."""
+    import ray.tune
+
+    from mmreason.tracking import COMMIT_ENV, PARENT_ENV, TAGS_ENV
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    os.environ["MLFLOW_TRACKING_URI"] = plan["tracking_uri"]
+    os.environ[PARENT_ENV] = plan["parent_run_id"]
+    os.environ[COMMIT_ENV] = plan["tags"]["git_commit"]
+    os.environ[TAGS_ENV] = json.dumps({**plan["tags"], "sweep": plan["name"], "trial_id": trial_id})
+    return trial_id
+
+
+def _label(point: dict[str, Any]) -> str:
+    settings = ",".join(f"{k}={v}" for k, v in point["values"].items())
+    return f"{point['group']}({settings})" if settings else point["group"]
+
+
+def _numeric(data: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _press_eval(plan: dict[str, Any], press: dict[str, Any], run_name: str, **model: Any) -> dict[str, float]:
+    from mmreason.kv.evaluation import PressEvalConfig, run_press_eval
+
+    cfg = from_dict(PressEvalConfig, plan["evaluate"])
+    cfg.press, cfg.run_name, cfg.output_dir, cfg.threads = press, run_name, plan["trials_dir"], plan["threads"]
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    row = run_press_eval(cfg, log=lambda *a, **k: None)
+    out = _numeric(row)
+    out[LATENCY] = 1000.0 * row["seconds"] / max(1, row["n"])
+    return out
+
+
+def press_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
+    import ray.tune
+
+    trial_id = _enter_trial(plan)
+    point = config["point"]
+    run_name = f"{plan['name']}-{trial_id}"
+    metrics = _press_eval(plan, {"name": point["group"], **point["values"]}, run_name)
+    ray.tune.report({**metrics, "label": _label(point), "run_name": run_name})
+
+
+def _report_epochs_to_tune() -> Any:
+    """Ray Train's per-epoch reports → this Tune trial, for ASHA. Ray's `TuneReportCallback` does
+    the forwarding; `jobs.train` builds its own RunConfig, so it is installed through Ray Train's
+    RAY_TRAIN_CALLBACKS hook, which wants a controller-side ReportCallback (an internal class)."""
+    from ray.train.v2._internal.execution.callback import ReportCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportEpochsToTune(ReportCallback):
+        def __init__(self) -> None:
+            self._to_tune = TuneReportCallback()
+
+        def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
+            self._to_tune.after_report(run_context=None, metrics=metrics, checkpoint=None)
+
+    return ReportEpochsToTune
+
+
+def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
+    import ray.tune
+
+    from jobs import train
+
+    trial_id = _enter_trial(plan)
+    point = config["point"]
+    run_name = f"{plan['name']}-{trial_id}"
+    cfg = _stage_point(plan, point["values"], run_name)
+    if plan.get("asha"):
+        os.environ["RAY_TRAIN_CALLBACKS"] = "jobs.sweep.ReportEpochsToTune"
+    out = train.run_stage(cfg)
+    metrics = _numeric(out["train"])
+    for mode, res in out["eval"].items():
+        metrics.update({f"{mode}_accuracy": res["accuracy"], f"{mode}_tokens_per_answer": res["tokens_per_answer"]})
+    if plan.get("press"):
+        press = {k: v.replace("{export}", out["export"]) if isinstance(v, str) else v for k, v in plan["press"].items()}
+        metrics.update(_press_eval(plan, press, f"{run_name}-eval", checkpoint=out["export"],
+                                   backbone=cfg.model.backbone))
+    ray.tune.report({**metrics, "label": _label(point), "run_name": run_name})
+
+
+def __getattr__(name: str) -> Any:  # RAY_TRAIN_CALLBACKS imports the class by its dotted path
+    if name == "ReportEpochsToTune":
+        return _report_epochs_to_tune()
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------- the driver
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
+    """Check, run the trials on Ray Tune, compute and log the Pareto front; returns a summary."""
+    import mlflow
+    import ray.tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from mmreason.tracking import pipeline_run
+    from pipelines import init_ray
+
+    space, plan = prepare(cfg)
+    init_ray()
+    n_parallel = concurrency(cfg, plan)
+    objectives = cfg.objective_pairs
+    run_dir = Path(plan["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _csv_header(Path(plan["trials_dir"]))
+    log(f"sweep {cfg.name}: {space.size():g} grid points" if cfg.search.algorithm == "grid"
+        else f"sweep {cfg.name}: optuna, {cfg.search.num_samples} trials")
+    log(f"  {n_parallel} trial(s) at once; output {run_dir}")
+
+    with pipeline_run(cfg.experiment, cfg.name, family="sweep", params=to_dict(cfg)) as parent_id:
+        plan["parent_run_id"] = parent_id
+        trainable = stage_trial if cfg.is_stage_sweep else press_trial
+        resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+        tune_config: dict[str, Any] = {"max_concurrent_trials": n_parallel, "reuse_actors": not cfg.is_stage_sweep}
+        if cfg.search.algorithm == "grid":
+            param_space = {"point": ray.tune.grid_search(space.grid_points())}
+            tune_config["num_samples"] = cfg.search.num_samples
+        else:
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(space=space.suggest, metric=[m for m, _ in objectives],
+                                    mode=[m for _, m in objectives], seed=cfg.search.seed)
+            param_space = {}
+            tune_config.update(search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_parallel),
+                               num_samples=cfg.search.num_samples)
+        if cfg.asha.enabled:
+            from ray.tune.schedulers import ASHAScheduler
+
+            epochs = _stage_point(plan, {}, "check").optim.epochs
+            # max_t past the last epoch: the trial's final report (after export and evaluation) must
+            # not be the one ASHA stops at
+            tune_config["scheduler"] = ASHAScheduler(time_attr="training_iteration", metric=cfg.asha.metric,
+                                                     mode=cfg.asha.mode, max_t=epochs + 1,
+                                                     grace_period=cfg.asha.grace_period,
+                                                     reduction_factor=cfg.asha.reduction_factor)
+        tuner = ray.tune.Tuner(
+            ray.tune.with_resources(ray.tune.with_parameters(trainable, plan=plan), resources),
+            param_space=param_space,
+            tune_config=ray.tune.TuneConfig(**tune_config),
+            run_config=ray.tune.RunConfig(name=run_dir.name, storage_path=str(run_dir / "tune"), verbose=1,
+                                          failure_config=ray.tune.FailureConfig(max_failures=0)),
+        )
+        grid = tuner.fit()
+        rows = _rows(grid)
+        _close_stopped_runs(parent_id)
+        done = [r for r in rows if r["status"] == "done"]
+        if not done:
+            errors = [r.get("error", "") for r in rows]
+            raise RuntimeError(f"sweep {cfg.name}: every trial failed; first error:\n{errors[0] if errors else '?'}")
+        front = _write_front(rows, objectives, run_dir, cfg.name)
+        mlflow.log_metrics({"trials": len(rows), "trials_done": len(done), "pareto_size": len(front)})
+        mlflow.log_artifacts(str(run_dir / "pareto"), artifact_path="pareto")
+    table = (run_dir / "pareto" / "pareto.txt").read_text()
+    log(f"\nPareto front ({len(front)} of {len(done)} finished trials; "
+        + ", ".join(f"{m} {'↑' if d == 'max' else '↓'}" for m, d in objectives) + ")")
+    log(table)
+    log(f"\nplots: {run_dir / 'pareto' / 'pareto.png'}  {run_dir / 'pareto' / 'pareto.html'}")
+    log(f"MLflow: sweep run {parent_id} ({plan['tracking_uri']}); browse with `mmreason mlflow`")
+    return {"parent_run_id": parent_id, "rows": rows, "front": front, "run_dir": str(run_dir)}
+
+
+def _csv_header(trials_dir: Path) -> None:
+    """Concurrent trials append to one results.csv: write its header once, first."""
+    from mmreason.kv.evaluation import CSV_COLUMNS
+
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    with open(trials_dir / "results.csv", "w", newline="") as fh:
+        csv.writer(fh).writerow(CSV_COLUMNS)
+
+
+def _rows(grid: Any) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        point = (result.config or {}).get("point", {})
+        row = {k: v for k, v in metrics.items() if k not in TUNE_BOOKKEEPING and not k.startswith("config")}
+        row.update(trial_id=metrics.get("trial_id", ""), label=metrics.get("label") or (_label(point) if point else ""),
+                   group=point.get("group", ""), settings=json.dumps(point.get("values", {}), sort_keys=True))
+        finished = result.error is None and "run_name" in metrics
+        row["status"] = "done" if finished else "error" if result.error else "stopped"
+        if result.error:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+        rows.append(row)
+    return rows
+
+
+def _close_stopped_runs(parent_id: str) -> None:
+    """Trials that ASHA stopped (or that died) leave their MLflow runs RUNNING: mark them KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _write_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], run_dir: Path, name: str) -> list[int]:
+    from mmreason.eval.pareto import front_table, pareto_front, plot_front
+
+    out = run_dir / "pareto"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m, _ in objectives]
+    columns = ["label", *metrics, "run_name", "trial_id"]
+    front = pareto_front([r if r["status"] == "done" else {} for r in rows], objectives)
+    for path, members in ((out / "trials.csv", range(len(rows))), (out / "pareto.csv", front)):
+        keys = columns + ["status"] + sorted({k for i in members for k in rows[i]} - set(columns) - {"status"})
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for i in members:
+                writer.writerow(rows[i])
+    (out / "pareto.txt").write_text(front_table(rows, front, columns) + "\n")
+    if len(objectives) >= 2 and front:
+        plot_front(rows, front, objectives, "label", out / "pareto.png", out / "pareto.html",
+                   title=f"{name}: Pareto front")
+    return front
+
+
+@job_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_job_args("python -m jobs.sweep", __doc__, argv)
+    run_sweep(load(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
