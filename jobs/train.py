@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,8 +25,10 @@ from mmreason.data.cinepile import matches_filters
 from mmreason.data.reader import shard_entries
 from mmreason.data.schema import EXAMPLE_SCHEMA
 from mmreason.eval.runner import evaluate
+from mmreason.kv.accounting import KVMeter
 from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
+from mmreason.train.dare_stage import ROUTER_FILE
 from mmreason.train.rewards import Rewards
 from mmreason.train.worker import held_out_rows
 from pipelines import init_ray
@@ -128,23 +131,28 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> 
 
 
 def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """All configured eval modes on the exported model; predictions to JSONL per mode."""
+    """All configured eval modes on the exported model, with its KV cache measured (and, for the
+    dare stage, pruned by the trained router); predictions to JSONL per mode."""
     family = load_backbone(cfg.model.backbone, export_dir)
     family.video = cfg.video
+    press = cfg.dare.press(str(export_dir / ROUTER_FILE)) if cfg.stage == "dare" else None
     rows = held_out_rows(cfg, cfg.eval.max_examples)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode, settings in cfg.eval.modes.items():
         n_steps = cfg.coconut.max_latent_stage if mode == "coconut" else 0  # rl's coconut mode samples the same
         t0 = time.perf_counter()
-        res = evaluate(family, rows, mode, settings, n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought,
-                       batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        with (press(family) if press else nullcontext()) as session, KVMeter(family.model, session) as meter:
+            res = evaluate(family, rows, mode, settings, n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought,
+                           batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        kv = {k: v for k, v in meter.summary().items() if k.startswith(("kv_fraction", "retained_", "kv_bytes_p"))
+              and not isinstance(v, list)}
         with open(out_dir / f"predictions-{mode}.jsonl", "w") as fh:
             for p in res.predictions:
                 fh.write(json.dumps(p) + "\n")
         results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
                          "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0, **kv}
     return results
 
 
@@ -168,7 +176,8 @@ def run_stage(cfg: TrainConfig) -> dict[str, Any]:
         export = cfg.run_dir / "export"
         results = evaluate_export(cfg, export, cfg.run_dir / "eval")
         for mode, res in results.items():
-            mlflow.log_metrics({f"{mode}_accuracy": res["accuracy"], f"{mode}_tokens_per_answer": res["tokens_per_answer"]})
+            mlflow.log_metrics({f"{mode}_{key}": value for key, value in res.items()
+                                if isinstance(value, (int, float)) and key not in ("n", "latents_per_answer")})
         (cfg.run_dir / "eval" / "results.json").write_text(json.dumps(results, indent=2))
         mlflow.log_artifacts(str(cfg.run_dir / "eval"), artifact_path="eval")
         mlflow.log_artifacts(str(export), artifact_path="model")

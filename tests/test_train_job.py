@@ -52,7 +52,7 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
     "override, error, needle",
     [
         ("model.backbone=tiny-gpt", ConfigError, "unknown backbone 'tiny-gpt'"),
-        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl'\\], got 'rlhf'"),
+        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl', 'dare'\\], got 'rlhf'"),
         ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
     ],
 )

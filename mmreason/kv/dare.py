@@ -123,7 +123,7 @@ def load_router(path: str | Path) -> DareRouter:
     data = torch.load(path, map_location="cpu", weights_only=True)
     router = DareRouter(data["hidden_size"], data["width"])
     router.load_state_dict(data["state_dict"])
-    return router
+    return router.eval()  # a saved router prunes (top-k); `.train()` it to train further
 
 
 @dataclass

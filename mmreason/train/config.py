@@ -1,4 +1,4 @@
-"""The config of one training stage (`cot`, `coconut`, `rl`): one dataclass tree, loaded by
+"""The config of one training stage (`cot`, `coconut`, `rl`, `dare`): one dataclass tree, loaded by
 `mmreason.config.load_config` from `configs/train/*.yaml` plus `key=value` overrides."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from mmreason.eval.runner import EvalConfig
 from mmreason.latent.coconut import CurriculumSchedule
 from mmreason.models.base import VideoInput
 from mmreason.train.continual_backprop import ContinualBackpropConfig
+from mmreason.train.dare_stage import DareStageConfig
 from mmreason.train.grpo import RLConfig
 
-STAGES = ("cot", "coconut", "rl")
+STAGES = ("cot", "coconut", "rl", "dare")
 
 
 @dataclass
@@ -54,12 +55,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["cot", "coconut", "rl"] = "cot"
+    stage: Literal["cot", "coconut", "rl", "dare"] = "cot"
     run_name: str = "quickstart-cot"
     """Runs with the same name and storage resume from the last checkpoint."""
     storage: str = "runs/train"
     init_from: str | None = None
-    """A checkpoint dir of an earlier stage to start from (coconut and rl start from a cot export)."""
+    """A checkpoint dir of an earlier stage to start from (coconut, rl and dare start from a cot export)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -68,6 +69,8 @@ class TrainConfig:
     """CoCoNuT: fresh optimizer state when the curriculum stage changes."""
     rl: RLConfig = field(default_factory=RLConfig)
     """The rl stage: GRPO (group size, rewards by dotted path, sampling, clip, KL)."""
+    dare: DareStageConfig = field(default_factory=DareStageConfig)
+    """The dare stage: per-modality KV routers (targets, router layer, ratio loss, temperature)."""
     continual_backprop: ContinualBackpropConfig = field(default_factory=ContinualBackpropConfig)
     """Continual backprop on the MLP units, in any stage (off by default)."""
     video: VideoInput = field(default_factory=VideoInput)

@@ -1,10 +1,11 @@
-"""The Ray Train worker loop: one stage (cot, coconut or rl) with DeepSpeed inside each worker.
+"""The Ray Train worker loop: one stage (cot, coconut, rl or dare) with DeepSpeed inside each worker.
 
 Read top to bottom: load the backbone → `deepspeed.initialize` with torch AdamW → restore the last
 Ray Train checkpoint if there is one (epoch, curriculum stage, optimizer, continual-backprop state)
 → per epoch: the CoCoNuT stage, a fixed number of steps on this worker's shard of the Parquet
-dataset (equal on every worker) — a supervised step, or for `rl` a GRPO step (sample, score,
-update; `mmreason.train.grpo`), then continual backprop when enabled — evaluation on rank 0, a
+dataset (equal on every worker) — a supervised step (for `dare` under the router's press, plus its
+ratio loss; `mmreason.train.dare_stage`), or for `rl` a GRPO step (sample, score, update;
+`mmreason.train.grpo`), then continual backprop when enabled — evaluation on rank 0, a
 checkpoint reported by every worker, MLflow metrics from rank 0 (rl: every step, reward components
 apart). Video questions get their clip's frames joined in here, from the dataset's clip shards.
 This and `jobs/train.py` are the only places that touch Ray Train and DeepSpeed.
@@ -18,6 +19,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from mmreason.config import from_dict
 from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
 from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
+from mmreason.train.dare_stage import (ROUTER_FILE, build_trainee, dare_loss, held_out_keep_rates, save_router,
+                                       set_temperature)
 
 STATE_TAG = "state"
 
@@ -50,10 +54,13 @@ def encode_batch(family: Any, rows: list[dict], cfg: TrainConfig, epoch: int, rn
     return family.collate(items, align_latents=True)
 
 
-def export_model(family: Any, out_dir: Path) -> None:
-    """HF format (safetensors) that `from_pretrained` loads; caller gathers ZeRO-3 shards first."""
+def export_model(family: Any, out_dir: Path, router: Any = None) -> None:
+    """HF format (safetensors) that `from_pretrained` loads, plus the dare stage's router if any;
+    caller gathers ZeRO-3 shards first."""
     family.model.save_pretrained(out_dir, safe_serialization=True)
     family.tokenizer.save_pretrained(out_dir)
+    if router is not None:
+        save_router(router, out_dir / ROUTER_FILE)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -86,15 +93,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         reference.video = cfg.video
         reference.model.eval().requires_grad_(False)
     n_latent_steps = cfg.coconut.max_latent_stage if rl and cfg.rl.mode == "coconut" else 0
+    # dare: the routers train under a DarePress whose hooks stay on for the whole loop
+    module, press = build_trainee(family, cfg.dare) if cfg.stage == "dare" else (family.model, None)
+    router = press.router if press else None
     sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     ds_config = json.loads(Path(config["deepspeed_config"]).read_text())
     ds_config.update(train_micro_batch_size_per_gpu=cfg.optim.batch_size, gradient_accumulation_steps=1,
                      train_batch_size=cfg.optim.batch_size * world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    trainable = [p for p in family.model.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
+    trainable = [p for p in module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=family.model, optimizer=optimizer, config=ds_config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     if cbp:
         cbp.bind(engine.optimizer)
         carried = Path(config["model_path"]) / CBP_STATE  # the previous dataset's run, in a sequence
@@ -120,13 +130,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(cfg.seed * 1000 + rank)
     run_dir = cfg.run_dir
     metrics: dict[str, Any] = {}
+    hooks = ExitStack()
+    if press:
+        hooks.enter_context(press(family))
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         stage = cfg.coconut.stage(epoch) if cfg.stage == "coconut" else 0
         if cfg.stage == "coconut" and cfg.reset_optimizer and epoch > start_epoch and stage != cfg.coconut.stage(epoch - 1):
             _reset_optimizer_state(engine)
         engine.train()
-        t0, seen, losses, rl_steps = time.perf_counter(), 0, [], []
+        t0, seen, losses, rl_steps, ratios = time.perf_counter(), 0, [], [], []
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
         for step, table in enumerate(batches):
@@ -146,7 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         Metric(f"rl_{k}", float(v), int(time.time() * 1000), global_step) for k, v in step_metrics.items()])
             else:
                 batch = encode_batch(family, rows, cfg, epoch, rng)
+                if press:
+                    set_temperature(press, cfg.dare, global_step, total_steps)
                 loss, _ = latent_forward(family, batch)
+                if press:
+                    loss, ratio = dare_loss(press, loss, cfg.dare)
+                    ratios.append(ratio)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
@@ -162,6 +180,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 metrics[key if key.endswith("seconds") else f"rl_{key}"] = total if key.endswith("seconds") else total / len(rl_steps)
         if cbp:
             metrics["cbp_replaced"] = cbp.replaced
+        if press and rank == 0 and eval_rows:
+            metrics["dare_ratio_loss"] = sum(ratios) / max(1, len(ratios))
+            batches = [family.collate([family.encode(r) for r in eval_rows[i : i + cfg.eval.batch_size]])
+                       for i in range(0, len(eval_rows), cfg.eval.batch_size)]
+            rates = held_out_keep_rates(family, press, batches)
+            metrics.update({"dare_keep_text": rates["text"], "dare_keep_vision": rates["vision"]})
+            router.eval()  # evaluation below decodes with the cache pruned by top-k
         if rank == 0 and eval_rows and zero_stage < 3:
             mode = cfg.rl.mode if rl else "coconut" if stage > 0 else "cot"
             n_steps = n_latent_steps if rl else stage
@@ -171,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics.update({"eval_accuracy": result.accuracy, "eval_tokens_per_answer": result.tokens_per_answer})
             if result.accuracy > best:
                 best = result.accuracy
-                export_model(family, run_dir / "best")
+                export_model(family, run_dir / "best", router)
         if mlflow:
             for key, value in metrics.items():
                 if not key.startswith("rl_"):  # rl_* went to MLflow every step
@@ -185,7 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     torch.save(cbp_state, Path(tmp) / CBP_STATE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    _export_final(engine, family, zero_stage, rank, run_dir / "export")
+    hooks.close()
+    _export_final(engine, family, zero_stage, rank, run_dir / "export", router)
     if cbp:
         cbp_state = cbp.state_dict()
         if rank == 0:  # the next dataset of a sequence starts from this export and carries on
@@ -230,12 +256,12 @@ def _reset_optimizer_state(engine: Any) -> None:
     inner.state = defaultdict(dict)
 
 
-def _export_final(engine: Any, family: Any, zero_stage: int, rank: int, out_dir: Path) -> None:
+def _export_final(engine: Any, family: Any, zero_stage: int, rank: int, out_dir: Path, router: Any = None) -> None:
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if rank == 0:
-                export_model(family, out_dir)
+                export_model(family, out_dir, router)
     elif rank == 0:
-        export_model(family, out_dir)
+        export_model(family, out_dir, router)

@@ -1,0 +1,60 @@
+"""The dare stage for real (Ray Train, 2 workers, DeepSpeed ZeRO-2) at toy scale: the routers learn
+the per-modality keep targets with the backbone frozen, and the export decodes with a pruned cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmreason.config import ConfigError, load_config
+from mmreason.kv.dare import DarePress
+from mmreason.models import build_tiny, load_backbone
+from mmreason.train.config import TrainConfig
+from mmreason.train.dare_stage import ROUTER_FILE, keep_rates
+from jobs import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def test_keep_rates_count_only_valid_tokens_per_modality():
+    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    modality = torch.tensor([[0, 0, 1, 1]])  # text, text, vision, vision
+    valid = torch.tensor([[True, True, True, False]])
+    assert keep_rates([(keep, modality, valid)]) == {"text": 0.5, "vision": 1.0}
+
+
+def test_dare_targets_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"dare.rho_vis must be in \(0, 1\], got 1.5"):
+        load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.rho_vis=1.5"])
+    with pytest.raises(ConfigError, match=r"'dare.backbone' must be one of \['frozen', 'full'\], got 'lora'"):
+        load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.backbone=lora"])
+
+
+def test_dare_stage_learns_the_keep_targets_with_the_backbone_frozen(maze_data, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    start = build_tiny("tiny-internvl", tmp_path / "start")
+    cfg = load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", [
+        f"data.path={maze_data}", f"storage={tmp_path / 'runs'}", f"init_from={start}", "run_name=d",
+        "optim={lr: 0.03, batch_size: 8, epochs: 4, warmup_steps: 2}", "eval.max_examples=8", "eval.epoch_examples=20",
+        "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 8}}"])
+    out = train.run_stage(cfg)
+
+    # the router's own keep decisions on held-out rows sit at the targets (top-k is not forcing them)
+    assert abs(out["train"]["dare_keep_text"] - 0.7) <= 0.05, out["train"]
+    assert abs(out["train"]["dare_keep_vision"] - 0.4) <= 0.05, out["train"]
+    export = Path(out["export"])
+    before, after = load_backbone("tiny-internvl", start), load_backbone("tiny-internvl", export)
+    for (name, a), b in zip(before.model.state_dict().items(), after.model.state_dict().values()):
+        assert torch.equal(a, b), f"frozen backbone changed: {name}"
+    press = DarePress(rho_text=0.7, rho_vis=0.4, layer=1, router_path=str(export / ROUTER_FILE))
+    assert press.router is not None and not press.router.training
+    cot = out["eval"]["cot"]
+    assert cot["n"] == 8 and cot["kv_fraction_prefill"] < 1.0  # the export decodes with a pruned cache
+    run = mlflow.get_run(out["mlflow_run_id"])
+    assert run.data.params["stage"] == "dare" and "dare_ratio_loss" in run.data.metrics
+    assert "cot_kv_fraction_prefill" in run.data.metrics
