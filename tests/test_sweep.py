@@ -1,0 +1,215 @@
+"""Sweeps without Ray: the Pareto front on a hand-made results table, its table and plots, the
+search space (grid points, Optuna suggestions), every kind of bad input failing before a trial
+starts, and the MLflow layout helpers (tags, family experiments, tracking-URI checks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from dataclasses import asdict
+
+import pytest
+
+from jobs import sweep as job
+from mmreason.config import ConfigError, load_config
+from mmreason.eval.pareto import front_table, pareto_front, plot_front
+from mmreason.sweep import SweepConfig, build_space, check_points
+
+OBJ = [("accuracy", "max"), ("kv_bytes", "min"), ("latency", "min")]
+TABLE = [  # by hand: which rows no other row beats on every objective
+    {"name": "full", "accuracy": 0.90, "kv_bytes": 100, "latency": 10},     # front: best accuracy
+    {"name": "half", "accuracy": 0.85, "kv_bytes": 50, "latency": 9},       # front
+    {"name": "worse", "accuracy": 0.80, "kv_bytes": 60, "latency": 9},      # dominated by half
+    {"name": "tiny", "accuracy": 0.40, "kv_bytes": 10, "latency": 12},      # front: fewest bytes
+    {"name": "fast", "accuracy": 0.40, "kv_bytes": 70, "latency": 5},       # front: fastest
+    {"name": "half2", "accuracy": 0.85, "kv_bytes": 50, "latency": 9},      # equal to half: both kept
+    {"name": "slow", "accuracy": 0.85, "kv_bytes": 50, "latency": 11},      # dominated by half (latency)
+    {"name": "nan", "accuracy": math.nan, "kv_bytes": 1, "latency": 1},     # not a candidate
+    {"name": "missing", "accuracy": 0.99, "kv_bytes": 1},                   # not a candidate
+]
+
+
+def test_pareto_front_of_a_hand_made_table():
+    front = pareto_front(TABLE, OBJ)
+    assert [TABLE[i]["name"] for i in front] == ["full", "half", "half2", "tiny", "fast"]  # best accuracy first
+    # accuracy vs bytes only: 'fast' is now beaten by 'tiny' (same accuracy, fewer bytes), and 'slow'
+    # ties with 'half'
+    two = pareto_front(TABLE[:-1], OBJ[:2])
+    assert [TABLE[i]["name"] for i in two] == ["full", "half", "half2", "slow", "tiny"]
+    assert [TABLE[i]["name"] for i in pareto_front(TABLE, OBJ[:2])] == ["missing"]  # it has both of these
+    # flipping a mode flips the answer: the least accurate, largest, slowest rows
+    assert {TABLE[i]["name"] for i in pareto_front(TABLE, [("accuracy", "min"), ("kv_bytes", "max")])} == {"fast", "full"}
+    assert pareto_front([], OBJ) == [] and pareto_front([{"accuracy": 1}], OBJ[:1]) == [0]
+    with pytest.raises(ValueError, match="'up'"):
+        pareto_front(TABLE, [("accuracy", "up")])
+
+
+def test_front_table_and_plots(tmp_path):
+    front = pareto_front(TABLE, OBJ)
+    text = front_table(TABLE, front, ["name", "accuracy", "kv_bytes"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "accuracy", "kv_bytes"] and len(lines) == 1 + len(front)
+    assert lines[1].split() == ["full", "0.9", "100"]
+    plot_front(TABLE, front, OBJ, "name", tmp_path / "p.png", tmp_path / "p.html", title="t")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (tmp_path / "p.html").read_text()
+    assert "plotly" in html and "Pareto front" in html and "kv_bytes: 100" in html  # hover text, self-contained
+    assert len(html) > 1_000_000 and "<script src=\"https://cdn" not in html  # plotly.js inlined: opens offline
+
+
+def sweep(*overrides: str) -> SweepConfig:
+    return load_config(SweepConfig, None, list(overrides))
+
+
+def test_grid_points_cover_every_press_and_value():
+    space = build_space(sweep("presses={tova: {factor: {grid: [0.25, 0.5]}, min_size: 4}, "
+                              "cosre: {block: 4, keep_h: {grid: [1, 2]}, keep_w: {grid: [1, 4]}}}"))
+    points = space.grid_points()
+    assert len(points) == 2 + 4 == space.size()
+    assert {"group": "tova", "values": {"min_size": 4, "factor": 0.5}} in points
+    assert {"group": "cosre", "values": {"block": 4, "keep_h": 2, "keep_w": 4}} in points
+    from mmreason.kv import make_press
+
+    assert check_points(space, make_press) == 6
+
+
+def test_optuna_suggestions_stay_in_their_ranges():
+    import optuna
+
+    space = build_space(sweep("search.algorithm=optuna", "presses={cosre: {block: 4, keep_h: {int: [1, 4]}, "
+                              "base_delta: {uniform: [0.0, 0.2]}}, tova: {factor: {loguniform: [0.1, 1.0]}}}"))
+    assert space.size() == math.inf
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        point = space.suggest(study.ask())["point"]
+        seen.add(point["group"])
+        v = point["values"]
+        if point["group"] == "cosre":
+            assert v["block"] == 4 and 1 <= v["keep_h"] <= 4 and 0.0 <= v["base_delta"] <= 0.2
+        else:
+            assert 0.1 <= v["factor"] <= 1.0
+    assert seen == {"cosre", "tova"}
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["presses={}"], "presses is empty"),
+    (["presses={tova: {factor: {grid: []}}}"], "presses.tova.factor.grid is empty"),
+    (["presses={tova: {factor: 0.5}}"], "nothing is swept"),
+    (["presses={tova: {factor: {uniform: [0.1, 0.9]}}}"], "needs search.algorithm=optuna"),
+    (["search.algorithm=optuna", "presses={tova: {factor: {uniform: [0.9, 0.1]}}}"], "an empty range"),
+    (["presses={tova: {factor: {range: [1, 2]}}}"], "a swept setting is one of"),
+    (["stage=configs/train/cot-maze.yaml"], "stage_space is empty"),
+    (["asha.enabled=true", "presses={tova: {factor: {grid: [0.5, 1.0]}}}"], "a press sweep has no epochs"),
+    (["objectives=[]"], "at least one"),
+])
+def test_search_space_mistakes_are_named(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build_space(sweep(*overrides))
+
+
+# ------------------------------------------------------------- bad input through the job, before any trial
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory):
+    """A tiny model saved to disk and four generated 3×3 maze rows (two held out), without Ray."""
+    from mmreason.data.gridworld import GridworldConfig, plan_shards
+    from mmreason.data.shards import MANIFEST_NAME, write_json_atomic
+    from mmreason.models import build_tiny
+    from pipelines import gridworld
+
+    root = tmp_path_factory.mktemp("sweepin")
+    data = root / "gw"
+    cfg = load_config(GridworldConfig, None, [f"output_dir={data}", "examples=4", "tasks={maze: {sizes: [3]}}",
+                                              "splits={train: 0.5, val: 0.0, test: 0.5}", "step_images=false"])
+    specs = plan_shards(cfg)
+    entries = [gridworld._render_shard(asdict(s), cfg, str(data)) for s in specs]
+    write_json_atomic(data / MANIFEST_NAME, gridworld._manifest(cfg, entries, len(specs)))
+    return {"data": data, "model": build_tiny("tiny-internvl", root / "m"), "root": root}
+
+
+def sweep_args(inputs, *extra: str) -> list[str]:
+    return ["configs/sweep/presses-maze.yaml", f"output_dir={inputs['root'] / 'sweeps'}",
+            f"evaluate_overrides=[model.checkpoint={inputs['model']}, data.path={inputs['data']}, 'data.sizes=[3]', "
+            "max_examples=2, batch_size=2, generation.max_new_tokens=8]", *extra]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, env, needle", [
+    (["presses={tova: {budget: {grid: [4, 8]}}}"], {}, "press.budget: unknown setting for press 'tova'"),
+    (["presses={h2o: {ratio: {grid: [0.5]}}}"], {}, "unknown press 'h2o'"),
+    (["presses={dare: {rho_text: {grid: [0.5, 1.5]}}}"], {}, "rho_text"),
+    (["presses={cosre: {block: {grid: [2, 4]}, keep_h: 4}}"], {}, "keep_h must be in [1, block=2], got 4"),
+    (["presses={tova: {factor: {grid: []}}}"], {}, "the search space has no point"),
+    (["objectives=[{metric: bleu, mode: max}, {metric: kv_bytes_peak, mode: min}]"], {}, "no trial reports 'bleu'"),
+    (["evaluate_overrides=[model.checkpoint=/nonexistent/ckpt]"], {}, "/nonexistent/ckpt"),
+    ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "cannot be reached"),
+    ([], {"MLFLOW_TRACKING_URI": "sqlite:////nonexistent/dir/mlflow.db"}, "folder /nonexistent/dir does not exist"),
+    ([], {"MLFLOW_TRACKING_URI": "/tmp/some/mlruns"}, "file store, which MLflow 3.17 refuses"),
+])
+def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys, extra, env, needle):
+    import ray.tune
+
+    import pipelines
+
+    def no_trials(*a, **k):
+        raise AssertionError("a trial (or Ray) started before the input was checked")
+
+    monkeypatch.setattr(ray.tune, "Tuner", no_trials)
+    monkeypatch.setattr(pipelines, "init_ray", no_trials)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{eval_inputs['root'] / 'mlflow.db'}")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(port=_closed_port()))
+    assert job.main(sweep_args(eval_inputs, *extra)) == 2
+    assert needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- MLflow layout helpers
+
+def test_every_run_is_tagged_with_commit_config_and_dataset(eval_inputs, monkeypatch):
+    from mmreason.config import config_hash
+    from mmreason.tracking import family_experiment, manifest_hash, run_tags
+
+    params = {"run_name": "x", "data": {"path": str(eval_inputs["data"])}}
+    monkeypatch.setenv("MMREASON_RUN_TAGS", json.dumps({"sweep": "s", "trial_id": "t1"}))
+    tags = run_tags(params, {"stage": "cot"})
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    assert tags["config_hash"] == config_hash(params)
+    assert tags["dataset_manifest_hash"] == manifest_hash(eval_inputs["data"]) and tags["dataset_path"]
+    assert tags["sweep"] == "s" and tags["trial_id"] == "t1" and tags["stage"] == "cot"
+    # the manifest's hash is about the data, not when it was written
+    manifest = json.loads((eval_inputs["data"] / "manifest.json").read_text())
+    copy = eval_inputs["root"] / "copy"
+    copy.mkdir(exist_ok=True)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "last_run": {"seconds": 123.0}}))
+    assert manifest_hash(copy) == manifest_hash(eval_inputs["data"])
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "total_rows": 5}))
+    assert manifest_hash(copy) != manifest_hash(eval_inputs["data"])
+    monkeypatch.setenv("MMREASON_GIT_COMMIT", "abc123")
+    from mmreason import tracking
+
+    tracking.git_state.cache_clear()
+    try:
+        assert run_tags()["git_commit"] == "abc123"  # code shipped without .git (ray job submit)
+    finally:
+        tracking.git_state.cache_clear()
+    assert [family_experiment("mmreason", s) for s in ("cot", "rl", "evaluate", "sweep")] == [
+        "mmreason-train", "mmreason-train", "mmreason-eval", "mmreason-sweep"]
+
+
+def test_mlflow_ui_command_binds_localhost_against_the_local_store(tmp_path, monkeypatch):
+    from mmreason.tracking import tracking_uri, ui_command
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = ui_command(uri)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
