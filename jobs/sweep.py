@@ -183,7 +183,23 @@ def _press_eval(plan: dict[str, Any], press: dict[str, Any], run_name: str, **mo
     row = run_press_eval(cfg, log=lambda *a, **k: None)
     out = _numeric(row)
     out[LATENCY] = 1000.0 * row["seconds"] / max(1, row["n"])
+    _log_to_trial_run(run_name, {LATENCY: out[LATENCY]})
     return out
+
+
+def _log_to_trial_run(run_name: str, metrics: dict[str, float]) -> None:
+    """Metrics the sweep derives, added to the child run the evaluation just logged."""
+    import mlflow
+
+    from mmreason.tracking import PARENT_ENV
+
+    client = mlflow.MlflowClient()
+    parent = os.environ[PARENT_ENV]
+    experiment = client.get_run(parent).info.experiment_id
+    run, = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and "
+                                            f"attributes.run_name = '{run_name}'")
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
 
 
 def press_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:

@@ -1,10 +1,11 @@
-"""Sweeps without Ray: the Pareto front on a hand-made results table, its table and plots, the
-search space (grid points, Optuna suggestions), every kind of bad input failing before a trial
-starts, and the MLflow layout helpers (tags, family experiments, tracking-URI checks)."""
+"""Sweeps: the Pareto front on a hand-made results table, its table and plots, the search space
+(grid points, Optuna suggestions), every kind of bad input failing before a trial starts — and
+real sweeps on Ray Tune (a tiny model saved to disk, a few generated maze rows) whose MLflow store,
+read back with MlflowClient, holds the sweep's run, a child run per trial and the Pareto artifacts."""
 
 from __future__ import annotations
 
-import json
+import csv
 import math
 import socket
 from dataclasses import asdict
@@ -170,46 +171,90 @@ def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys
     assert needle in capsys.readouterr().err
 
 
-# ------------------------------------------------------------- MLflow layout helpers
+# ------------------------------------------------------------- real sweeps on Ray Tune
 
-def test_every_run_is_tagged_with_commit_config_and_dataset(eval_inputs, monkeypatch):
-    from mmreason.config import config_hash
-    from mmreason.tracking import family_experiment, manifest_hash, run_tags
-
-    params = {"run_name": "x", "data": {"path": str(eval_inputs["data"])}}
-    monkeypatch.setenv("MMREASON_RUN_TAGS", json.dumps({"sweep": "s", "trial_id": "t1"}))
-    tags = run_tags(params, {"stage": "cot"})
-    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
-    assert tags["config_hash"] == config_hash(params)
-    assert tags["dataset_manifest_hash"] == manifest_hash(eval_inputs["data"]) and tags["dataset_path"]
-    assert tags["sweep"] == "s" and tags["trial_id"] == "t1" and tags["stage"] == "cot"
-    # the manifest's hash is about the data, not when it was written
-    manifest = json.loads((eval_inputs["data"] / "manifest.json").read_text())
-    copy = eval_inputs["root"] / "copy"
-    copy.mkdir(exist_ok=True)
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "last_run": {"seconds": 123.0}}))
-    assert manifest_hash(copy) == manifest_hash(eval_inputs["data"])
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "total_rows": 5}))
-    assert manifest_hash(copy) != manifest_hash(eval_inputs["data"])
-    monkeypatch.setenv("MMREASON_GIT_COMMIT", "abc123")
-    from mmreason import tracking
-
-    tracking.git_state.cache_clear()
-    try:
-        assert run_tags()["git_commit"] == "abc123"  # code shipped without .git (ray job submit)
-    finally:
-        tracking.git_state.cache_clear()
-    assert [family_experiment("mmreason", s) for s in ("cot", "rl", "evaluate", "sweep")] == [
-        "mmreason-train", "mmreason-train", "mmreason-eval", "mmreason-sweep"]
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MMREASON_PARENT_RUN_ID", raising=False)
+    return uri
 
 
-def test_mlflow_ui_command_binds_localhost_against_the_local_store(tmp_path, monkeypatch):
-    from mmreason.tracking import tracking_uri, ui_command
+def _children(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    uri = tracking_uri()
-    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = ui_command(uri)
-    assert cmd[1:4] == ["-m", "mlflow", "ui"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+
+@pytest.mark.integration
+def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ray_session, store, capsys):
+    import mlflow
+
+    args = sweep_args(eval_inputs, "name=grid", "presses={tova: {factor: {grid: [0.25, 1.0]}, min_size: 1}, "
+                      "cosre: {block: 4, keep_h: {grid: [1]}, keep_w: 1}}")
+    cfg = job.load(args[0], args[1:])
+    out = job.run_sweep(cfg)
+    assert "Pareto front" in capsys.readouterr().out
+
+    client = mlflow.MlflowClient(store)
+    parent = client.get_run(out["parent_run_id"])
+    assert client.get_experiment(parent.info.experiment_id).name == "mmreason-sweep"
+    assert parent.data.tags["stage"] == "sweep" and parent.data.metrics["trials"] == 3
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["press"] for r in children} == {"tova", "cosre"}
+    assert len({r.data.tags["trial_id"] for r in children}) == 3 and {r.data.tags["sweep"] for r in children} == {"grid"}
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["git_commit"] == parent.data.tags["git_commit"] and len(tags["config_hash"]) == 16
+        assert tags["dataset_manifest_hash"] and tags["stage"] == "evaluate"
+        assert {"accuracy", "kv_bytes_peak", "latency_ms_per_example", "retained_vision_prefill"} <= set(metrics)
+    by_factor = {r.data.params.get("press.factor"): r.data.metrics["kv_bytes_peak"] for r in children}
+    assert by_factor["0.25"] < by_factor["1.0"]  # a quarter of the budget: fewer bytes
+
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    assert names == {f"pareto/{f}" for f in ("pareto.csv", "pareto.txt", "pareto.png", "pareto.html", "trials.csv")}
+    with open(client.download_artifacts(parent.info.run_id, "pareto/pareto.csv")) as fh:
+        logged_front = {row["run_name"] for row in csv.DictReader(fh)}
+    # the front the sweep logged is the front of what its trials logged
+    rows = [{"run_name": r.info.run_name, **r.data.metrics} for r in children]
+    objectives = [("accuracy", "max"), ("kv_bytes_peak", "min"), ("latency_ms_per_example", "min")]
+    assert logged_front == {rows[i]["run_name"] for i in pareto_front(rows, objectives)}
+    assert parent.data.metrics["pareto_size"] == len(logged_front) >= 1
+
+
+@pytest.mark.integration
+def test_optuna_multi_objective_sweep(eval_inputs, ray_session, store):
+    import mlflow
+
+    args = sweep_args(eval_inputs, "name=opt", "search={algorithm: optuna, num_samples: 2, seed: 3}",
+                      "presses={tova: {factor: {uniform: [0.2, 1.0]}, min_size: 1}}",
+                      "objectives=[{metric: accuracy, mode: max}, {metric: kv_bytes_peak, mode: min}]")
+    out = job.run_sweep(job.load(args[0], args[1:]))
+    assert [r["status"] for r in out["rows"]] == ["done", "done"]
+    children = _children(mlflow.MlflowClient(store), out["parent_run_id"])
+    factors = sorted(float(r.data.params["press.factor"]) for r in children)
+    assert len(factors) == 2 and factors[0] != factors[1] and 0.2 <= factors[0] and factors[1] <= 1.0
+
+
+@pytest.mark.integration
+def test_stage_sweep_reports_every_epoch_to_tune_for_asha(maze_data, ray_session, store, tmp_path):
+    """Train V2 inside Tune: each trial runs jobs.train's stage (a TorchTrainer in the trial), its
+    per-epoch reports reach Tune (what ASHA acts on), and no trial's MLflow run is left RUNNING."""
+    import mlflow
+
+    args = ["configs/sweep/stage-asha-maze.yaml", "name=st", f"output_dir={tmp_path / 'sweeps'}",
+            f"stage_overrides=[data.path={maze_data}, optim.epochs=2, optim.batch_size=16, workers=1, "
+            "cpus_per_worker=0.9, eval.max_examples=2, eval.epoch_examples=0, 'eval.modes={cot: {max_new_tokens: 8}}']",
+            "stage_space={optim.lr: {grid: [0.001, 0.01]}}", "asha.grace_period=1"]
+    out = job.run_sweep(job.load(args[0], args[1:]))
+    rows = out["rows"]
+    assert len(rows) == 2 and any(r["status"] == "done" for r in rows)
+    for row in rows:  # 2 epochs reported as they ended (+ the trial's final report), or stopped by ASHA
+        assert row["training_iteration"] == 3 if row["status"] == "done" else row["status"] == "stopped"
+        if row["status"] == "done":
+            assert row["epoch"] == 1 and row["cot_accuracy"] >= 0
+    client = mlflow.MlflowClient(store)
+    children = _children(client, out["parent_run_id"])
+    assert {r.data.tags["stage"] for r in children} == {"cot"} and len(children) == 2
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
