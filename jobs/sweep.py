@@ -109,7 +109,9 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         train.train_shards(base)
         check_points(space, lambda _group, values: _stage_point(plan, values, "check"))
         known |= set(PER_EPOCH_METRICS) | {"best_eval_accuracy", "train_rows", "steps_per_epoch"}
-        known |= {f"{mode}_{m}" for mode in base.eval.modes for m in ("accuracy", "tokens_per_answer")}
+        per_mode = {"accuracy", "tokens_per_answer", "latents_per_answer", "n", "seconds", LATENCY}
+        per_mode |= {m for m in _eval_metrics() if m.startswith(("kv_fraction", "retained_", "kv_bytes_p"))}
+        known |= {f"{mode}_{m}" for mode in base.eval.modes for m in per_mode}
         if cfg.asha.enabled and cfg.asha.metric not in PER_EPOCH_METRICS:
             raise ConfigError(f"asha.metric: {cfg.asha.metric!r} is not reported every epoch "
                               f"(known: {', '.join(PER_EPOCH_METRICS)})")
@@ -242,8 +244,9 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         os.environ["RAY_TRAIN_CALLBACKS"] = "jobs.sweep.ReportEpochsToTune"
     out = train.run_stage(cfg)
     metrics = _numeric(out["train"])
-    for mode, res in out["eval"].items():
-        metrics.update({f"{mode}_accuracy": res["accuracy"], f"{mode}_tokens_per_answer": res["tokens_per_answer"]})
+    for mode, res in out["eval"].items():  # accuracy, tokens, seconds and (measured) KV bytes per eval mode
+        metrics.update({f"{mode}_{k}": v for k, v in _numeric(res).items()})
+        metrics[f"{mode}_{LATENCY}"] = 1000.0 * res["seconds"] / max(1, res["n"])
     if plan.get("press"):
         press = {k: v.replace("{export}", out["export"]) if isinstance(v, str) else v for k, v in plan["press"].items()}
         metrics.update(_press_eval(plan, press, f"{run_name}-eval", checkpoint=out["export"],
