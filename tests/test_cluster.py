@@ -76,8 +76,8 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Unix socket paths
         self.port, self.dashboard_port = _free_port(), _free_port()
         self.env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    # notice a dead node in ~3 s instead of ~30 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    # notice a dead node in ~10 s instead of ~30 s
+                    "RAY_health_check_period_ms": "2000", "RAY_health_check_timeout_ms": "3000",
                     "RAY_health_check_failure_threshold": "3",
                     "RAY_raylet_start_wait_time_s": "120"}  # a busy 2-core machine starts nodes slowly
         self.env.pop("RAY_ADDRESS", None)
@@ -93,12 +93,17 @@ class LocalCluster:
     def start(self, head_cpus: int, worker_nodes: int) -> None:
         subprocess.run([RAY, "start", "--head", f"--port={self.port}", f"--num-cpus={head_cpus}",
                         f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
+                        f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats", *self._node_ports()],
                        env=self.env, check=True, capture_output=True, timeout=120)
-        workers = [subprocess.Popen([RAY, "start", f"--address={self.gcs}", "--num-cpus=1"], env=self.env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(worker_nodes)]
-        for proc in workers:
-            assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+        for _ in range(worker_nodes):  # one at a time: parallel joins time out on a busy 2-core machine
+            joined = self.ray("start", f"--address={self.gcs}", "--num-cpus=1", *self._node_ports(), timeout=180)
+            assert joined.returncode == 0, joined.stderr[-2000:]
+
+    @staticmethod
+    def _node_ports() -> list[str]:
+        """Ports of its own for each node's dashboard agent: the default (52365) is taken by any other
+        Ray on the machine, and then no node has a job agent ('No available agent to submit job')."""
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
 
     def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -201,9 +206,10 @@ def test_ray_job_submit_of_a_stage_survives_losing_a_worker_node(shared):
                   "python", "-m", "jobs.train", "configs/train/cot-maze.yaml", f"data.path={shared / 'data'}",
                   f"storage={shared / 'runs'}", "run_name=ft", "optim.batch_size=4", f"optim.epochs={epochs}",
                   "eval.epoch_examples=0", "eval.max_examples=2", "eval.modes={cot: {max_new_tokens: 8}}"]
-        for _ in range(60):  # the head's job agent registers a little after `ray start` returns
+        give_up = time.time() + 120
+        while True:  # the head's job agent registers a little after `ray start` returns
             submitted = cluster.ray(*submit)
-            if "No available agent" not in submitted.stderr:
+            if "No available agent" not in submitted.stderr or time.time() > give_up:
                 break
             time.sleep(1)
         assert submitted.returncode == 0, submitted.stderr
