@@ -6,6 +6,7 @@ read back with MlflowClient, holds the sweep's run, a child run per trial and th
 from __future__ import annotations
 
 import csv
+import json
 import math
 import socket
 from dataclasses import asdict
@@ -238,23 +239,30 @@ def test_optuna_multi_objective_sweep(eval_inputs, ray_session, store):
 
 
 @pytest.mark.integration
-def test_stage_sweep_reports_every_epoch_to_tune_for_asha(maze_data, ray_session, store, tmp_path):
-    """Train V2 inside Tune: each trial runs jobs.train's stage (a TorchTrainer in the trial), its
-    per-epoch reports reach Tune (what ASHA acts on), and no trial's MLflow run is left RUNNING."""
+def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maze_data, eval_inputs, ray_session,
+                                                                            store, tmp_path):
+    """Train V2 inside Tune: each trial runs jobs.train's dare stage (its own TorchTrainer) at its
+    retention target; the per-epoch reports reach Tune (what ASHA acts on), the export's pruned KV
+    cache is measured, and no trial's MLflow run is left RUNNING."""
     import mlflow
 
-    args = ["configs/sweep/stage-asha-maze.yaml", "name=st", f"output_dir={tmp_path / 'sweeps'}",
-            f"stage_overrides=[data.path={maze_data}, optim.epochs=2, optim.batch_size=16, workers=1, "
-            "cpus_per_worker=0.9, eval.max_examples=2, eval.epoch_examples=0, 'eval.modes={cot: {max_new_tokens: 8}}']",
-            "stage_space={optim.lr: {grid: [0.001, 0.01]}}", "asha.grace_period=1"]
+    args = ["configs/sweep/dare-stage-asha-maze.yaml", "name=st", f"output_dir={tmp_path / 'sweeps'}",
+            f"stage_overrides=[init_from={eval_inputs['model']}, data.path={maze_data}, optim.epochs=2, "
+            "optim.batch_size=16, workers=1, cpus_per_worker=0.9, eval.max_examples=2, eval.epoch_examples=0, "
+            "'eval.modes={cot: {max_new_tokens: 8}}']",
+            "stage_space={dare.rho_vis: {grid: [0.25, 1.0]}}", "asha.grace_period=1",
+            "objectives=[{metric: cot_accuracy, mode: max}, {metric: cot_kv_bytes_peak, mode: min}]"]
     out = job.run_sweep(job.load(args[0], args[1:]))
     rows = out["rows"]
     assert len(rows) == 2 and any(r["status"] == "done" for r in rows)
     for row in rows:  # 2 epochs reported as they ended (+ the trial's final report), or stopped by ASHA
         assert row["training_iteration"] == 3 if row["status"] == "done" else row["status"] == "stopped"
-        if row["status"] == "done":
-            assert row["epoch"] == 1 and row["cot_accuracy"] >= 0
+    done = {json.loads(r["settings"])["dare.rho_vis"]: r for r in rows if r["status"] == "done"}
+    for row in done.values():
+        assert row["epoch"] == 1 and 0 <= row["cot_accuracy"] <= 1 and row["cot_kv_bytes_peak"] > 0
+    if len(done) == 2:  # keeping a quarter of the image entries holds fewer bytes than keeping all
+        assert done[0.25]["cot_retained_vision_prefill"] < done[1.0]["cot_retained_vision_prefill"]
     client = mlflow.MlflowClient(store)
     children = _children(client, out["parent_run_id"])
-    assert {r.data.tags["stage"] for r in children} == {"cot"} and len(children) == 2
+    assert {r.data.tags["stage"] for r in children} == {"dare"} and len(children) == 2
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
