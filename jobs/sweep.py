@@ -67,6 +67,7 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     """Check everything and return the search space and the plan every trial gets (plain data)."""
     from jobs import evaluate as eval_job
     from mmreason.kv import make_press
+    from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.kv.evaluation import check_inputs, held_out
     from mmreason.tracking import check_tracking_uri, git_state
 
@@ -101,13 +102,17 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         plan.update(stage=stage_path, stage_overrides=list(cfg.stage_overrides),
                     stage_storage=str(run_dir / "train"), asha=asdict(cfg.asha) if cfg.asha.enabled else None)
         base = _stage_point(plan, {}, "check")
+        check_points(space, lambda _group, values: _stage_point(plan, values, "check"))
         # the data and starting checkpoint, as jobs.train checks them (no worker starts)
         base.data.path = str(Path(base.data.path).resolve())
         plan["stage_overrides"].append(f"data.path={base.data.path}")
         if base.init_from:
+            try:
+                check_checkpoint(base.model.backbone, base.init_from)
+            except CheckpointError as exc:
+                raise ConfigError(f"init_from: {exc}") from None
             plan["stage_overrides"].append(f"init_from={Path(base.init_from).resolve()}")
         train.train_shards(base)
-        check_points(space, lambda _group, values: _stage_point(plan, values, "check"))
         known |= set(PER_EPOCH_METRICS) | {"best_eval_accuracy", "train_rows", "steps_per_epoch"}
         per_mode = {"accuracy", "tokens_per_answer", "latents_per_answer", "n", "seconds", LATENCY}
         per_mode |= {m for m in _eval_metrics() if m.startswith(("kv_fraction", "retained_", "kv_bytes_p"))}
@@ -365,7 +370,8 @@ def _close_stopped_runs(parent_id: str) -> None:
 
     client = mlflow.MlflowClient()
     experiment = client.get_run(parent_id).info.experiment_id
-    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+    running = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment], running):
         client.set_terminated(run.info.run_id, "KILLED")
 
 

@@ -168,7 +168,9 @@ class SearchSpace:
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: pick the group (if more than one), then each of its dimensions."""
         names = [g.name for g in self.groups]
-        group = self.groups[names.index(trial.suggest_categorical("group", names))] if len(names) > 1 else self.groups[0]
+        group = self.groups[0]
+        if len(names) > 1:
+            group = self.groups[names.index(trial.suggest_categorical("group", names))]
         values = dict(group.constants)
         for dim in group.dimensions:
             values[dim.name] = dim.suggest(trial, f"{group.name}.{dim.name}")
@@ -191,8 +193,8 @@ def parse_setting(where: str, name: str, spec: Any) -> Dimension | None:
         return None
     keys = list(spec)
     if len(keys) != 1 or keys[0] not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}.{name}: a swept setting is one of {{{', '.join(f'{d}: …' for d in DISTRIBUTIONS)}}}, "
-                          f"got {json.dumps(spec)}")
+        forms = ", ".join(f"{d}: …" for d in DISTRIBUTIONS)
+        raise ConfigError(f"{where}.{name}: a swept setting is one of {{{forms}}}, got {json.dumps(spec)}")
     kind, arg = keys[0], spec[keys[0]]
     if kind == "grid":
         if not isinstance(arg, list):

@@ -117,7 +117,8 @@ class LocalCluster:
                            "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=test: spot reclaim",
                            "--deadline-remaining-seconds=1")
         assert drained.returncode == 0, drained.stderr
-        raylets = [p for p in psutil.process_iter(["cmdline"]) if f"--node_id={node_id}" in " ".join(p.info["cmdline"] or [])]
+        raylets = [p for p in psutil.process_iter(["cmdline"])
+                   if f"--node_id={node_id}" in " ".join(p.info["cmdline"] or [])]
         assert len(raylets) == 1
         _kill([*raylets[0].children(recursive=True), raylets[0]])
 

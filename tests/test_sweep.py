@@ -41,7 +41,8 @@ def test_pareto_front_of_a_hand_made_table():
     assert [TABLE[i]["name"] for i in two] == ["full", "half", "half2", "slow", "tiny"]
     assert [TABLE[i]["name"] for i in pareto_front(TABLE, OBJ[:2])] == ["missing"]  # it has both of these
     # flipping a mode flips the answer: the least accurate, largest, slowest rows
-    assert {TABLE[i]["name"] for i in pareto_front(TABLE, [("accuracy", "min"), ("kv_bytes", "max")])} == {"fast", "full"}
+    flipped = pareto_front(TABLE, [("accuracy", "min"), ("kv_bytes", "max")])
+    assert {TABLE[i]["name"] for i in flipped} == {"fast", "full"}
     assert pareto_front([], OBJ) == [] and pareto_front([{"accuracy": 1}], OBJ[:1]) == [0]
     with pytest.raises(ValueError, match="'up'"):
         pareto_front(TABLE, [("accuracy", "up")])
@@ -151,6 +152,14 @@ def _closed_port() -> int:
     (["presses={tova: {factor: {grid: []}}}"], {}, "the search space has no point"),
     (["objectives=[{metric: bleu, mode: max}, {metric: kv_bytes_peak, mode: min}]"], {}, "no trial reports 'bleu'"),
     (["evaluate_overrides=[model.checkpoint=/nonexistent/ckpt]"], {}, "/nonexistent/ckpt"),
+    (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_x: {grid: [0.5]}}"], {},
+     "unknown config key 'dare.rho_x'"),
+    (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_vis: {grid: [0.5, 0]}}"], {},
+     "dare.rho_vis must be in (0, 1], got 0"),
+    (["presses={}", "stage=configs/train/cot-maze.yaml", "stage_space={optim.lr: {grid: [0.01]}}", "asha.enabled=true",
+      "asha.metric=cot_accuracy"], {}, "asha.metric: 'cot_accuracy' is not reported every epoch"),
+    (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_vis: {grid: [0.5]}}",
+      "stage_overrides=[init_from=/nonexistent/cot]"], {}, "init_from: checkpoint /nonexistent/cot does not exist"),
     ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "cannot be reached"),
     ([], {"MLFLOW_TRACKING_URI": "sqlite:////nonexistent/dir/mlflow.db"}, "folder /nonexistent/dir does not exist"),
     ([], {"MLFLOW_TRACKING_URI": "/tmp/some/mlruns"}, "file store, which MLflow 3.17 refuses"),
@@ -173,6 +182,19 @@ def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys
 
 
 # ------------------------------------------------------------- real sweeps on Ray Tune
+
+@pytest.mark.integration
+def test_a_trial_bigger_than_the_cluster_is_refused_before_it_starts(maze_data, ray_session, monkeypatch, tmp_path):
+    import ray.tune
+
+    monkeypatch.setattr(ray.tune, "Tuner", lambda *a, **k: pytest.fail("a trial started"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["configs/sweep/stage-asha-maze.yaml", f"output_dir={tmp_path}",
+            f"stage_overrides=[data.path={maze_data}, workers=3, cpus_per_worker=1]"]
+    with pytest.raises(ConfigError, match=r"a trial needs 3.1 CPU \(trial \+ its Ray Train workers\) but the cluster "
+                                          r"has 2 CPU"):
+        job.run_sweep(job.load(args[0], args[1:]))
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
@@ -204,7 +226,8 @@ def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ra
     children = _children(client, parent.info.run_id)
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["press"] for r in children} == {"tova", "cosre"}
-    assert len({r.data.tags["trial_id"] for r in children}) == 3 and {r.data.tags["sweep"] for r in children} == {"grid"}
+    assert len({r.data.tags["trial_id"] for r in children}) == 3
+    assert {r.data.tags["sweep"] for r in children} == {"grid"}
     for run in children:
         tags, metrics = run.data.tags, run.data.metrics
         assert tags["git_commit"] == parent.data.tags["git_commit"] and len(tags["config_hash"]) == 16

@@ -19,7 +19,6 @@ import pytest
 from mmreason import tracking
 from mmreason.config import ConfigError, config_hash
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -32,7 +31,8 @@ def store(tmp_path, monkeypatch):
 
 def _dataset(path: Path, **extra) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    manifest = {"dataset": "gridworld", "schema_version": 1, "total_rows": 4, "config": {"seed": 0, "output_dir": str(path)},
+    manifest = {"dataset": "gridworld", "schema_version": 1, "total_rows": 4,
+                "config": {"seed": 0, "output_dir": str(path)},
                 "shards": [{"path": "train/maze-n3-0000.parquet", "rows": 4}], "last_run": {"seconds": 1.5}, **extra}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path

@@ -102,8 +102,9 @@ def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[int], objectives:
                                       ("Pareto front", "#d62728", sorted(front, key=lambda i: rows[i][x_metric]))):
             hover = ["<br>".join([str(rows[i].get(label, i))] + [f"{m}: {_cell(rows[i][m])}" for m in names])
                      for i in members]
+            joined = group != "trials" and len(objectives) == 2
             figure.add_trace(go.Scatter(x=[rows[i][x_metric] for i in members], y=[rows[i][y_metric] for i in members],
-                                        mode="markers+lines" if group != "trials" and len(objectives) == 2 else "markers",
+                                        mode="markers+lines" if joined else "markers",
                                         name=group, legendgroup=group, showlegend=col == 1, hovertext=hover,
                                         hoverinfo="text", marker={"color": color, "size": 9}), row=1, col=col)
         figure.update_xaxes(title_text=x_metric, row=1, col=col)
