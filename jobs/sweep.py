@@ -67,8 +67,8 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     """Check everything and return the search space and the plan every trial gets (plain data)."""
     from jobs import evaluate as eval_job
     from mmreason.kv import make_press
-    from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.kv.evaluation import check_inputs, held_out
+    from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.tracking import check_tracking_uri, git_state
 
     space = build_space(cfg)
@@ -80,20 +80,18 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         "tags": git_state(), "evaluate": None, "press": None, "stage": None,
     }
     known: set[str] = set()
-    eval_cfg = None
+    if cfg.evaluate is None and cfg.presses:
+        raise ConfigError("evaluate: presses are evaluated through an evaluation config (configs/eval/*.yaml)")
     if cfg.evaluate is not None and (not cfg.is_stage_sweep or cfg.presses):
         eval_cfg = eval_job.load(cfg.evaluate, cfg.evaluate_overrides)
-        for section in (eval_cfg.data,):  # trials run in their own folders: absolute paths
-            section.path = str(Path(section.path).resolve())
-            if section.eval_path:
-                section.eval_path = str(Path(section.eval_path).resolve())
+        data = eval_cfg.data  # trials run in their own folders: absolute paths
+        data.path = str(Path(data.path).resolve())
+        data.eval_path = str(Path(data.eval_path).resolve()) if data.eval_path else None
         held_out(eval_cfg)  # the data: there, and with held-out rows
         if not cfg.is_stage_sweep:
             eval_cfg.model.checkpoint = check_inputs(eval_cfg)
         plan["evaluate"] = to_dict(eval_cfg)
         known |= _eval_metrics()
-    elif not cfg.is_stage_sweep:
-        raise ConfigError("evaluate: a press sweep needs the evaluation config its trials start from")
 
     if cfg.is_stage_sweep:
         from jobs import train
