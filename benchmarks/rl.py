@@ -102,10 +102,11 @@ def main() -> None:
     parser.add_argument("--child", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         result = plain(args.data, args.init, args) if args.child == "plain" else ray(args.data, args.storage, args.init, args)
-        print(json.dumps(result))
+        Path(args.result).write_text(json.dumps(result))  # a file: Ray's log lines share stdout
         return
 
     rows_needed = int(args.steps * args.prompts * 2 / 0.8) + 50
@@ -117,10 +118,11 @@ def main() -> None:
         for mode in ("plain", "ray"):
             cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--storage", str(Path(tmp) / "runs"),
                    "--steps", str(args.steps), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-                   "--max-new-tokens", str(args.max_new_tokens)] + (["--init", args.init] if args.init else [])
-            out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True,
-                                 env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                   "--max-new-tokens", str(args.max_new_tokens), "--result", str(Path(tmp) / f"{mode}.json")]
+            cmd += ["--init", args.init] if args.init else []
+            subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+            results[mode] = json.loads((Path(tmp) / f"{mode}.json").read_text())
     table = [row("plain torch, 1 process × 2 threads", results["plain"]),
              row("Ray Train + DeepSpeed ZeRO-2, 2 workers × 1 CPU", results["ray"])]
     print(f"{'setting':<48}{'replies/s':>10}{'gen r/s':>9}{'upd r/s':>9}{'gen %':>7}{'tokens':>8}")

@@ -246,9 +246,9 @@ class ContinualBackprop:
             _write_zero3(param, mask, values)
             return
         param.data[mask.to(param.device)] = values.to(param.device, param.dtype)[mask.to(param.device)]
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is not None:  # ZeRO-1/2: this rank's slice of the fp32 master and the moments
-            _write_zero12(param, mapping, self._optimizer, mask, values)
+        if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: this rank's slice of the fp32 master and the moments
+            if param._hp_mapping is not None:  # None: no element of it in this rank's partition
+                _write_zero12(param, param._hp_mapping, self._optimizer, mask, values)
         elif self._optimizer is not None:
             for value in self._optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
