@@ -151,13 +151,13 @@ def _closed_port() -> int:
     (["presses={cosre: {block: {grid: [2, 4]}, keep_h: 4}}"], {}, "keep_h must be in [1, block=2], got 4"),
     (["presses={tova: {factor: {grid: []}}}"], {}, "the search space has no point"),
     (["objectives=[{metric: bleu, mode: max}, {metric: kv_bytes_peak, mode: min}]"], {}, "no trial reports 'bleu'"),
-    (["evaluate_overrides=[model.checkpoint=/nonexistent/ckpt]"], {}, "/nonexistent/ckpt"),
+    (["evaluate_overrides=[model.checkpoint=/nonexistent/ckpt, data.path={data}]"], {}, "/nonexistent/ckpt"),
     (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_x: {grid: [0.5]}}"], {},
      "unknown config key 'dare.rho_x'"),
     (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_vis: {grid: [0.5, 0]}}"], {},
      "dare.rho_vis must be in (0, 1], got 0"),
     (["presses={}", "stage=configs/train/cot-maze.yaml", "stage_space={optim.lr: {grid: [0.01]}}", "asha.enabled=true",
-      "asha.metric=cot_accuracy"], {}, "asha.metric: 'cot_accuracy' is not reported every epoch"),
+      "asha.metric=cot_accuracy", "stage_overrides=[data.path={data}]"], {}, "asha.metric: 'cot_accuracy' is not reported every epoch"),
     (["presses={}", "stage=configs/train/dare-maze.yaml", "stage_space={dare.rho_vis: {grid: [0.5]}}",
       "stage_overrides=[init_from=/nonexistent/cot]"], {}, "init_from: checkpoint /nonexistent/cot does not exist"),
     ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "cannot be reached"),
@@ -177,6 +177,7 @@ def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{eval_inputs['root'] / 'mlflow.db'}")
     for key, value in env.items():
         monkeypatch.setenv(key, value.format(port=_closed_port()))
+    extra = [e.replace("{data}", str(eval_inputs["data"])) for e in extra]  # the override list replaces the default's
     assert job.main(sweep_args(eval_inputs, *extra)) == 2
     assert needle in capsys.readouterr().err
 
