@@ -1,30 +1,48 @@
 """The embedded default, end to end on one machine with no set-up (README command 1).
 
     python -m jobs.quickstart [CONFIG.yaml] [key=value ...]
-    mmreason quickstart [CONFIG.yaml] [key=value ...]     e.g. cot.optim.epochs=2
+    mmreason quickstart [CONFIG.yaml] [key=value ...]     e.g. cot.optim.epochs=2 steps=[cot,coconut]
 
-A local Ray renders the grid-world dataset (all three tasks; many 3×3 mazes), a tiny InternVL-class
-backbone is trained with chain-of-thought SFT, then through the CoCoNuT curriculum, both on Ray
-Train + DeepSpeed (2 workers), and evaluated in the vanilla, cot and coconut modes. Everything is
-one MLflow pipeline run with a child run per stage, in ./mlflow.db.
+A local Ray (or the cluster RAY_ADDRESS names, as under `ray job submit`) renders the grid-world
+dataset (all three tasks; many 3×3 mazes), then, in order (`steps`):
+
+- `cot`: a tiny InternVL-class backbone, chain-of-thought SFT on Ray Train + DeepSpeed (2 workers);
+- `coconut`: the CoCoNuT curriculum from the cot export;
+- `dare`: DARE routers trained on the (frozen) cot model;
+- `presses`: the cot model evaluated under each press in `presses` (none, TOVA, DARE with the
+  trained router, CoSRe, kvpress baselines) — accuracy, KV bytes, retained fractions, latency;
+- `sweep`: a small Ray Tune grid over press settings and its Pareto front (table, PNG, HTML).
+
+Everything is one MLflow pipeline run (`<experiment>-pipeline`, name `quickstart`) with a child run
+per stage, per press evaluation and for the sweep, whose trials are its children; the store is
+./mlflow.db unless MLFLOW_TRACKING_URI names another. Every output goes under `root`.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
-from mmreason.config import load_config
+from mmreason.config import ConfigError, load_config
 from mmreason.data.gridworld import GridworldConfig, TaskSizes
 from mmreason.eval.runner import EvalConfig
+from mmreason.kv.evaluation import PressEvalConfig
 from mmreason.latent.coconut import CurriculumSchedule, GenerationSettings
+from mmreason.sweep import SweepConfig
 from mmreason.train.config import DataConfig, OptimConfig, TrainConfig
+from mmreason.train.dare_stage import ROUTER_FILE, DareStageConfig
 from pipelines import gridworld
 
-DATA_DIR = "runs/quickstart/data/gridworld"
+STEPS = ("cot", "coconut", "dare", "presses", "sweep")
+DATA_DIR = "data/gridworld"
+"""Where the dataset goes, under `root`."""
+EVAL_BUDGET = {"vanilla": 16, "cot": 96, "coconut": 96}
+"""max_new_tokens per eval mode: a 3×3 maze's cot answer is ~40 tokens."""
 
 
 def _default_data() -> GridworldConfig:
@@ -36,61 +54,217 @@ def _default_data() -> GridworldConfig:
 
 
 def _eval(modes: Sequence[str]) -> EvalConfig:
-    budget = {"vanilla": 16, "cot": 96, "coconut": 96}
-    return EvalConfig(modes={m: GenerationSettings(max_new_tokens=budget[m]) for m in modes}, max_examples=200)
+    return EvalConfig(modes={m: GenerationSettings(max_new_tokens=EVAL_BUDGET[m]) for m in modes}, max_examples=200)
+
+
+def _stage(stage: str, optim: OptimConfig, modes: Sequence[str], **kwargs: Any) -> TrainConfig:
+    return TrainConfig(stage=stage, run_name=f"quickstart-{stage}", storage="train",
+                       data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3]), optim=optim, eval=_eval(modes),
+                       **kwargs)
 
 
 def _default_cot() -> TrainConfig:
-    return TrainConfig(stage="cot", run_name="quickstart-cot", storage="runs/quickstart/train",
-                       data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3]),
-                       optim=OptimConfig(lr=3e-3, batch_size=16, epochs=7, warmup_steps=20),
-                       eval=_eval(["vanilla", "cot"]))
+    return _stage("cot", OptimConfig(lr=3e-3, batch_size=16, epochs=7, warmup_steps=20), ["vanilla", "cot"])
 
 
 def _default_coconut() -> TrainConfig:
-    return TrainConfig(stage="coconut", run_name="quickstart-coconut", storage="runs/quickstart/train",
-                       data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3]),
-                       optim=OptimConfig(lr=1e-3, batch_size=16, epochs=2, warmup_steps=5),
-                       coconut=CurriculumSchedule(c_thought=1, epochs_per_stage=2, max_latent_stage=1, first_stage=1),
-                       eval=_eval(["vanilla", "cot", "coconut"]))
+    return _stage("coconut", OptimConfig(lr=1e-3, batch_size=16, epochs=2, warmup_steps=5),
+                  ["vanilla", "cot", "coconut"],
+                  coconut=CurriculumSchedule(c_thought=1, epochs_per_stage=2, max_latent_stage=1, first_stage=1))
+
+
+def _default_dare() -> TrainConfig:
+    cfg = _stage("dare", OptimConfig(lr=3e-3, batch_size=16, epochs=1, warmup_steps=10), ["cot"],
+                 dare=DareStageConfig(rho_text=0.5, rho_vis=0.5, layer=0, ratio_weight=4.0, backbone="frozen"))
+    cfg.data.max_train_rows = 2000  # routers only: a few hundred steps reach the targets
+    return cfg
+
+
+def _default_evaluate() -> PressEvalConfig:
+    return PressEvalConfig(run_name="quickstart-eval", output_dir="eval",
+                           data=DataConfig(path=DATA_DIR, tasks=["maze"], sizes=[3], eval_split="test"),
+                           mode="cot", generation=GenerationSettings(max_new_tokens=EVAL_BUDGET["cot"]),
+                           max_examples=100, batch_size=25)
+
+
+def _default_presses() -> dict[str, dict[str, Any]]:
+    """Each at about half of the full KV cache; `dare: {}` takes the dare stage's targets and router."""
+    return {
+        "none": {},
+        "tova": {"factor": 0.5, "min_size": 8},
+        "dare": {},
+        "cosre": {"block": 4, "keep_h": 2, "keep_w": 2, "slots": 0, "base_delta": 0.05},
+        "kvpress:snapkv": {"compression_ratio": 0.5, "window_size": 16},
+        "kvpress:streaming_llm": {"compression_ratio": 0.5},
+        "kvpress:knorm": {"compression_ratio": 0.5},
+        "kvpress:expected_attention": {"compression_ratio": 0.5},
+    }
+
+
+def _default_sweep() -> SweepConfig:
+    return SweepConfig(
+        name="quickstart-sweep", output_dir="sweep",
+        evaluate_overrides=["data.sizes=[3]", "max_examples=50", "batch_size=25",
+                            f"generation.max_new_tokens={EVAL_BUDGET['cot']}"],
+        presses={"tova": {"factor": {"grid": [0.25, 0.5, 0.75]}, "min_size": 8},
+                 "cosre": {"block": 4, "keep_h": {"grid": [1, 2]}, "keep_w": 2, "base_delta": 0.05}})
 
 
 @dataclass
 class QuickstartConfig:
+    root: str = "runs/quickstart"
+    """Every output goes under this folder; the relative paths below are relative to it."""
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    """Which of cot, coconut, dare, presses, sweep run (cot always does: the others start from it)."""
     data: GridworldConfig = field(default_factory=_default_data)
-    """The grid-world dataset the quickstart renders."""
+    """The grid-world dataset the quickstart renders (`output_dir` under `root`)."""
     cot: TrainConfig = field(default_factory=_default_cot)
-    """Chain-of-thought SFT stage."""
+    """Chain-of-thought SFT stage (`storage` under `root`)."""
     coconut: TrainConfig = field(default_factory=_default_coconut)
     """CoCoNuT curriculum stage, started from the cot export."""
+    dare: TrainConfig = field(default_factory=_default_dare)
+    """The dare stage: per-modality KV routers on the frozen cot model."""
+    evaluate: PressEvalConfig = field(default_factory=_default_evaluate)
+    """How each press is evaluated on the cot model (held-out rows, mode, generation)."""
+    presses: dict[str, dict[str, Any]] = field(default_factory=_default_presses)
+    """Press name → settings, one evaluation each (names as `jobs.evaluate`'s `press=`)."""
+    sweep: SweepConfig = field(default_factory=_default_sweep)
+    """A small press sweep on the cot model (its checkpoint and data are filled in)."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.steps if s not in STEPS]
+        if unknown:
+            raise ConfigError(f"steps: unknown step(s) {', '.join(map(repr, unknown))} (known: {', '.join(STEPS)})")
+        if "cot" not in self.steps:
+            raise ConfigError("steps: the other steps start from the cot model; keep 'cot'")
+        if "presses" in self.steps and "dare" in self.presses and "dare" not in self.steps:
+            raise ConfigError("presses.dare evaluates the router the dare step trains: add 'dare' to steps "
+                              "or remove the dare press")
+
+    def place(self) -> None:
+        """Relative output paths → under `root`; every stage reads the dataset this run renders."""
+        root = Path(self.root)
+
+        def under(path: str) -> str:
+            return path if Path(path).is_absolute() else str(root / path)
+
+        self.data.output_dir = under(self.data.output_dir)
+        for stage in (self.cot, self.coconut, self.dare):
+            stage.storage = under(stage.storage)
+            stage.data.path = self.data.output_dir
+        self.evaluate.output_dir = under(self.evaluate.output_dir)
+        self.evaluate.data.path = self.data.output_dir
+        self.sweep.output_dir = under(self.sweep.output_dir)
+
+
+def press_run_name(name: str) -> str:
+    return "quickstart-eval-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def check(cfg: QuickstartConfig) -> None:
+    """What would fail after training — a press, its settings, kvpress, the sweep's space, the
+    tracking store — fails now, before any work."""
+    from mmreason.kv import make_press
+    from mmreason.sweep import build_space, check_points
+    from mmreason.tracking import check_tracking_uri
+
+    check_tracking_uri()
+    if "presses" in cfg.steps:
+        for name, settings in cfg.presses.items():
+            try:
+                make_press(name, settings)
+            except ConfigError as exc:
+                raise ConfigError(f"presses.{name}: {exc}") from None
+    if "sweep" in cfg.steps:
+        if cfg.sweep.is_stage_sweep:
+            raise ConfigError("sweep: the quickstart runs a press sweep on its cot model (no `stage`)")
+        check_points(build_space(cfg.sweep), make_press)
+
+
+def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The cot model under each press (`dare` under the router the dare stage trained)."""
+    from mmreason.kv.evaluation import run_press_eval
+
+    rows = []
+    for name, settings in cfg.presses.items():
+        one = copy.deepcopy(cfg.evaluate)
+        one.run_name = press_run_name(name)
+        one.model = copy.deepcopy(cfg.cot.model)
+        one.model.checkpoint = cot_export
+        one.press = {"name": name, **settings}
+        if name == "dare":
+            targets = cfg.dare.dare
+            one.model.checkpoint = dare["export"]  # the frozen backbone + its router
+            one.press = {"name": name, "rho_text": targets.rho_text, "rho_vis": targets.rho_vis,
+                         "layer": targets.layer, "router_width": targets.router_width,
+                         "router_path": str(Path(dare["export"]) / ROUTER_FILE), **settings}
+        rows.append(run_press_eval(one, log=lambda *a, **k: None))
+    return rows
+
+
+def run(cfg: QuickstartConfig) -> dict[str, Any]:
+    """The whole flow under one MLflow pipeline run; returns what each step produced."""
+    from jobs import sweep as sweep_job
+    from jobs.train import run_stage
+    from mmreason.kv.evaluation import results_table
+    from mmreason.tracking import pipeline_run
+
+    cfg.place()
+    check(cfg)
+    out: dict[str, Any] = {"stages": []}
+    with pipeline_run(cfg.cot.experiment, "quickstart") as parent_id:
+        out["parent_run_id"] = parent_id
+        manifest = gridworld.run(cfg.data)
+        print(gridworld.summary_table(manifest))
+        cot = run_stage(cfg.cot)
+        out["stages"].append(cot)
+        if "coconut" in cfg.steps:
+            cfg.coconut.init_from = cot["export"]
+            out["stages"].append(run_stage(cfg.coconut))
+        dare = None
+        if "dare" in cfg.steps:
+            cfg.dare.init_from = cot["export"]
+            dare = run_stage(cfg.dare)
+            out["stages"].append(dare)
+        if "presses" in cfg.steps:
+            out["presses"] = evaluate_presses(cfg, cot["export"], dare)
+            print(f"\nthe cot model under each press ({cfg.evaluate.mode} mode, {out['presses'][0]['n']} held-out "
+                  f"rows; kv_fraction = KV bytes / the full cache's)")
+            print(results_table(out["presses"]))
+        if "sweep" in cfg.steps:
+            cfg.sweep.evaluate_overrides += [f"model.backbone={cfg.cot.model.backbone}",
+                                             f"model.checkpoint={cot['export']}", f"data.path={cfg.data.output_dir}"]
+            out["sweep"] = sweep_job.run_sweep(cfg.sweep)
+    _print_summary(cfg, out)
+    return out
+
+
+def _print_summary(cfg: QuickstartConfig, out: dict[str, Any]) -> None:
+    from mmreason.tracking import tracking_uri
+
+    held_out = f"{cfg.cot.data.eval_split} split, tasks {cfg.cot.data.tasks}, sizes {cfg.cot.data.sizes or 'all'}"
+    print(f"\nquickstart results ({held_out})")
+    print(f"{'model':<10}{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'kv_fraction':>13}{'n':>6}")
+    for stage in out["stages"]:
+        for mode, r in stage["eval"].items():
+            kv = r.get("kv_fraction_peak")
+            print(f"{stage['stage']:<10}{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}"
+                  f"{r['latents_per_answer']:>9}{'' if kv is None else f'{kv:.3f}':>13}{r['n']:>6}")
+    print(f"\ndata: {cfg.data.output_dir}   models: " + ", ".join(s["export"] for s in out["stages"]))
+    if "presses" in out:
+        print(f"press evaluations: {cfg.evaluate.output_dir}/results.csv")
+    if "sweep" in out:
+        pareto = Path(out["sweep"]["run_dir"]) / "pareto"
+        print(f"Pareto front: {pareto / 'pareto.png'}  {pareto / 'pareto.html'}")
+    print(f"MLflow: pipeline run {out['parent_run_id']} in {tracking_uri()}")
+    print("  browse: mmreason mlflow   (http://127.0.0.1:5000; experiment "
+          f"{cfg.cot.experiment}-pipeline, run 'quickstart')")
 
 
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
-    from jobs.train import run_stage
-    from mmreason.tracking import pipeline_run, tracking_uri
-
     args = parse_job_args("mmreason quickstart", __doc__, argv)
-    cfg = load_config(QuickstartConfig, args.config, args.overrides)
-    with pipeline_run(cfg.cot.experiment, "quickstart") as parent_id:
-        manifest = gridworld.run(cfg.data)
-        print(gridworld.summary_table(manifest))
-        cfg.cot.data.path = cfg.coconut.data.path = cfg.data.output_dir
-        cot = run_stage(cfg.cot)
-        cfg.coconut.init_from = cot["export"]
-        coconut = run_stage(cfg.coconut)
-
-    held_out = f"{cfg.cot.data.eval_split} split, tasks {cfg.cot.data.tasks}, sizes {cfg.cot.data.sizes or 'all'}"
-    print(f"\nquickstart results ({held_out})")
-    print(f"{'model':<10}{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}")
-    for stage in (cot, coconut):
-        for mode, r in stage["eval"].items():
-            print(f"{stage['stage']:<10}{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}"
-                  f"{r['latents_per_answer']:>9}{r['n']:>6}")
-    print(f"\ndata: {cfg.data.output_dir}   models: {cot['export']}, {coconut['export']}")
-    print(f"MLflow: pipeline run {parent_id} in {tracking_uri()}")
-    uri = tracking_uri()
-    print(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (predictions: {Path(coconut['run_dir']) / 'eval'})")
+    run(load_config(QuickstartConfig, args.config, args.overrides))
     return 0
 
 

@@ -38,7 +38,7 @@ from mmreason.sweep import LATENCY, SearchSpace, SweepConfig, build_space, check
 
 TUNE_BOOKKEEPING = {"done", "date", "pid", "hostname", "node_ip", "timestamp", "iterations_since_restore",
                     "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "time_this_iter_s", "time_total_s",
-                    "time_since_restore"}
+                    "time_since_restore", "checkpoint_path"}
 PER_EPOCH_METRICS = ("epoch", "stage", "loss", "lr", "samples_per_s", "eval_accuracy", "eval_tokens_per_answer")
 
 
@@ -217,23 +217,6 @@ def press_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     ray.tune.report({**metrics, "label": _label(point), "run_name": run_name})
 
 
-def _report_epochs_to_tune() -> Any:
-    """Ray Train's per-epoch reports → this Tune trial, for ASHA. Ray's `TuneReportCallback` does
-    the forwarding; `jobs.train` builds its own RunConfig, so it is installed through Ray Train's
-    RAY_TRAIN_CALLBACKS hook, which wants a controller-side ReportCallback (an internal class)."""
-    from ray.train.v2._internal.execution.callback import ReportCallback
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ReportEpochsToTune(ReportCallback):
-        def __init__(self) -> None:
-            self._to_tune = TuneReportCallback()
-
-        def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
-            self._to_tune.after_report(run_context=None, metrics=metrics, checkpoint=None)
-
-    return ReportEpochsToTune
-
-
 def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     import ray.tune
 
@@ -243,9 +226,12 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     point = config["point"]
     run_name = f"{plan['name']}-{trial_id}"
     cfg = _stage_point(plan, point["values"], run_name)
-    if plan.get("asha"):
-        os.environ["RAY_TRAIN_CALLBACKS"] = "jobs.sweep.ReportEpochsToTune"
-    out = train.run_stage(cfg)
+    callbacks = []
+    if plan.get("asha"):  # every epoch's report reaches Tune, so ASHA can stop the trial
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    out = train.run_stage(cfg, callbacks)
     metrics = _numeric(out["train"])
     for mode, res in out["eval"].items():  # accuracy, tokens, seconds and (measured) KV bytes per eval mode
         metrics.update({f"{mode}_{k}": v for k, v in _numeric(res).items()})
@@ -255,12 +241,6 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         metrics.update(_press_eval(plan, press, f"{run_name}-eval", checkpoint=out["export"],
                                    backbone=cfg.model.backbone))
     ray.tune.report({**metrics, "label": _label(point), "run_name": run_name})
-
-
-def __getattr__(name: str) -> Any:  # RAY_TRAIN_CALLBACKS imports the class by its dotted path
-    if name == "ReportEpochsToTune":
-        return _report_epochs_to_tune()
-    raise AttributeError(name)
 
 
 # ---------------------------------------------------------------- the driver

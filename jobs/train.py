@@ -73,6 +73,20 @@ def train_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
     return entries
 
 
+def check_visual_thoughts(cfg: TrainConfig) -> None:
+    """MVoT's visual thoughts need a family that writes images and rows that carry step images."""
+    from mmreason.models.base import Family
+
+    family = get_spec(cfg.model.backbone).family
+    if family.drawn_images is Family.drawn_images:
+        raise ConfigError(f"visual_thoughts.enabled: the {family.name} family ({cfg.model.backbone}) cannot write "
+                          f"images; MVoT's visual thoughts need an anole-family backbone (tiny-anole, anole-7b)")
+    rows = held_out_rows(cfg, 1)
+    if rows and not rows[0].get("step_images"):
+        raise ConfigError(f"visual_thoughts.enabled: rows in {cfg.data.path} have no step_images "
+                          f"(render the dataset with step_images=true)")
+
+
 def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     """A streaming Ray Dataset over the training shards, and its row count (from the manifest)."""
     import ray.data
@@ -98,8 +112,10 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     return ds, n_rows
 
 
-def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """Run the stage on Ray Train; returns the final worker metrics."""
+def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
+        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the stage on Ray Train; returns the final worker metrics. `callbacks`: Ray Train
+    `UserCallback`s (e.g. Tune's `TuneReportCallback`, which a stage sweep passes for ASHA)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -123,7 +139,9 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None) -> 
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=str(Path(cfg.storage).resolve()),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       callbacks=list(callbacks)),
         datasets={"train": ds},
     )
     result = trainer.fit()
@@ -156,8 +174,8 @@ def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[s
     return results
 
 
-def run_stage(cfg: TrainConfig) -> dict[str, Any]:
-    """Check, train, export, evaluate, and track one stage."""
+def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Check, train, export, evaluate, and track one stage (`callbacks`: see `fit`)."""
     import mlflow
 
     from mmreason.tracking import stage_run
@@ -167,12 +185,14 @@ def run_stage(cfg: TrainConfig) -> dict[str, Any]:
     cfg.storage = str(Path(cfg.storage).resolve())
     model_path = resolve_model_path(cfg)
     train_shards(cfg)
+    if cfg.visual_thoughts.enabled:
+        check_visual_thoughts(cfg)
     if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
         rows = held_out_rows(cfg, 1)
         if rows:
             Rewards(cfg.rl.rewards).dry_run(rows[0], cfg.rl.sampling.max_new_tokens)
     with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
-        metrics = fit(cfg, model_path, run.info.run_id)
+        metrics = fit(cfg, model_path, run.info.run_id, callbacks)
         export = cfg.run_dir / "export"
         results = evaluate_export(cfg, export, cfg.run_dir / "eval")
         for mode, res in results.items():

@@ -210,6 +210,38 @@ def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
         assert forward(family, batch, labels=labels).loss > 1e30
 
 
+def test_visual_thoughts_interleave_each_steps_drawn_state_in_the_targets(tiny_dir, rows):
+    """MVoT layout: step text, then the state it reaches as `<racm3:break>` codes `<eoss>` (all in the
+    labels); a step image that is the prompt image again is not drawn; latents drop their steps'
+    images too; a family that cannot write images says so."""
+    family = load_backbone("tiny-anole", tiny_dir("tiny-anole"))
+    row = rows[0]
+    steps, pictures = row["steps"], row["step_images"]
+    assert len(pictures) == len(steps) and pictures[0] == row["images"][0]  # the transcription looks at the prompt
+    plain = family.encode(row)
+    drawn = family.encode(row, visual_thoughts=True)
+    assert drawn.input_ids[: drawn.prompt_len] == plain.input_ids[: plain.prompt_len]
+    target = drawn.input_ids[drawn.prompt_len:]
+    assert drawn.labels[drawn.prompt_len:] == target and set(drawn.labels[: drawn.prompt_len]) == {IGNORE}
+    runs = family.drawn_images(pictures[1:])
+    assert len(target) == len(plain.input_ids) - plain.prompt_len + sum(len(r) for r in runs)
+    starts = [i for i, t in enumerate(target) if t == family.image_start_id]
+    assert len(starts) == len(steps) - 1  # every step but the transcription draws its state
+    for start, run in zip(starts, runs):
+        assert target[start:start + len(run)] == run and len(run) == family.codes_per_image + 2
+    # the image comes right after its step's text
+    text_of = family.tokenizer.decode(target[: starts[0]]).replace(" ", "").replace("\n", "")
+    assert text_of == (steps[0] + steps[1]).replace(" ", "")
+    latent = family.encode(row, "latent", n_latent_steps=2, visual_thoughts=True)
+    assert latent.input_ids.count(family.image_start_id) - plain.input_ids.count(family.image_start_id) \
+        == len(steps) - 2
+    vanilla = family.encode(row, "vanilla", visual_thoughts=True)
+    assert vanilla.input_ids == family.encode(row, "vanilla").input_ids
+    internvl = load_backbone("tiny-internvl", tiny_dir("tiny-internvl"))
+    with pytest.raises(ValueError, match="internvl family reads images but cannot write them"):
+        internvl.encode(row, visual_thoughts=True)
+
+
 def test_visual_token_discrepancy_is_expected_codebook_distance():
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # mean sq. distance = (i-j)²/2
     code_ids = torch.tensor([10, 11, 12, 13])

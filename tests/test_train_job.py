@@ -54,6 +54,7 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
         ("model.backbone=tiny-gpt", ConfigError, "unknown backbone 'tiny-gpt'"),
         ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl', 'dare'\\], got 'rlhf'"),
         ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
+        ("visual_thoughts.enabled=true", ConfigError, "the internvl family \\(tiny-internvl\\) cannot write images"),
     ],
 )
 def test_bad_stage_inputs_fail_before_any_worker_starts(maze_data, tmp_path, override, error, needle):
@@ -79,12 +80,19 @@ def test_dataset_without_shards_and_foreign_checkpoints_are_named(maze_data, tmp
         train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"init_from={internvl}"))
 
 
-@pytest.mark.parametrize("backbone", ["tiny-anole", "tiny-phi4mm"])
-def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone):
+@pytest.mark.parametrize("backbone, extra", [("tiny-anole", "visual_thoughts.enabled=true"),
+                                             ("tiny-phi4mm", "visual_thoughts.enabled=false")])
+def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone,
+                                                                      extra):
+    """tiny-internvl: test_cot_stage_…; tiny-anole with MVoT's visual thoughts (drawn step images in
+    the targets, the discrepancy loss logged)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}",
+    out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}", extra,
                                     "eval.modes={cot: {max_new_tokens: 8}}"))
     assert out["train"]["steps_per_epoch"] == 5 and out["train"]["loss"] > 0
+    assert ("visual_discrepancy" in out["train"]) == extra.endswith("true")
+    if extra.endswith("true"):
+        assert out["train"]["visual_discrepancy"] > 0
     family = load_backbone(backbone, out["export"])
     assert family.model.config.model_type in family.model_types
     assert out["eval"]["cot"]["n"] == 6

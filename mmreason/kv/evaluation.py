@@ -174,9 +174,14 @@ def _track(cfg: PressEvalConfig, row: dict[str, Any], out_dir: Path) -> None:
         mlflow.log_artifacts(str(out_dir), artifact_path="evaluate")
 
 
-def results_table(row: dict[str, Any]) -> str:
+def results_table(rows: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """A fixed-width table of evaluation rows (one row, or several: a press per line)."""
+    rows = [rows] if isinstance(rows, dict) else rows
     keys = ("press", "accuracy", "kv_fraction_prefill", "kv_fraction_peak", "retained_text_prefill",
             "retained_vision_prefill", "prefill_ms_per_example", "decode_tokens_per_s")
-    cells = [f"{row.get(k, ''):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-    width = [max(len(k), len(c)) + 2 for k, c in zip(keys, cells)]
-    return "\n".join(["".join(k.rjust(w) for k, w in zip(keys, width)), "".join(c.rjust(w) for c, w in zip(cells, width))])
+    cells = [[f"{row.get(k, ''):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+             for row in rows]
+    width = [max(len(k), *(len(c[i]) for c in cells)) + 2 for i, k in enumerate(keys)]
+    lines = ["".join(k.rjust(w) for k, w in zip(keys, width))]
+    lines += ["".join(c.rjust(w) for c, w in zip(line, width)) for line in cells]
+    return "\n".join(lines)

@@ -187,6 +187,11 @@ class AnoleFamily(Family):
             return torch.empty(0, self.codes_per_image, dtype=torch.long)
         return self._codes_as_tokens(self.image_inputs(images)["pixel_values"])
 
+    def drawn_images(self, images: list[Any]) -> list[list[int]]:
+        """Each image as the model writes it: `<racm3:break>`, its VQ codes' tokens, `<eoss>`."""
+        codes = self.image_token_ids(images).tolist()
+        return [[self.image_start_id, *row, self.image_end_id] for row in codes]
+
     def codebook_embeddings(self) -> torch.Tensor:
         """(K, D) VQ codebook, row k = code k: the space MVoT's discrepancy loss measures distance in."""
         return self.model.model.vqmodel.quantize.embedding.weight

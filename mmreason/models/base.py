@@ -7,6 +7,9 @@ Sequence layout (all families, all stages):
 
 Only the part after the prompt (and after the latents) is in the loss. `n` latents replace the
 first `n / c_thought` steps (CoCoNuT's curriculum); vanilla targets hold the answer sentence only.
+With visual thoughts (MVoT; families that write images: anole) each step is followed by the image
+of the state it reaches, as image-code tokens the model is trained to write:
+`STEP \n <racm3:break> codes… <eoss> STEP \n …`.
 
 A video question's prompt holds one `<video>` and its `images` are the clip's frames (joined with
 `mmreason.data.cinepile.attach_frames(..., keep_video=True)`); the family lays the frames out
@@ -135,9 +138,31 @@ class Family(abc.ABC):
                 ids += self._text_ids(part)
         return ids
 
+    def drawn_images(self, images: list[Any]) -> list[list[int]]:
+        """Token ids of images the model *writes* (MVoT's visual thoughts), one list per image;
+        only families whose vocabulary holds image codes (anole) can."""
+        raise ValueError(f"visual thoughts: the {self.name} family reads images but cannot write them "
+                         f"(use an anole-family backbone)")
+
+    def _target_ids(self, row: dict[str, Any], steps: list[str], first_step: int, visual_thoughts: bool) -> list[int]:
+        """The trained part: each step (then, with visual thoughts, the image of the state it reaches —
+        the row's `step_images[i]`, skipped where it is a prompt image again), then the answer, eos."""
+        if not visual_thoughts:
+            text = "".join(step + "\n" for step in steps) + answer_sentence(row["answer"])
+            return self._text_ids(text) + [self.tokenizer.eos_token_id]
+        shown = {bytes(im) for im in row["images"] if isinstance(im, (bytes, bytearray))}
+        pictures = list(row.get("step_images") or [])[first_step:first_step + len(steps)]
+        drawn_at = [i for i, im in enumerate(pictures) if not (isinstance(im, (bytes, bytearray)) and bytes(im) in shown)]
+        drawn = dict(zip(drawn_at, self.drawn_images([pictures[i] for i in drawn_at]) if drawn_at else []))
+        ids: list[int] = []
+        for i, step in enumerate(steps):
+            ids += self._text_ids(step + "\n") + drawn.get(i, [])
+        return ids + self._text_ids(answer_sentence(row["answer"])) + [self.tokenizer.eos_token_id]
+
     def encode(self, row: dict[str, Any], target: Target = "cot", n_latent_steps: int = 0,
-               c_thought: int = 1, with_target: bool = True) -> Encoded:
-        """Token ids and labels for one example row (see the module docstring for the layout)."""
+               c_thought: int = 1, with_target: bool = True, visual_thoughts: bool = False) -> Encoded:
+        """Token ids and labels for one example row (see the module docstring for the layout).
+        `visual_thoughts`: every step is followed by the image of its state, as tokens to write."""
         images = [as_pil(im) for im in row["images"]]
         if VIDEO in row["prompt"]:
             if IMAGE in row["prompt"] or row["prompt"].count(VIDEO) != 1 or not images:
@@ -162,8 +187,8 @@ class Family(abc.ABC):
         if not with_target:
             ids = prompt + latents
             return Encoded(ids, [IGNORE] * len(ids), images, n_latents, len(prompt))
-        text = "".join(step + "\n" for step in steps) + answer_sentence(row["answer"])
-        target_ids = self._text_ids(text) + [self.tokenizer.eos_token_id]
+        first_step = n_latent_steps if target == "latent" else 0
+        target_ids = self._target_ids(row, steps, first_step, visual_thoughts and target != "vanilla")
         ids = prompt + latents + target_ids
         # latents and their markers are inputs, never targets (generation inserts them itself)
         labels = [IGNORE] * (len(prompt) + len(latents)) + target_ids

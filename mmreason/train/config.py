@@ -44,6 +44,21 @@ class DataConfig:
 
 
 @dataclass
+class VisualThoughts:
+    """MVoT (arXiv 2501.07542): the model draws the state after each reasoning step."""
+
+    enabled: bool = False
+    """Train on interleaved text + image thoughts: each step followed by its `step_images` entry as
+    image-code tokens (anole family; rows rendered with step images)."""
+    discrepancy_weight: float = 1.0
+    """Weight of the visual-token discrepancy loss (expected codebook distance) next to cross-entropy."""
+
+    def __post_init__(self) -> None:
+        if self.discrepancy_weight < 0:
+            raise ConfigError(f"visual_thoughts.discrepancy_weight must be >= 0, got {self.discrepancy_weight}")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -71,6 +86,8 @@ class TrainConfig:
     """The rl stage: GRPO (group size, rewards by dotted path, sampling, clip, KL)."""
     dare: DareStageConfig = field(default_factory=DareStageConfig)
     """The dare stage: per-modality KV routers (targets, router layer, ratio loss, temperature)."""
+    visual_thoughts: VisualThoughts = field(default_factory=VisualThoughts)
+    """cot / coconut on an anole-family backbone: MVoT's interleaved visual thoughts."""
     continual_backprop: ContinualBackpropConfig = field(default_factory=ContinualBackpropConfig)
     """Continual backprop on the MLP units, in any stage (off by default)."""
     video: VideoInput = field(default_factory=VideoInput)
@@ -79,6 +96,9 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     deepspeed: str = "configs/deepspeed/zero2.json"
+    max_failures: int = 0
+    """Worker failures after which Ray Train still restarts the workers from the last checkpoint
+    (-1: always). A node drained for preemption (spot reclaim, autoscaler) is retried regardless."""
     keep_checkpoints: int = 2
     """Ray Train keeps this many latest checkpoints; the best export is kept apart."""
     seed: int = 0
@@ -88,10 +108,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage: unknown stage {self.stage!r} (known: {', '.join(STAGES)})")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be >= -1, got {self.max_failures}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+        if self.visual_thoughts.enabled and self.stage not in ("cot", "coconut"):
+            raise ConfigError(f"visual_thoughts: MVoT's visual thoughts are trained in the cot and coconut stages, "
+                              f"not {self.stage}")
 
     @property
     def run_dir(self) -> Path:

@@ -50,7 +50,8 @@ def encode_batch(family: Any, rows: list[dict], cfg: TrainConfig, epoch: int, rn
     for row in rows:
         stage = cfg.coconut.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
         target = "latent" if stage > 0 else "cot"
-        items.append(family.encode(row, target, stage, cfg.coconut.c_thought))
+        items.append(family.encode(row, target, stage, cfg.coconut.c_thought,
+                                   visual_thoughts=cfg.visual_thoughts.enabled))
     return family.collate(items, align_latents=True)
 
 
@@ -139,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cfg.stage == "coconut" and cfg.reset_optimizer and epoch > start_epoch and stage != cfg.coconut.stage(epoch - 1):
             _reset_optimizer_state(engine)
         engine.train()
-        t0, seen, losses, rl_steps, ratios = time.perf_counter(), 0, [], [], []
+        t0, seen, losses, rl_steps, ratios, discrepancies = time.perf_counter(), 0, [], [], [], []
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
         for step, table in enumerate(batches):
@@ -161,7 +162,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 batch = encode_batch(family, rows, cfg, epoch, rng)
                 if press:
                     set_temperature(press, cfg.dare, global_step, total_steps)
-                loss, _ = latent_forward(family, batch)
+                loss, logits = latent_forward(family, batch)
+                if cfg.visual_thoughts.enabled:  # MVoT: near-miss image codes cost less than far ones
+                    discrepancy = family.visual_token_discrepancy(logits, batch["labels"])
+                    loss = loss + cfg.visual_thoughts.discrepancy_weight * discrepancy
+                    discrepancies.append(discrepancy.item())
                 if press:
                     loss, ratio = dare_loss(press, loss, cfg.dare)
                     ratios.append(ratio)
@@ -178,6 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for key in rl_steps[0]:
                 total = sum(m[key] for m in rl_steps)
                 metrics[key if key.endswith("seconds") else f"rl_{key}"] = total if key.endswith("seconds") else total / len(rl_steps)
+        if discrepancies:
+            metrics["visual_discrepancy"] = sum(discrepancies) / len(discrepancies)
         if cbp:
             metrics["cbp_replaced"] = cbp.replaced
         if press and rank == 0 and eval_rows:

@@ -1,0 +1,122 @@
+"""Accuracy vs KV memory of every press on one trained maze model, side by side at matched budgets.
+
+    python benchmarks/kv_presses.py                                  # the benchmark model (configs/bench)
+    python benchmarks/kv_presses.py --checkpoint runs/quickstart/train/quickstart-cot/export \
+        --data runs/quickstart/data/gridworld --sizes 3 --rows 100
+
+For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
+cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
+no press, TOVA (factor f), DARE (rho_text = rho_vis = f, from layer 0, with a router the dare stage
+trains on this model unless --dare-router names one), CoSRe (DCT 4×4 → 2×2 on images + shared
+slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
+measured (`KVMeter`): `kv_fraction_peak` is the cache's peak during decoding over the full cache's,
+`kv_fraction_prefill` right after the prompt — kvpress presses compress the prompt only, ours
+every step. Writes benchmarks/results/kv_presses.json, a table, and an accuracy-vs-KV plot (PNG +
+HTML, Pareto front in red).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mmreason.config import load_config  # noqa: E402
+from mmreason.eval.pareto import pareto_front, plot_front  # noqa: E402
+from mmreason.kv.evaluation import PressEvalConfig, results_table, run_press_eval  # noqa: E402
+from mmreason.train.dare_stage import ROUTER_FILE  # noqa: E402
+
+KVPRESS = ("snapkv", "streaming_llm", "knorm", "expected_attention", "tova")
+
+
+def presses(kept: float, router: str | None) -> list[dict]:
+    out = [{"name": "tova", "factor": kept, "min_size": 4},
+           {"name": "cosre", "block": 4, "keep_h": 2, "keep_w": 2, "slots": 8, "residual_text": kept,
+            "residual_vis": kept}]
+    if router:
+        out.append({"name": "dare", "rho_text": kept, "rho_vis": kept, "layer": 0, "router_path": router})
+    out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4)} for m in KVPRESS]
+    return out
+
+
+def train_router(checkpoint: str, data: str, sizes: list[int], out: Path) -> str:
+    """The dare stage on this model (frozen backbone, targets 0.5, router from layer 0)."""
+    from jobs.train import run_stage
+    from mmreason.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
+        f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
+        "run_name=bench-dare", "dare.rho_text=0.5", "dare.rho_vis=0.5", "dare.layer=0", "data.max_train_rows=4000",
+        "optim.epochs=1", "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}"])
+    return str(Path(run_stage(cfg)["export"]) / ROUTER_FILE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/bench/train/bench-cot/export")
+    parser.add_argument("--data", default="runs/bench/data/gridworld")
+    parser.add_argument("--sizes", default="3,4")
+    parser.add_argument("--rows", type=int, default=200, help="held-out rows (interleaved over sizes)")
+    parser.add_argument("--kept", default="0.5,0.25", help="kept fractions of the KV cache")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dare-router", default=None, help="a trained router (default: train one here)")
+    parser.add_argument("--no-dare", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path("runs/bench/kv_presses")
+
+    router = None
+    t0 = time.perf_counter()
+    if not args.no_dare:
+        router = args.dare_router or train_router(str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train")
+    train_s = time.perf_counter() - t0
+
+    base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [
+        f"model.checkpoint={args.checkpoint}", f"data.path={args.data}", f"data.sizes={json.dumps(sizes)}",
+        f"max_examples={args.rows}", f"generation.max_new_tokens={args.max_new_tokens}", f"output_dir={work / 'eval'}",
+        "batch_size=25", "threads=2"])
+    settings = [{"name": "none"}] + [p for kept in (float(k) for k in args.kept.split(",")) for p in presses(kept, router)]
+    rows = []
+    for press in settings:
+        cfg = copy.deepcopy(base)
+        cfg.press = press
+        label = press["name"] + "".join(f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
+        cfg.run_name = "bench-" + label.replace(" ", "-").replace(":", "-").replace("=", "")
+        row = run_press_eval(cfg, log=lambda *a, **k: None)
+        row["label"] = label
+        rows.append(row)
+        print(f"{label:<48} accuracy {row['accuracy']:.3f}  kv_fraction_peak {row['kv_fraction_peak']:.3f}  "
+              f"prefill {row['kv_fraction_prefill']:.3f}  {row['seconds']:.1f}s", flush=True)
+
+    full = rows[0]["accuracy"]
+    for row in rows:
+        row["accuracy_drop_points"] = 100.0 * (full - row["accuracy"])
+    print()
+    print(results_table(rows))
+    objectives = [("accuracy", "max"), ("kv_fraction_peak", "min")]
+    front = pareto_front(rows, objectives)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_front(rows, front, objectives, "label", out.with_suffix(".png"), out.with_suffix(".html"),
+               title="presses on the maze cot model: accuracy vs KV bytes (peak, fraction of full)")
+    keep = ("label", "press", "press_settings", "n", "accuracy", "accuracy_drop_points", "kv_fraction_prefill",
+            "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "kv_bytes_peak",
+            "prefill_ms_per_example", "decode_tokens_per_s", "press_fraction_of_decode", "tokens_per_answer")
+    report = {"checkpoint": args.checkpoint, "data": args.data, "sizes": sizes, "rows": rows[0]["n"],
+              "router": router, "router_train_seconds": train_s,
+              "results": [{k: r.get(k) for k in keep} for r in rows],
+              "pareto_front": [rows[i]["label"] for i in front]}
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nPareto front: {', '.join(report['pareto_front'])}")
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.html')}")
+
+
+if __name__ == "__main__":
+    main()
