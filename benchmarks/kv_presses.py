@@ -6,8 +6,9 @@
 
 For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
 cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
-no press, TOVA (factor f), DARE (rho_text = rho_vis = f, from layer 0, with a router the dare stage
-trains on this model unless --dare-router names one), CoSRe (DCT 4×4 → 2×2 on images + shared
+no press, TOVA (factor f), DARE (rho_text = rho_vis = f, from layer 0, with the router and model of
+a dare stage run here on this model — DARE's way, backbone trained with the router, unless
+`--dare-backbone frozen` — or given by `--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
 slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
 measured (`KVMeter`): `kv_fraction_peak` is the cache's peak during decoding over the full cache's,
 `kv_fraction_prefill` right after the prompt — kvpress presses compress the prompt only, ours
@@ -35,26 +36,33 @@ from mmreason.train.dare_stage import ROUTER_FILE  # noqa: E402
 KVPRESS = ("snapkv", "streaming_llm", "knorm", "expected_attention", "tova")
 
 
-def presses(kept: float, router: str | None) -> list[dict]:
+def presses(kept: float, dare_export: str | None) -> list[dict]:
     out = [{"name": "tova", "factor": kept, "min_size": 4},
            {"name": "cosre", "block": 4, "keep_h": 2, "keep_w": 2, "slots": 8, "residual_text": kept,
             "residual_vis": kept}]
-    if router:
-        out.append({"name": "dare", "rho_text": kept, "rho_vis": kept, "layer": 0, "router_path": router})
-    out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4)} for m in KVPRESS]
+    if dare_export:
+        out.append({"name": "dare", "rho_text": kept, "rho_vis": kept, "layer": 0,
+                    "router_path": str(Path(dare_export) / ROUTER_FILE)})
+    # kvpress's SnapKV observation window defaults to 64 queries: a maze prompt is ~70 tokens
+    out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
+            for m in KVPRESS]
     return out
 
 
-def train_router(checkpoint: str, data: str, sizes: list[int], out: Path) -> str:
-    """The dare stage on this model (frozen backbone, targets 0.5, router from layer 0)."""
+def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbone: str, rows: int,
+                 epochs: int) -> str:
+    """The dare stage on this model (targets 0.5, router from layer 0); returns its export, which
+    holds the router (and, with `backbone=full`, the model trained to decode under it)."""
     from jobs.train import run_stage
     from mmreason.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
-        "run_name=bench-dare", "dare.rho_text=0.5", "dare.rho_vis=0.5", "dare.layer=0", "data.max_train_rows=4000",
-        "optim.epochs=1", "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}"])
-    return str(Path(run_stage(cfg)["export"]) / ROUTER_FILE)
+        f"run_name=bench-dare-{backbone}", "dare.rho_text=0.5", "dare.rho_vis=0.5", "dare.layer=0",
+        f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
+        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003",
+        "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}"])
+    return run_stage(cfg)["export"]
 
 
 def main() -> None:
@@ -65,28 +73,37 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200, help="held-out rows (interleaved over sizes)")
     parser.add_argument("--kept", default="0.5,0.25", help="kept fractions of the KV cache")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--dare-router", default=None, help="a trained router (default: train one here)")
+    parser.add_argument("--dare-export", default=None, help="a dare stage's export (default: train one here)")
+    parser.add_argument("--dare-backbone", choices=("frozen", "full"), default="full",
+                        help="the dare stage trains the router only, or the model with it (DARE's way)")
+    parser.add_argument("--dare-rows", type=int, default=8000)
+    parser.add_argument("--dare-epochs", type=int, default=2)
     parser.add_argument("--no-dare", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path("runs/bench/kv_presses")
 
-    router = None
+    dare_export = None
     t0 = time.perf_counter()
     if not args.no_dare:
-        router = args.dare_router or train_router(str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train")
+        dare_export = args.dare_export or train_router(str(Path(args.checkpoint).resolve()), args.data, sizes,
+                                                       work / "train", args.dare_backbone, args.dare_rows,
+                                                       args.dare_epochs)
     train_s = time.perf_counter() - t0
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [
         f"model.checkpoint={args.checkpoint}", f"data.path={args.data}", f"data.sizes={json.dumps(sizes)}",
         f"max_examples={args.rows}", f"generation.max_new_tokens={args.max_new_tokens}", f"output_dir={work / 'eval'}",
         "batch_size=25", "threads=2"])
-    settings = [{"name": "none"}] + [p for kept in (float(k) for k in args.kept.split(",")) for p in presses(kept, router)]
+    settings = [{"name": "none"}] + [p for kept in (float(k) for k in args.kept.split(","))
+                                     for p in presses(kept, dare_export)]
     rows = []
     for press in settings:
         cfg = copy.deepcopy(base)
         cfg.press = press
+        if press["name"] == "dare":  # the dare stage's model (retrained with the router when backbone=full)
+            cfg.model.checkpoint = dare_export
         label = press["name"] + "".join(f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
         cfg.run_name = "bench-" + label.replace(" ", "-").replace(":", "-").replace("=", "")
         row = run_press_eval(cfg, log=lambda *a, **k: None)
@@ -110,7 +127,8 @@ def main() -> None:
             "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "kv_bytes_peak",
             "prefill_ms_per_example", "decode_tokens_per_s", "press_fraction_of_decode", "tokens_per_answer")
     report = {"checkpoint": args.checkpoint, "data": args.data, "sizes": sizes, "rows": rows[0]["n"],
-              "router": router, "router_train_seconds": train_s,
+              "dare_export": dare_export, "dare_backbone": None if args.dare_export else args.dare_backbone,
+              "dare_train_seconds": train_s,
               "results": [{k: r.get(k) for k in keep} for r in rows],
               "pareto_front": [rows[i]["label"] for i in front]}
     out.write_text(json.dumps(report, indent=2))
