@@ -57,6 +57,7 @@ def widened(tmp: Path, hidden: int, layers: int) -> Path:
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 4 * hidden, layers
     text.num_attention_heads, text.num_key_value_heads, text.max_position_embeddings = 8, 2, 16384
+    text.layer_types = [text.layer_types[0]] * layers
     torch.manual_seed(0)
     model = spec.family.model_class(config)
     out = tmp / "wide"
