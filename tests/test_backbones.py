@@ -210,6 +210,43 @@ def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
         assert forward(family, batch, labels=labels).loss > 1e30
 
 
+def test_a_tokenizer_without_coconut_tokens_gets_them_on_load(tmp_path, monkeypatch, rows):
+    """Real checkpoints' tokenizers have no `<|latent|>` & co.: loading adds them as special tokens,
+    grows the embeddings, starts the new rows as copies of the eos row (no `<<` token here), and a
+    CoCoNuT forward then runs; the export keeps them."""
+    from mmreason.latent.coconut import latent_forward
+    from mmreason.models import ensure_latent_tokens, tiny_corpus
+    from mmreason.models import tokenizer as tok_module
+    from mmreason.models.internvl import InternVLFamily
+
+    latents = (tok_module.START_LATENT, tok_module.LATENT, tok_module.END_LATENT)
+    monkeypatch.setattr(tok_module, "SPECIAL_TOKENS", [t for t in tok_module.SPECIAL_TOKENS if t not in latents])
+    tokenizer = tok_module.build_word_tokenizer(tiny_corpus(), extra_special=InternVLFamily.extra_tokens)
+    assert not set(latents) & set(tokenizer.get_vocab())
+    spec = get_spec("tiny-internvl")
+    model = spec.family.model_class(spec.tiny_config(tokenizer))
+    before = model.get_input_embeddings().weight.shape[0]
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+
+    family = load_backbone("tiny-internvl", tmp_path / "m")
+    ids = family.tokenizer.convert_tokens_to_ids(list(latents))
+    assert sorted(ids) == list(range(before, before + 3))
+    assert [family.start_latent_id, family.latent_id, family.end_latent_id] == ids
+    table = family.model.get_input_embeddings().weight
+    assert table.shape[0] == before + 3
+    eos = family.tokenizer.eos_token_id
+    assert all(torch.equal(table[i], table[eos]) for i in ids)
+    batch = family.collate([family.encode(rows[0], "latent", n_latent_steps=1)], align_latents=True)
+    loss, _ = latent_forward(family, batch)
+    assert torch.isfinite(loss)
+    assert ensure_latent_tokens(family.model, family.tokenizer) == []  # idempotent
+    family.model.save_pretrained(tmp_path / "export")
+    family.tokenizer.save_pretrained(tmp_path / "export")
+    again = load_backbone("tiny-internvl", tmp_path / "export")
+    assert again.tokenizer.convert_tokens_to_ids(list(latents)) == ids
+
+
 def test_visual_thoughts_interleave_each_steps_drawn_state_in_the_targets(tiny_dir, rows):
     """MVoT layout: step text, then the state it reaches as `<racm3:break>` codes `<eoss>` (all in the
     labels); a step image that is the prompt image again is not drawn; latents drop their steps'

@@ -23,7 +23,7 @@ from mmreason.models.internvl import InternVLFamily
 from mmreason.models.internvl import tiny_config as tiny_internvl_config
 from mmreason.models.phi4mm import Phi4MMFamily
 from mmreason.models.phi4mm import tiny_config as tiny_phi4mm_config
-from mmreason.models.tokenizer import build_word_tokenizer
+from mmreason.models.tokenizer import END_LATENT, LATENT, START_LATENT, build_word_tokenizer
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,32 @@ def check_checkpoint(name: str, path: str | Path) -> None:
         )
 
 
+def ensure_latent_tokens(model: Any, tokenizer: Any) -> list[str]:
+    """CoCoNuT's `<|start-latent|>`, `<|latent|>`, `<|end-latent|>` as special tokens of `tokenizer`.
+
+    A real checkpoint's tokenizer has none of them (the tiny vocabularies are built with them): add
+    the missing ones, grow the embeddings (and an untied output layer) if the new ids do not fit,
+    and start each new row as a copy of the row of `<<` (CoCoNuT's own initialisation; the eos
+    token's where `<<` is not one token). Returns the tokens added. Saved with the next export."""
+    missing = [t for t in (START_LATENT, LATENT, END_LATENT) if t not in tokenizer.get_vocab()]
+    if not missing:
+        return []
+    tokenizer.add_tokens(missing, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    seed = tokenizer.encode("<<", add_special_tokens=False)
+    source = seed[0] if len(seed) == 1 else tokenizer.eos_token_id
+    ids = tokenizer.convert_tokens_to_ids(missing)
+    with torch.no_grad():
+        tables = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not tables[0]:
+            tables.append(head.weight)
+        for table in tables:
+            table[ids] = table[source].clone()
+    return missing
+
+
 def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Family:
     """Load backbone `name` from `path` (a local checkpoint; for real backbones a hub id is allowed)."""
     spec = get_spec(name)
@@ -125,8 +151,9 @@ def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype 
         check_checkpoint(name, path)
     model = spec.family.model_class.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_latent_tokens(model, tokenizer)  # a real checkpoint's tokenizer has no CoCoNuT tokens
     return spec.family(model, tokenizer)
 
 
 __all__ = ["BACKBONES", "BackboneSpec", "CheckpointError", "Family", "build_tiny", "check_checkpoint",
-           "get_spec", "load_backbone"]
+           "ensure_latent_tokens", "get_spec", "load_backbone"]
