@@ -45,25 +45,19 @@ SETTINGS = [
 
 
 def widened(tmp: Path, hidden: int, layers: int) -> Path:
-    """tiny-internvl with a wider, deeper text model, random weights, saved like any checkpoint."""
-    from transformers import AutoTokenizer
-
+    """tiny-internvl with a wider, deeper text model and random weights, saved like any checkpoint
+    (build_tiny's folder, its model replaced)."""
     from mmreason.models import get_spec
 
-    small = build_tiny("tiny-internvl", tmp / "small")
-    tokenizer = AutoTokenizer.from_pretrained(small)
+    out = build_tiny("tiny-internvl", tmp / "wide")
     spec = get_spec("tiny-internvl")
-    config = spec.tiny_config(tokenizer)
+    config = spec.family.model_class.config_class.from_pretrained(out)
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 4 * hidden, layers
     text.num_attention_heads, text.num_key_value_heads, text.max_position_embeddings = 8, 2, 16384
     text.layer_types = [text.layer_types[0]] * layers
     torch.manual_seed(0)
-    model = spec.family.model_class(config)
-    out = tmp / "wide"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "mmreason_backbone.txt").write_text("tiny-internvl\n")
+    spec.family.model_class(config).save_pretrained(out)
     return out
 
 

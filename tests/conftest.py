@@ -18,6 +18,15 @@ def maze_passages(n: int, maze_info: str) -> set[frozenset]:
     return open_edges
 
 
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store for this test (MLFLOW_TRACKING_URI), outside any pipeline run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MMREASON_PARENT_RUN_ID", raising=False)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds)."""

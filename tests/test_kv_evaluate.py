@@ -35,20 +35,12 @@ def model_dir(tmp_path_factory):
     return build_tiny("tiny-internvl", tmp_path_factory.mktemp("kvmodel") / "m")
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MMREASON_PARENT_RUN_ID", raising=False)
-    return uri
-
-
 def args(maze_dir, model_dir, out, *extra):
     return ["configs/eval/press-maze.yaml", f"model.checkpoint={model_dir}", f"data.path={maze_dir}", "data.sizes=[3]",
             f"output_dir={out}", "generation.max_new_tokens=12", "max_examples=2", "batch_size=2", *extra]
 
 
-def test_evaluate_runs_end_to_end_and_writes_csv_json_and_mlflow(maze_dir, model_dir, tmp_path, mlflow_uri):
+def test_evaluate_runs_end_to_end_and_writes_csv_json_and_mlflow(maze_dir, model_dir, tmp_path, mlflow_store):
     import mlflow
 
     out = tmp_path / "eval"
@@ -70,7 +62,7 @@ def test_evaluate_runs_end_to_end_and_writes_csv_json_and_mlflow(maze_dir, model
     detail = json.loads((out / "tova" / "result.json").read_text())
     assert len(detail["kv_bytes_prefill_per_layer"]) == 2
     assert len((out / "tova" / "predictions.jsonl").read_text().splitlines()) == 2
-    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=["mmreason-eval"], filter_string="tags.stage = 'evaluate'")
     assert set(runs["tags.press"]) == {"none", "tova"}
     assert "metrics.kv_fraction_prefill" in runs and "metrics.accuracy" in runs

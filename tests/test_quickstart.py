@@ -29,14 +29,12 @@ def toy(tmp_path, *extra: str) -> quickstart.QuickstartConfig:
 
 @pytest.mark.integration
 def test_quickstart_full_flow_leaves_one_pipeline_run_with_stages_presses_and_sweep_trials(
-        tmp_path, monkeypatch, ray_session):
+        tmp_path, mlflow_store, ray_session):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = quickstart.run(toy(tmp_path))
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("mmreason-pipeline")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     by_id = {r.info.run_id: r for r in runs}
@@ -89,13 +87,12 @@ def test_quickstart_full_flow_leaves_one_pipeline_run_with_stages_presses_and_sw
     (["presses={h2o: {}}"], "presses.h2o: press: unknown press 'h2o'"),
     (["sweep.presses={cosre: {block: 2, keep_h: {grid: [4]}}}"], "keep_h must be in [1, block=2], got 4"),
 ])
-def test_bad_quickstart_input_fails_before_any_work(tmp_path, monkeypatch, extra, needle):
+def test_bad_quickstart_input_fails_before_any_work(tmp_path, monkeypatch, mlflow_store, extra, needle):
     import pipelines
 
     def no_work(*a, **k):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(pipelines.gridworld, "run", no_work)
     with pytest.raises(ConfigError) as err:
         quickstart.run(toy(tmp_path, *extra))

@@ -168,12 +168,14 @@ def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys
     import ray.tune
 
     import pipelines
+    from jobs import train  # imported now: it binds `init_ray` at import, which must not be the patch below
 
     def no_trials(*a, **k):
         raise AssertionError("a trial (or Ray) started before the input was checked")
 
     monkeypatch.setattr(ray.tune, "Tuner", no_trials)
     monkeypatch.setattr(pipelines, "init_ray", no_trials)
+    monkeypatch.setattr(train, "init_ray", no_trials)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{eval_inputs['root'] / 'mlflow.db'}")
     for key, value in env.items():
         monkeypatch.setenv(key, value.format(port=_closed_port()))
@@ -197,21 +199,13 @@ def test_a_trial_bigger_than_the_cluster_is_refused_before_it_starts(maze_data, 
         job.run_sweep(job.load(args[0], args[1:]))
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MMREASON_PARENT_RUN_ID", raising=False)
-    return uri
-
-
 def _children(client, parent_id: str) -> list:
     experiment = client.get_run(parent_id).info.experiment_id
     return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
 @pytest.mark.integration
-def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ray_session, store, capsys):
+def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ray_session, mlflow_store, capsys):
     import mlflow
 
     args = sweep_args(eval_inputs, "name=grid", "presses={tova: {factor: {grid: [0.25, 1.0]}, min_size: 1}, "
@@ -220,7 +214,7 @@ def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ra
     out = job.run_sweep(cfg)
     assert "Pareto front" in capsys.readouterr().out
 
-    client = mlflow.MlflowClient(store)
+    client = mlflow.MlflowClient(mlflow_store)
     parent = client.get_run(out["parent_run_id"])
     assert client.get_experiment(parent.info.experiment_id).name == "mmreason-sweep"
     assert parent.data.tags["stage"] == "sweep" and parent.data.metrics["trials"] == 3
@@ -249,7 +243,7 @@ def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ra
 
 
 @pytest.mark.integration
-def test_optuna_multi_objective_sweep(eval_inputs, ray_session, store):
+def test_optuna_multi_objective_sweep(eval_inputs, ray_session, mlflow_store):
     import mlflow
 
     args = sweep_args(eval_inputs, "name=opt", "search={algorithm: optuna, num_samples: 2, seed: 3}",
@@ -257,14 +251,14 @@ def test_optuna_multi_objective_sweep(eval_inputs, ray_session, store):
                       "objectives=[{metric: accuracy, mode: max}, {metric: kv_bytes_peak, mode: min}]")
     out = job.run_sweep(job.load(args[0], args[1:]))
     assert [r["status"] for r in out["rows"]] == ["done", "done"]
-    children = _children(mlflow.MlflowClient(store), out["parent_run_id"])
+    children = _children(mlflow.MlflowClient(mlflow_store), out["parent_run_id"])
     factors = sorted(float(r.data.params["press.factor"]) for r in children)
     assert len(factors) == 2 and factors[0] != factors[1] and 0.2 <= factors[0] and factors[1] <= 1.0
 
 
 @pytest.mark.integration
 def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maze_data, eval_inputs, ray_session,
-                                                                            store, tmp_path):
+                                                                            mlflow_store, tmp_path):
     """Train V2 inside Tune: each trial runs jobs.train's dare stage (its own TorchTrainer) at its
     retention target; the per-epoch reports reach Tune (what ASHA acts on), the export's pruned KV
     cache is measured, and no trial's MLflow run is left RUNNING."""
@@ -286,7 +280,7 @@ def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maz
         assert row["epoch"] == 1 and 0 <= row["cot_accuracy"] <= 1 and row["cot_kv_bytes_peak"] > 0
     if len(done) == 2:  # keeping a quarter of the image entries holds fewer bytes than keeping all
         assert done[0.25]["cot_retained_vision_prefill"] < done[1.0]["cot_retained_vision_prefill"]
-    client = mlflow.MlflowClient(store)
+    client = mlflow.MlflowClient(mlflow_store)
     children = _children(client, out["parent_run_id"])
     assert {r.data.tags["stage"] for r in children} == {"dare"} and len(children) == 2
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)

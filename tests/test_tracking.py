@@ -21,14 +21,6 @@ from mmreason.config import ConfigError, config_hash
 
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    return uri
-
-
 def _dataset(path: Path, **extra) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     manifest = {"dataset": "gridworld", "schema_version": 1, "total_rows": 4,
@@ -60,7 +52,7 @@ def test_tags_name_commit_config_and_dataset(tmp_path, monkeypatch):
         tracking.git_state.cache_clear()
 
 
-def test_stage_families_and_nesting(store, tmp_path):
+def test_stage_families_and_nesting(mlflow_store, tmp_path):
     import mlflow
 
     data = str(_dataset(tmp_path / "d"))
@@ -71,7 +63,7 @@ def test_stage_families_and_nesting(store, tmp_path):
             nested = run.info.run_id
         with tracking.pipeline_run("mmreason", "sw", family="sweep", params={"name": "sw"}) as sweep:
             pass
-    client = mlflow.MlflowClient(store)
+    client = mlflow.MlflowClient(mlflow_store)
     experiment = {r: client.get_experiment(client.get_run(r).info.experiment_id).name
                   for r in (alone, parent, nested, sweep)}
     assert experiment == {alone: "mmreason-train", parent: "mmreason-pipeline", nested: "mmreason-pipeline",
@@ -102,11 +94,11 @@ def test_unreachable_tracking_uris_are_named(uri, needle):
 
 
 @pytest.mark.integration
-def test_mmreason_mlflow_serves_the_local_store_on_localhost(store, tmp_path):
+def test_mmreason_mlflow_serves_the_local_store_on_localhost(mlflow_store, tmp_path):
     with tracking.stage_run("mmreason", "seen-in-ui", {"a": 1}, tags={"stage": "cot"}):
         pass
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mmreason"), "mlflow", "--port", str(port)], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
