@@ -234,3 +234,40 @@ def test_dare_training_forward_masks_attention_and_trains_the_router():
     assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
     fam.model.zero_grad()
     router.eval()
+
+
+@pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole"])
+@pytest.mark.parametrize("make", [lambda: TovaPress(cache_size=20), lambda: TovaPress(factor=0.5, min_size=4),
+                                  lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0)],
+                         ids=["tova-fixed", "tova-dynamic", "dare"])
+def test_the_decode_step_eviction_keeps_what_full_selection_keeps(family_name, make, monkeypatch):
+    """`drop_lowest`/`evict` (one entry out per step, moved-last-into-slot) against the full
+    top-budget selection at every step: the same tokens, and per layer the same cached entries."""
+    from mmreason.kv.base import LayerCall
+
+    fam = tiny_family(family_name)
+    batch = batch_of(fam, rows())
+    settings = GenerationSettings(max_new_tokens=8)
+    evicted = []
+
+    def kept(session):
+        return {layer: [sorted(st.col[b, 0][st.valid[b, 0]].tolist()) for b in range(st.col.shape[0])]
+                for layer, st in session.states.items()}
+
+    torch.manual_seed(0)
+    press = make()  # one press for both runs: an untrained DARE router is drawn at random once
+    real_evict = LayerCall.evict
+    monkeypatch.setattr(LayerCall, "evict", lambda call, index: (evicted.append(index), real_evict(call, index))[1])
+    with torch.no_grad(), press(fam) as session:
+        tokens = generate(fam, batch, 0, settings)
+        entries = kept(session)
+        steps, layers = session.forward_index, len(session.states)
+    monkeypatch.setattr(LayerCall, "drop_lowest", lambda call, scores, budgets: False)
+    with torch.no_grad(), press(fam) as session:
+        assert generate(fam, batch, 0, settings) == tokens
+        assert kept(session) == entries
+    if isinstance(press, TovaPress) and press.cache_size:  # every row over by one at every step
+        assert steps >= 7 and len(evicted) == steps * layers
+    elif isinstance(press, DarePress) and family_name == "tiny-internvl":  # at steps where no row's text budget grew
+        # (a random tiny Anole writes image tokens at some steps: then two modalities are over)
+        assert evicted

@@ -100,10 +100,17 @@ class LayerState:
         return out
 
 
-def keep_top(scores: torch.Tensor, budget: torch.Tensor | int, eligible: torch.Tensor) -> torch.Tensor:
-    """(B, H, L) bool: per (row, head) the `budget` (int or (B,)) highest-scoring eligible entries."""
+def keep_top(scores: torch.Tensor, budget: torch.Tensor | int, eligible: torch.Tensor,
+             cols: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L) bool: per (row, head) the `budget` (int or (B,)) highest-scoring eligible entries;
+    of equal scores the earlier one is kept — earlier in the sequence when `cols` (B, H, L) is given
+    (a cache `evict` has reordered), else earlier in the tensor."""
     s = scores.float().masked_fill(~eligible, float("-inf"))
-    order = s.argsort(dim=-1, descending=True, stable=True)
+    if cols is None:
+        order = s.argsort(dim=-1, descending=True, stable=True)
+    else:
+        by_col = cols.argsort(dim=-1, stable=True)
+        order = by_col.gather(-1, s.gather(-1, by_col).argsort(dim=-1, descending=True, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
     if isinstance(budget, torch.Tensor):
@@ -181,8 +188,8 @@ class LayerCall:
         q = self.query[:, :, -window:].float().reshape(b, hk, groups * window, d)
         scaling = self.attn_kwargs.get("scaling") or d ** -0.5
         logits = (q @ self.keys.float().transpose(-1, -2) * scaling).view(b, hq, window, length)
-        mask = self.session.additive_mask(self.state, self.query_cols()[-window:], groups, torch.float32, always=True)
-        probs = (logits + mask).softmax(-1)
+        mask = self.session.additive_mask(self.state, self.query_cols()[-window:], groups, torch.float32)
+        probs = (logits if mask is None else logits + mask).softmax(-1)
         if window == 1:
             self._last_attention = probs
         return probs
@@ -209,6 +216,57 @@ class LayerCall:
         idx = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.replace(self.keys.gather(2, idx), self.values.gather(2, idx), new)
         return True
+
+    def drop_lowest(self, scores: torch.Tensor, budgets: dict) -> bool:
+        """Decode-step fast path of top-budget selection. `scores` (B, L), higher is kept;
+        `budgets` {modality or None (= all): (B,) or int}. At a step that added one entry, a cache
+        that met its budgets is over by at most one entry per modality: when every row is over by
+        exactly one in one modality (or by none anywhere), evict that modality's lowest-scoring
+        entry per row (`evict`) and return True — the same entries `keep_top` would keep, ties
+        included. Return False, touching nothing, where that does not hold (several queries,
+        per-head entries, rows over by different counts): the caller then selects in full."""
+        st = self.state
+        if self.q_len != 1 or st.per_head or scores.dim() != 2:
+            return False
+        valid, mod = st.valid[:, 0], st.mod[:, 0]
+        over_by_one = []
+        for modality, k in budgets.items():
+            eligible = valid if modality is None else valid & (mod == modality)
+            lo, hi = torch.aminmax(eligible.sum(-1) - (k.to(valid.device) if isinstance(k, torch.Tensor) else k))
+            lo, hi = int(lo), int(hi)
+            if hi <= 0:
+                continue
+            if lo != 1 or hi != 1:
+                return False
+            over_by_one.append(eligible)
+        if len(over_by_one) > 1:
+            return False
+        if over_by_one:  # the lowest score; of equal ones the latest in the sequence (as keep_top)
+            s = scores.float().masked_fill(~over_by_one[0], math.inf)
+            lowest = s == s.amin(-1, keepdim=True)
+            self.evict(st.col[:, 0].masked_fill(~lowest, -1).argmax(-1))
+        return True
+
+    def evict(self, index: torch.Tensor) -> None:
+        """Drop one entry per row, (B,) indices (the same in every head): the last entry moves
+        into each dropped slot and the last slot is cut off — a few small writes where `keep`
+        gathers the whole cache. Entry order changes; nothing reads it (causality and positions
+        come from `col` and `pos`)."""
+        st = self.state
+        rows = torch.arange(index.shape[0], device=index.device)
+        last = st.length - 1
+
+        def move(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, ...): in place, then a view
+            t[rows, :, index] = t[:, :, last]
+            return t[:, :, :last]
+
+        layer = self.cache_layer
+        layer.keys, layer.values = move(self.keys), move(self.values)
+        new = LayerState.from_fields({k: move(v) for k, v in st.fields().items()})
+        new.per_head = st.per_head
+        self.session.states[self.layer_idx] = new
+        self.session.compressed = True
+        self._last_attention = None
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor, state: LayerState) -> None:
         """Put new cache entries (and their metadata) in place of this layer's."""
@@ -301,15 +359,15 @@ class ScorePress(Press):
     def budget(self, call: LayerCall) -> dict[int, torch.Tensor | int]:
         raise NotImplementedError
 
-    def select(self, call: LayerCall) -> torch.Tensor:
+    def select(self, call: LayerCall, scores: torch.Tensor | None = None) -> torch.Tensor:
         st = call.state
-        scores = self.score(call)
+        scores = self.score(call) if scores is None else scores
         if scores.dim() == 2:
             scores = scores[:, None, :].expand_as(st.valid)
         keep = st.valid & ~torch.isin(st.mod, torch.tensor(list(self.budget_modalities()), device=st.mod.device))
         for modality, k in self.budget(call).items():
             eligible = st.valid if modality is None else st.valid & (st.mod == modality)
-            keep |= keep_top(scores, k, eligible)
+            keep |= keep_top(scores, k, eligible, st.col)
         return keep
 
     def budget_modalities(self) -> tuple[int, ...]:
@@ -317,7 +375,10 @@ class ScorePress(Press):
         return (TEXT, VISION, SHARED)
 
     def compress(self, call: LayerCall) -> None:
-        call.keep(self.select(call))
+        scores = self.score(call)
+        if not call.prefill and call.drop_lowest(scores, self.budget(call)):
+            return
+        call.keep(self.select(call, scores))
 
 
 # --- the session: hooks and state while a press is applied --------------------------------------
@@ -365,7 +426,8 @@ class Session:
         self.rope = Rope(self.decoder.rotary_emb)
         self.orig_impl = self.config._attn_implementation or "eager"
         self.handles: list[Any] = []
-        self.stats: dict[str, float] = {"press_seconds": 0.0, "generations": 0}
+        self.stats: dict[str, float] = {"press_seconds": 0.0, "press_prefill_seconds": 0.0,
+                                        "press_decode_seconds": 0.0, "generations": 0}
         self.ids_fresh: list[torch.Tensor] = []
         self._reset(None)
 
@@ -541,7 +603,8 @@ class Session:
             out = probs.view(b, key.shape[1], groups, length).to(value.dtype) @ value
             out = out.view(b, hq, 1, -1).transpose(1, 2).contiguous()
             out = (out, None)
-        elif not self.compressed and state.log_mass is None:
+        elif (not self.compressed or self.forward_index == 0) and state.log_mass is None:
+            # (in the prompt's forward no layer's cache is touched before its own attention ran)
             out = orig(module, query, key, value, attention_mask, **kwargs)
         else:
             mask = self.additive_mask(state, call.query_cols(), groups, query.dtype)
@@ -552,7 +615,9 @@ class Session:
         if not self.press.keeps_everything() and self.cache is not None:
             t0 = time.perf_counter()
             self.press.compress(call)
-            self.stats["press_seconds"] += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stats["press_seconds"] += seconds
+            self.stats["press_prefill_seconds" if self.forward_index == 0 else "press_decode_seconds"] += seconds
         return out
 
     def _soft_attention(self, call, query, key, value, soft, groups, kwargs):

@@ -196,10 +196,13 @@ class DarePress(Press):
             return
         st = call.state
         seen = call.session.seen_by_mod
-        keep = st.valid & (st.mod != TEXT) & (st.mod != VISION)
         scores = st.extra["router"]
-        for m, rho in ((TEXT, self.rho_text), (VISION, self.rho_vis)):
-            keep |= keep_top(scores, target_count(rho, seen[:, m]), st.valid & (st.mod == m))
+        budgets = {m: target_count(rho, seen[:, m]) for m, rho in ((TEXT, self.rho_text), (VISION, self.rho_vis))}
+        if not call.prefill and call.drop_lowest(scores[:, 0], budgets):
+            return
+        keep = st.valid & (st.mod != TEXT) & (st.mod != VISION)
+        for m, k in budgets.items():
+            keep |= keep_top(scores, k, st.valid & (st.mod == m), st.col)
         call.keep(keep)
 
     def pop_masks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
