@@ -6,7 +6,7 @@
 
 For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
 cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
-no press, TOVA (factor f), DARE (rho_text = rho_vis = f, from layer 0, with the router and model of
+no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the router and model of
 a dare stage run here on this model — DARE's way, backbone trained with the router, unless
 `--dare-backbone frozen` — or given by `--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
 slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
@@ -41,7 +41,8 @@ def presses(kept: float, dare_export: str | None) -> list[dict]:
            {"name": "cosre", "block": 4, "keep_h": 2, "keep_w": 2, "slots": 8, "residual_text": kept,
             "residual_vis": kept}]
     if dare_export:
-        out.append({"name": "dare", "rho_text": kept, "rho_vis": kept, "layer": 0,
+        rho_text, rho_vis = dare_targets(kept)
+        out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0,
                     "router_path": str(Path(dare_export) / ROUTER_FILE)})
     # kvpress's SnapKV observation window defaults to 64 queries: a maze prompt is ~70 tokens
     out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
@@ -49,19 +50,28 @@ def presses(kept: float, dare_export: str | None) -> list[dict]:
     return out
 
 
+def dare_targets(kept: float) -> tuple[float, float]:
+    """DARE's per-modality targets for a kept fraction of the whole cache: a maze row is ~16 image
+    entries and ~105 text ones (prompt + answer), and its image is read once, for the transcription
+    that opens the answer — so the image is kept whole while the budget allows (ρ_vis = min(1,
+    2·kept)) and text takes the rest (ρ_text = 0.8·kept: 0.5 → 1.0 / 0.4, 0.25 → 0.5 / 0.2)."""
+    return round(0.8 * kept, 4), min(1.0, round(2 * kept, 4))
+
+
 def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbone: str, rows: int,
-                 epochs: int) -> str:
-    """The dare stage on this model (targets 0.5, router from layer 0); returns its export, which
-    holds the router (and, with `backbone=full`, the model trained to decode under it)."""
+                 epochs: int, kept: float, overrides: list[str]) -> str:
+    """The dare stage on this model (`dare_targets(kept)`, router from layer 0); returns its export,
+    which holds the router (and, with `backbone=full`, the model trained to decode under it)."""
+    rho_text, rho_vis = dare_targets(kept)
     from jobs.train import run_stage
     from mmreason.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
-        f"run_name=bench-dare-{backbone}", "dare.rho_text=0.5", "dare.rho_vis=0.5", "dare.layer=0",
+        f"run_name=bench-dare-{backbone}-{kept}" + "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides), f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
         f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
         "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003",
-        "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}"])
+        "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])
     return run_stage(cfg)["export"]
 
 
@@ -78,6 +88,9 @@ def main() -> None:
                         help="the dare stage trains the router only, or the model with it (DARE's way)")
     parser.add_argument("--dare-rows", type=int, default=8000)
     parser.add_argument("--dare-epochs", type=int, default=2)
+    parser.add_argument("--dare-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the dare stage's config (repeatable), e.g. dare.ratio_weight=20")
+    parser.add_argument("--dare-kept", type=float, default=0.5, help="the kept fraction the dare stage trains for")
     parser.add_argument("--no-dare", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
     args = parser.parse_args()
@@ -89,7 +102,7 @@ def main() -> None:
     if not args.no_dare:
         dare_export = args.dare_export or train_router(str(Path(args.checkpoint).resolve()), args.data, sizes,
                                                        work / "train", args.dare_backbone, args.dare_rows,
-                                                       args.dare_epochs)
+                                                       args.dare_epochs, args.dare_kept, args.dare_set)
     train_s = time.perf_counter() - t0
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [

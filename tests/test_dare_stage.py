@@ -31,6 +31,8 @@ def test_dare_targets_are_checked_when_the_config_loads():
         load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.rho_vis=1.5"])
     with pytest.raises(ConfigError, match=r"'dare.backbone' must be one of \['frozen', 'full'\], got 'lora'"):
         load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.backbone=lora"])
+    with pytest.raises(ConfigError, match=r"'dare.masks' must be one of \['gumbel', 'topk', 'decode'\], got 'soft'"):
+        load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.masks=soft"])
 
 
 def test_dare_stage_learns_the_keep_targets_with_the_backbone_frozen(maze_data, tmp_path, monkeypatch):

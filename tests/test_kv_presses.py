@@ -236,6 +236,36 @@ def test_dare_training_forward_masks_attention_and_trains_the_router():
     router.eval()
 
 
+def test_dare_topk_training_masks_keep_what_inference_keeps_and_train_the_router():
+    from mmreason.config import ConfigError
+    from mmreason.latent.coconut import latent_forward
+
+    fam = tiny_family("tiny-internvl")
+    batch = fam.collate([fam.encode(r, "cot") for r in rows()])
+    torch.manual_seed(0)
+    router = DareRouter(fam.model.config.text_config.hidden_size)
+    press = DarePress(rho_text=0.4, rho_vis=0.75, layer=1, train_masks="topk")
+    press.router = router.train()
+    with press(fam):
+        loss, _ = latent_forward(fam, batch)
+        (keep, modality, valid), = press.masks
+        reg = press.ratio_loss()
+    # exactly round(ρ·n) per row and modality — the top-k inference keeps — so no ratio loss to speak of
+    hard = keep.detach().round()
+    assert torch.allclose(keep.detach(), hard, atol=1e-6)
+    for m, rho in ((TEXT, 0.4), (VISION, 0.75)):
+        member = valid & (modality == m)
+        assert (hard.bool() & member).sum(-1).tolist() == target_count(rho, member.sum(-1)).tolist()
+    assert float(reg) < 1e-3  # only the rounding of ρ·n
+    loss.backward()
+    grads = [p.grad for p in router.parameters()]
+    assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
+    fam.model.zero_grad()
+    router.eval()
+    with pytest.raises(ConfigError, match="train_masks"):
+        DarePress(train_masks="softmax")
+
+
 @pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole"])
 @pytest.mark.parametrize("make", [lambda: TovaPress(cache_size=20), lambda: TovaPress(factor=0.5, min_size=4),
                                   lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0)],
@@ -271,3 +301,42 @@ def test_the_decode_step_eviction_keeps_what_full_selection_keeps(family_name, m
     elif isinstance(press, DarePress) and family_name == "tiny-internvl":  # at steps where no row's text budget grew
         # (a random tiny Anole writes image tokens at some steps: then two modalities are over)
         assert evicted
+
+
+def test_dare_decode_training_masks_replay_what_inference_keeps():
+    """`train_masks="decode"`: for a row teacher-forced on the tokens DARE itself generated, every
+    query sees exactly the entries the inference press had cached at that step."""
+    from mmreason.latent.coconut import latent_forward
+    from mmreason.models.base import IGNORE
+    from mmreason.train.dare_stage import set_batch
+
+    fam = tiny_family("tiny-internvl")
+    row = rows()[0]
+    batch = batch_of(fam, [row])
+    prompt = batch["input_ids"].shape[1]
+    torch.manual_seed(0)
+    press = DarePress(rho_text=0.4, rho_vis=0.75, layer=0, train_masks="decode")
+    press.router = DareRouter(fam.model.config.text_config.hidden_size).eval()
+    cached = []  # the cache's columns after each forward (prompt, then one per decode step)
+    with torch.no_grad(), press(fam) as session:
+        hook = fam.model.register_forward_hook(lambda *a: cached.append(
+            set(session.states[0].col[0, 0][session.states[0].valid[0, 0]].tolist())))
+        tokens = generate(fam, batch, 0, GenerationSettings(max_new_tokens=24))[0]
+        hook.remove()
+    assert len(tokens) >= 12 and len(cached) >= len(tokens)
+
+    ids = torch.cat([batch["input_ids"], torch.tensor([tokens[:-1]])], dim=1)
+    forced = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids),
+                  labels=torch.cat([torch.full((1, prompt), IGNORE), torch.tensor([tokens[:-1]])], dim=1))
+    press.router.train()
+    set_batch(press, forced)
+    assert press.prompt_lengths.tolist() == [prompt]
+    with torch.no_grad(), press(fam) as session:
+        latent_forward(fam, forced)
+        visible = session.forward_scratch["dare_visible"][0].bool()
+    press.router.eval()
+    for step in range(len(tokens) - 1):  # the query fed after forward `step` sees what that forward left
+        query = prompt + step
+        assert set(visible[query].nonzero().flatten().tolist()) - {query} == cached[step], step
+    # and the prompt's queries see every earlier prompt token
+    assert bool(visible[:prompt, :prompt].equal(torch.ones(prompt, prompt).tril().bool()))

@@ -322,7 +322,8 @@ class Press:
         """After attention: shrink or rewrite this layer's cache (`call.keep`, `call.replace`)."""
 
     def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
-        """Differentiable keep weights (B, H, L) applied inside attention (training), or None."""
+        """Differentiable keep weights applied inside attention (training), or None: per key
+        (B, H, L), or per query and key (B, 1 or H, q, L)."""
         return None
 
     def keeps_everything(self) -> bool:
@@ -631,7 +632,10 @@ class Session:
         logits = (query @ k.transpose(-1, -2)) * scaling
         logits = logits + self.additive_mask(state, qcols, groups, logits.dtype)
         probs = logits.float().softmax(-1)
-        weights = soft.float()[:, :, None, :].expand(-1, -1, query.shape[2], -1)
+        if soft.dim() == 4:  # per query: (B, 1 or H, q, L)
+            weights = soft.float().expand(-1, key.shape[1], -1, -1)
+        else:
+            weights = soft.float()[:, :, None, :].expand(-1, -1, query.shape[2], -1)
         own = state.col[:, :, None, :] == qcols.view(1, 1, -1, 1)
         weights = torch.where(own, torch.ones_like(weights), weights)
         weights = weights.repeat_interleave(groups, dim=1) if groups > 1 else weights

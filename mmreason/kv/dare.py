@@ -91,6 +91,42 @@ def straight_through_topk(logits: torch.Tensor, modality: torch.Tensor, valid: t
     return hard - soft.detach() + soft
 
 
+def decode_visibility(logits: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, prompt_len: torch.Tensor,
+                      rho_text: float, rho_vis: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys each query of a teacher-forced row would see at inference, replaying the
+    inference press step by step: the prompt (`prompt_len` (B,) tokens) is one forward, then its
+    cache keeps the top round(ρ·n) entries per modality; every later token joins the cache and
+    the lowest-ranked entries are evicted down to the budget of the tokens seen so far (ranks by
+    logit, ties to the earlier token — `keep_top`). Returns (visible (B, T, T) bool — query i
+    sees key j —, survivors (B, T) bool at the row's end)."""
+    b, t = logits.shape
+    alive = torch.zeros(b, t, dtype=torch.bool, device=logits.device)
+    seen = torch.zeros(b, 2, dtype=torch.long, device=logits.device)
+    after = []  # survivors after each step's eviction
+    scores = logits.detach().float()[:, None]
+    for step in range(t):
+        new = valid[:, step]
+        alive[:, step] = new
+        for m, rho in ((TEXT, rho_text), (VISION, rho_vis)):
+            seen[:, m] += (new & (modality[:, step] == m)).long()
+        evicting = step >= prompt_len - 1  # the prompt's last token ends its forward
+        if bool(evicting.any()):
+            keep = alive & ~((modality == TEXT) | (modality == VISION))
+            for m, rho in ((TEXT, rho_text), (VISION, rho_vis)):
+                member = (alive & (modality == m))[:, None]
+                keep |= keep_top(scores, target_count(rho, seen[:, m]), member)[:, 0]  # index = column
+            alive = torch.where(evicting[:, None], keep, alive)
+        after.append(alive.clone())
+    survivors = torch.stack(after, dim=1)  # (B, step, key)
+    before = torch.cat([torch.zeros_like(survivors[:, :1]), survivors[:, :-1]], dim=1)  # after the previous step
+    q = torch.arange(t, device=logits.device)
+    causal = q[None, :, None] >= q[None, None, :]
+    in_prompt = q[None, :, None] < prompt_len[:, None, None]
+    own = q[None, :, None] == q[None, None, :]
+    visible = causal & (in_prompt | own | before) & valid[:, None, :]
+    return visible, survivors[:, -1]
+
+
 def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Hard 0/1 keep mask from a two-way Gumbel-softmax (keep vs drop), straight-through gradients."""
     pair = torch.stack([logits, torch.zeros_like(logits)], dim=-1)
@@ -141,6 +177,12 @@ class DarePress(Press):
     """Gumbel-softmax temperature (training; anneal with `anneal_temperature`)."""
     decode: bool = True
     """Keep text retention at rho_text during decoding too (re-select at every step)."""
+    train_masks: str = "gumbel"
+    """Training masks: "gumbel" (Dynamic-LLaVA's: per-token Gumbel keep/drop, the ratio loss pulls
+    the rate to ρ); "topk" (exactly round(ρ·n) per row and modality of the whole row by the
+    router's logits); "decode" (what inference keeps, query by query: `decode_visibility` replays
+    the prompt's pruning and every decode step's eviction; set `prompt_lengths` before each
+    forward). "topk" and "decode" pass straight-through sigmoid gradients to the router."""
 
     def __post_init__(self) -> None:
         check_fraction("rho_text", self.rho_text)
@@ -149,6 +191,10 @@ class DarePress(Press):
             raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if self.tau <= 0:
             raise ConfigError(f"tau must be > 0, got {self.tau}")
+        if self.train_masks not in ("gumbel", "topk", "decode"):
+            raise ConfigError(f"train_masks must be 'gumbel', 'topk' or 'decode', got {self.train_masks!r}")
+        self.prompt_lengths: torch.Tensor | None = None
+        """(B,) prompt tokens per row of the next training forward (train_masks="decode")."""
         self.router: DareRouter | None = load_router(self.router_path) if self.router_path else None
         self.masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         """Training: (keep, modality, valid) of every forward since the last `pop_masks()`."""
@@ -181,14 +227,38 @@ class DarePress(Press):
             logits = self.router(call.hidden_states, modality)
             call.scratch["dare"] = {"router": logits}
             if self.training:
-                keep = gumbel_keep(logits, self.tau)
+                valid = call.session.fwd_valid
+                if self.train_masks == "decode":
+                    keep = self._decode_masks(call, logits, modality, valid)
+                elif self.train_masks == "topk":
+                    keep = straight_through_topk(logits, modality, valid, self.rho_text, self.rho_vis)
+                else:
+                    keep = gumbel_keep(logits, self.tau)
                 call.scratch["dare"]["keep"] = keep
-                self.masks.append((keep, modality, call.session.fwd_valid))
+                self.masks.append((keep, modality, valid))
         return call.scratch["dare"]
+
+    def _decode_masks(self, call: LayerCall, logits: torch.Tensor, modality: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """train_masks="decode": per-query keep weights (kept in the forward's scratch for
+        `soft_keep`), and the row-end survivors as this forward's keep mask."""
+        if self.prompt_lengths is None or call.session.seen != call.q_len:
+            raise RuntimeError('train_masks="decode" needs prompt_lengths set and the whole row in one forward '
+                               "(no latent passes)")
+        visible, survivors = decode_visibility(logits, modality, valid, self.prompt_lengths.to(logits.device),
+                                               self.rho_text, self.rho_vis)
+        t = logits.shape[1]
+        q = torch.arange(t, device=logits.device)
+        decided = (q[:, None] >= self.prompt_lengths.to(logits.device)[:, None, None]) & (q[:, None] > q[None, :])
+        soft = torch.sigmoid(logits)[:, None, :]
+        call.scratch["dare_visible"] = visible.to(soft.dtype) + (soft - soft.detach()) * decided
+        return survivors.to(logits.dtype) + torch.sigmoid(logits) - torch.sigmoid(logits).detach()
 
     def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
         if not self.training or call.layer_idx < self.layer:
             return None
+        if self.train_masks == "decode":
+            return call.scratch["dare_visible"][:, None]  # (B, 1, q, L): per query, not an entry extra
         return call.state.extra["keep"]
 
     def compress(self, call: LayerCall) -> None:
@@ -223,5 +293,5 @@ class DarePress(Press):
         return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
 
 
-__all__ = ["DarePress", "DareRouter", "anneal_temperature", "gumbel_keep", "load_router", "ratio_loss",
+__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "gumbel_keep", "load_router", "ratio_loss",
            "save_router", "straight_through_topk", "target_count", "topk_keep"]

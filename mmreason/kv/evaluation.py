@@ -126,7 +126,7 @@ def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     kv = meter.summary()
     tokens = sum(p["n_tokens"] for p in result.predictions)
-    press_seconds = session.stats["press_seconds"] if session is not None else 0.0
+    stats = session.stats if session is not None else {}
     name = cfg.press["name"]
     settings = {k: v for k, v in cfg.press.items() if k != "name"}
     row: dict[str, Any] = {
@@ -135,9 +135,10 @@ def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
         "accuracy": result.accuracy, "tokens_per_answer": result.tokens_per_answer,
         **{k: v for k, v in kv.items() if not isinstance(v, list)},
         "decode_tokens_per_s": tokens / kv["decode_seconds"] if kv.get("decode_seconds") else 0.0,
-        "press_seconds": press_seconds,
-        "press_fraction_of_decode": press_seconds / max(kv.get("decode_seconds", 0.0) + kv.get("prefill_seconds", 0.0),
-                                                        1e-9),
+        "press_seconds": stats.get("press_seconds", 0.0),
+        "press_prefill_seconds": stats.get("press_prefill_seconds", 0.0),
+        # the press's own time in decode steps over the decode time (prompt-time work is in prefill)
+        "press_fraction_of_decode": stats.get("press_decode_seconds", 0.0) / max(kv.get("decode_seconds", 0.0), 1e-9),
         "seconds": seconds,
     }
     out_dir = Path(cfg.output_dir) / cfg.run_name

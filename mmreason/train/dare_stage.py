@@ -24,6 +24,7 @@ from torch import nn
 from mmreason.config import ConfigError
 from mmreason.kv.dare import DarePress, DareRouter, anneal_temperature, save_router
 from mmreason.kv.modality import TEXT, VISION
+from mmreason.models.base import IGNORE
 
 ROUTER_FILE = "dare_router.pt"
 """Saved next to the stage's exported backbone; `DarePress(router_path=...)` loads it."""
@@ -45,6 +46,9 @@ class DareStageConfig:
     """Gumbel temperature, annealed exponentially over the stage's steps."""
     backbone: Literal["frozen", "full"] = "frozen"
     """Train only the routers, or the backbone too."""
+    masks: Literal["gumbel", "topk", "decode"] = "gumbel"
+    """Training keep masks (`DarePress.train_masks`): Gumbel + ratio loss, the whole row's top-k,
+    or what decoding keeps query by query."""
 
     def __post_init__(self) -> None:
         for name in ("rho_text", "rho_vis"):
@@ -56,7 +60,7 @@ class DareStageConfig:
 
     def press(self, router_path: str | None = None) -> DarePress:
         return DarePress(rho_text=self.rho_text, rho_vis=self.rho_vis, layer=self.layer,
-                         router_width=self.router_width, router_path=router_path)
+                         router_width=self.router_width, router_path=router_path, train_masks=self.masks)
 
 
 class DareTrainee(nn.Module):
@@ -87,6 +91,13 @@ def set_temperature(press: DarePress, cfg: DareStageConfig, step: int, total: in
     press.tau = anneal_temperature(step, total, cfg.tau_start, cfg.tau_end)
 
 
+def set_batch(press: DarePress, batch: dict[str, torch.Tensor]) -> None:
+    """What the press needs of the next training batch: its rows' prompt lengths (the first
+    labelled position; `masks: decode` replays decoding from there)."""
+    labelled = batch["labels"] != IGNORE
+    press.prompt_lengths = torch.where(labelled.any(1), labelled.int().argmax(1), labelled.shape[1])
+
+
 def keep_rates(masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Fraction of valid text / image tokens a list of router masks keeps."""
     kept = {TEXT: 0.0, VISION: 0.0}
@@ -101,9 +112,10 @@ def keep_rates(masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
 
 @torch.no_grad()
 def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> dict[str, float]:
-    """The router's expected keep rate per modality on held-out rows — the mean keep probability
-    sigmoid(logit) of its two-way Gumbel-softmax, what training-mode masks keep on average. Rows
-    collated without latents (one forward each); run inside the press's session."""
+    """The router's keep rate per modality on held-out rows — with Gumbel masks the mean keep
+    probability sigmoid(logit), what they keep on average; with `topk` / `decode` masks the
+    fraction those masks keep (at the row's end). Rows collated without latents (one forward
+    each); run inside the press's session."""
     from mmreason.latent.coconut import latent_forward
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -112,14 +124,16 @@ def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> d
     try:
         for batch in batches:
             calls.clear()
+            set_batch(press, batch)
             latent_forward(family, batch)
             logits, modality = calls[0]
             masks.append((torch.sigmoid(logits.float()), modality, batch["attention_mask"].bool()))
     finally:
         handle.remove()
-        press.pop_masks()  # the Gumbel masks of these forwards are not training signal
-    return keep_rates(masks)
+        applied = press.pop_masks()  # not training signal
+    # Gumbel masks keep sigmoid(logit) on average; top-k masks keep exactly what they keep
+    return keep_rates(masks if press.train_masks == "gumbel" else applied)
 
 
 __all__ = ["DareStageConfig", "DareTrainee", "ROUTER_FILE", "build_trainee", "dare_loss", "held_out_keep_rates",
-           "keep_rates", "save_router", "set_temperature"]
+           "keep_rates", "save_router", "set_batch", "set_temperature"]

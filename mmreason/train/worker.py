@@ -31,7 +31,7 @@ from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
 from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
 from mmreason.train.dare_stage import (ROUTER_FILE, build_trainee, dare_loss, held_out_keep_rates, save_router,
-                                       set_temperature)
+                                       set_batch, set_temperature)
 
 STATE_TAG = "state"
 
@@ -162,6 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 batch = encode_batch(family, rows, cfg, epoch, rng)
                 if press:
                     set_temperature(press, cfg.dare, global_step, total_steps)
+                    set_batch(press, batch)
                 loss, logits = latent_forward(family, batch)
                 if cfg.visual_thoughts.enabled:  # MVoT: near-miss image codes cost less than far ones
                     discrepancy = family.visual_token_discrepancy(logits, batch["labels"])
