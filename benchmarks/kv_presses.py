@@ -6,8 +6,9 @@
 
 For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
 cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
-no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the router and model of
-a dare stage run here on this model — DARE's way, backbone trained with the router, unless
+no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the
+router and model of a dare stage run here on this model — DARE's way, backbone trained with the
+router under exact top-k masks (`dare.masks=topk`; change with `--dare-set`), unless
 `--dare-backbone frozen` — or given by `--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
 slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
 measured (`KVMeter`): `kv_fraction_peak` is the cache's peak during decoding over the full cache's,
@@ -68,9 +69,10 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
 
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
-        f"run_name=bench-dare-{backbone}-{kept}" + "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides), f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
+        f"run_name=bench-dare-{backbone}-{kept}-e{epochs}" + "".join("-" + o.split(".")[-1].replace("=", "")
+                                                             for o in overrides), f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
         f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
-        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003",
+        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", "dare.masks=topk",
         "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])
     return run_stage(cfg)["export"]
 
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--dare-backbone", choices=("frozen", "full"), default="full",
                         help="the dare stage trains the router only, or the model with it (DARE's way)")
     parser.add_argument("--dare-rows", type=int, default=8000)
-    parser.add_argument("--dare-epochs", type=int, default=2)
+    parser.add_argument("--dare-epochs", type=int, default=3)
     parser.add_argument("--dare-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the dare stage's config (repeatable), e.g. dare.ratio_weight=20")
     parser.add_argument("--dare-kept", type=float, default=0.5, help="the kept fraction the dare stage trains for")
