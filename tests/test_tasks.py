@@ -207,3 +207,19 @@ def test_canvas_locates_cells_of_drawn_discs():
     canvas.disc(img, 3, 1, AGENT_RGB)
     assert find_color_cell(img, AGENT_RGB, canvas) == (3, 1)
     assert find_color_cell(np.zeros((64, 64, 3), np.uint8), AGENT_RGB, canvas) is None
+
+
+def test_frozenlake_start_boxed_in_by_holes_and_the_goal_still_builds():
+    """A start whose every neighbour is a hole or the goal has no safe walk: the "safe" target
+    falls back to a hole (found at row frozenlake-n3-train-s0-000381 of a 1 500-row job)."""
+    from mmreason.tasks.frozenlake import LakeMap, plan_moves, simulate
+
+    lake = LakeMap(("FHF", "HSH", "FGF"))
+    for seed in range(20):
+        for target in ("goal", "hole", "safe"):
+            moves = plan_moves(np.random.default_rng(seed), lake, target)
+            assert moves, target
+            _, outcome = simulate(lake, moves)
+            assert outcome == ("goal" if target == "goal" else "hole"), (target, moves)
+    generate_example(TASKS["frozenlake"], 3, "train", 381, 0, {"train": 0.8, "val": 0.1, "test": 0.1},
+                     RenderOptions(step_images=False))

@@ -112,10 +112,13 @@ def sample_lake(rng: np.random.Generator, n: int) -> LakeMap:
 
 
 def _safe_walk(rng: np.random.Generator, lake: LakeMap, cell: Cell, length: int) -> tuple[list[str], Cell]:
-    """Random moves that never enter a hole or the goal (bumping the edge is allowed)."""
+    """Random moves that never enter a hole or the goal (bumping the edge is allowed); shorter
+    than `length` where every move from a cell is into a hole or the goal."""
     moves = []
     for _ in range(length):
         options = [d for d in DIRECTIONS if lake.safe(lake.move(cell, d))]
+        if not options:
+            break
         direction = options[int(rng.integers(len(options)))]
         moves.append(direction)
         cell = lake.move(cell, direction)
@@ -125,7 +128,10 @@ def _safe_walk(rng: np.random.Generator, lake: LakeMap, cell: Cell, length: int)
 def plan_moves(rng: np.random.Generator, lake: LakeMap, target: str) -> list[str]:
     """Moves aimed at outcome `target`; gymnasium decides the outcome actually reached."""
     if target == "safe":
-        return _safe_walk(rng, lake, lake.start, int(rng.integers(1, 2 * lake.n + 1)))[0]
+        walk = _safe_walk(rng, lake, lake.start, int(rng.integers(1, 2 * lake.n + 1)))[0]
+        if walk:
+            return walk
+        target = "hole"  # the start is boxed in by holes and the goal: no safe walk exists
     detour, cell = _safe_walk(rng, lake, lake.start, int(rng.integers(0, 3)))
     if target == "goal":
         tail = lake.route(cell, lambda c: c == lake.goal)
