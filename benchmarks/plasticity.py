@@ -93,7 +93,7 @@ def main() -> None:
             with pipeline_run("mmreason-bench", f"plasticity-{'cbp' if cbp else 'plain'}"):
                 results["continual_backprop" if cbp else "plain"] = run_sequence(data, str(Path(tmp) / "runs"), args, cbp)
     names = [t for t, _ in SEQUENCE]
-    XX
+    print(f"\n{'held-out accuracy':<20}" + "".join(f"{t:>14}" for t in names) + f"{'final task':>12}")
     for cond, r in results.items():
         print(f"{cond + ' (own stage)':<20}" + "".join(f"{r['after_own_stage'][t]:>14.3f}" for t in names)
               + f"{r['final_task_accuracy']:>12.3f}")

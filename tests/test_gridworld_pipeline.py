@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from mmreason.config import ConfigError, load_config
+from mmreason.config import load_config
 from mmreason.data import load_examples, ray_dataset, read_table
 from mmreason.data.gridworld import GridworldConfig, plan_shards, split_counts
 from mmreason.data.shards import CorruptShardError, read_manifest

@@ -4,7 +4,6 @@ DeepSpeed's own view of the master weights and optimizer state; bad rl input fai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

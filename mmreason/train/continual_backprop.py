@@ -36,7 +36,6 @@ several datasets in sequence is one continual run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
