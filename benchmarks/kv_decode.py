@@ -79,7 +79,8 @@ class NeverEnds:
 def run_one(family, batch, press_name: str, settings: dict, new_tokens: int) -> dict:
     press = make_press(press_name, settings)
     gen = GenerationSettings(max_new_tokens=new_tokens)
-    with torch.no_grad(), (press(family) if press else nullcontext()) as session, KVMeter(family.model, session) as meter:
+    applied = press(family) if press else nullcontext()
+    with torch.no_grad(), applied as session, KVMeter(family.model, session) as meter:
         t0 = time.perf_counter()
         out = generate(family, batch, 0, gen)
         seconds = time.perf_counter() - t0

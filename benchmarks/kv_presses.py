@@ -67,10 +67,12 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
     from jobs.train import run_stage
     from mmreason.train.config import TrainConfig
 
+    # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
+    name = f"bench-dare-{backbone}-{kept}-e{epochs}" + "".join("-" + o.split(".")[-1].replace("=", "")
+                                                              for o in overrides)
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
-        f"run_name=bench-dare-{backbone}-{kept}-e{epochs}" + "".join("-" + o.split(".")[-1].replace("=", "")
-                                                             for o in overrides), f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
+        f"run_name={name}", f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
         f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
         "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", "dare.masks=topk",
         "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])

@@ -250,9 +250,10 @@ class DarePress(Press):
         t = logits.shape[1]
         q = torch.arange(t, device=logits.device)
         decided = (q[:, None] >= self.prompt_lengths.to(logits.device)[:, None, None]) & (q[:, None] > q[None, :])
-        soft = torch.sigmoid(logits)[:, None, :]
-        call.scratch["dare_visible"] = visible.to(soft.dtype) + (soft - soft.detach()) * decided
-        return survivors.to(logits.dtype) + torch.sigmoid(logits) - torch.sigmoid(logits).detach()
+        soft = torch.sigmoid(logits)
+        straight = soft - soft.detach()  # zero, with the sigmoid's gradient
+        call.scratch["dare_visible"] = visible.to(soft.dtype) + straight[:, None, :] * decided
+        return survivors.to(soft.dtype) + straight
 
     def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
         if not self.training or call.layer_idx < self.layer:
@@ -293,5 +294,5 @@ class DarePress(Press):
         return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
 
 
-__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "gumbel_keep", "load_router", "ratio_loss",
-           "save_router", "straight_through_topk", "target_count", "topk_keep"]
+__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "gumbel_keep", "load_router",
+           "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep"]
