@@ -300,7 +300,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
         )
         grid = tuner.fit()
         rows = _rows(grid)
-        _close_stopped_runs(parent_id)
+        _close_trial_runs(parent_id, rows)
         done = [r for r in rows if r["status"] == "done"]
         if not done:
             errors = [r.get("error", "") for r in rows]
@@ -342,15 +342,21 @@ def _rows(grid: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _close_stopped_runs(parent_id: str) -> None:
-    """Trials that ASHA stopped (or that died) leave their MLflow runs RUNNING: mark them KILLED."""
+def _close_trial_runs(parent_id: str, rows: list[dict[str, Any]]) -> None:
+    """End the MLflow runs of trials that did not finish. A trial ASHA stops ends KILLED: stopped
+    between reports it closed its run itself (KILLED, or FAILED where the stop surfaced as an
+    error), killed mid-stage it left the run RUNNING. A trial that errored ends FAILED."""
     import mlflow
 
     client = mlflow.MlflowClient()
     experiment = client.get_run(parent_id).info.experiment_id
-    running = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment], running):
-        client.set_terminated(run.info.run_id, "KILLED")
+    status = {r["trial_id"]: r["status"] for r in rows if r["trial_id"]}
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        trial = status.get(run.data.tags.get("trial_id", ""))
+        if trial == "stopped" and run.info.status in ("RUNNING", "FAILED"):
+            client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if trial == "error" else "KILLED")
 
 
 def _write_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], run_dir: Path, name: str) -> list[int]:

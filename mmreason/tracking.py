@@ -116,6 +116,19 @@ def _enter_experiment(mlflow: Any, experiment: str, parent_id: str | None) -> No
 
 
 @contextmanager
+def _killed_on_exit() -> Iterator[None]:
+    """End the active run KILLED when its process is told to stop — Ray Tune stops a trial (ASHA)
+    with SystemExit in it, a user with Ctrl-C — rather than FAILED, which MLflow would record."""
+    import mlflow
+
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt):
+        mlflow.end_run("KILLED")
+        raise
+
+
+@contextmanager
 def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
     """A child run for one stage under the pipeline's parent run (created here if none is active).
 
@@ -135,7 +148,8 @@ def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str
     try:
         with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=all_tags) as run:
             mlflow.log_params(flatten(params))
-            yield run
+            with _killed_on_exit():
+                yield run
     finally:
         if own_parent is not None:
             mlflow.end_run()
@@ -157,7 +171,8 @@ def pipeline_run(experiment: str, name: str, family: str = "pipeline",
             mlflow.log_params(flatten(params))
         os.environ[PARENT_ENV] = run.info.run_id
         try:
-            yield run.info.run_id
+            with _killed_on_exit():
+                yield run.info.run_id
         finally:
             if previous is None:
                 os.environ.pop(PARENT_ENV, None)

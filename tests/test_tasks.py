@@ -223,3 +223,25 @@ def test_frozenlake_start_boxed_in_by_holes_and_the_goal_still_builds():
             assert outcome == ("goal" if target == "goal" else "hole"), (target, moves)
     generate_example(TASKS["frozenlake"], 3, "train", 381, 0, {"train": 0.8, "val": 0.1, "test": 0.1},
                      RenderOptions(step_images=False))
+
+
+def test_recheck_appends_a_restatement_to_its_share_of_examples_and_changes_nothing_else():
+    """`recheck` adds one closing step that restates every earlier step (its state image repeats
+    the last one) to about that share of examples; the rest of each row is the row without it."""
+    for task, size in (("maze", 3), ("frozenlake", 4), ("minibehavior", 8)):
+        plain = rows(task, size, 60)
+        verbose = rows(task, size, 60, opts=RenderOptions(image_size=64, step_images=True, recheck=0.5))
+        checked = 0
+        for a, b in zip(plain, verbose):
+            meta_a, meta_b = json.loads(a["meta"]), json.loads(b["meta"])
+            assert meta_b.pop("recheck") == (len(b["steps"]) == len(a["steps"]) + 1)
+            assert meta_a == meta_b and b["prompt"] == a["prompt"] and b["answer"] == a["answer"]
+            assert b["steps"][: len(a["steps"])] == a["steps"] and b["images"] == a["images"]
+            if len(b["steps"]) > len(a["steps"]):
+                checked += 1
+                assert b["steps"][-1] == "Check: " + " ".join(a["steps"])
+                assert b["step_images"] == [*a["step_images"], a["step_images"][-1]]
+            validate_row(b)
+        assert 15 <= checked <= 45, (task, checked)
+    assert all(len(r["steps"]) == len(p["steps"]) for r, p in zip(
+        rows("maze", 3, 20, opts=RenderOptions(recheck=0.0)), rows("maze", 3, 20)))

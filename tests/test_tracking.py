@@ -75,6 +75,25 @@ def test_stage_families_and_nesting(mlflow_store, tmp_path):
     assert os.environ.get(tracking.PARENT_ENV) is None
 
 
+def test_a_run_told_to_stop_ends_killed_and_one_that_raised_failed(mlflow_store):
+    """Ray Tune stops a trial (ASHA) with SystemExit inside it; that run, and the pipeline run
+    around it, end KILLED rather than FAILED. An error still ends FAILED."""
+    import mlflow
+
+    ids = {}
+    for name, exc in (("stopped", SystemExit(0)), ("interrupted", KeyboardInterrupt()), ("broken", ValueError("x"))):
+        with pytest.raises(type(exc)):
+            with tracking.pipeline_run("mmreason", f"p-{name}") as parent:
+                with tracking.stage_run("mmreason", name, {"x": 1}, tags={"stage": "cot"}) as run:
+                    ids[name] = (parent, run.info.run_id)
+                    raise exc
+    client = mlflow.MlflowClient(mlflow_store)
+    status = {name: tuple(client.get_run(i).info.status for i in pair) for name, pair in ids.items()}
+    assert status == {"stopped": ("KILLED", "KILLED"), "interrupted": ("KILLED", "KILLED"),
+                      "broken": ("FAILED", "FAILED")}
+    assert mlflow.active_run() is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -69,6 +69,9 @@ class GridworldConfig:
     """Side of every rendered image in pixels (64 for tiny CPU models, 256–512 MVoT-like)."""
     step_images: bool = True
     """Render a visual thought (the state image) after every step."""
+    recheck: float = 0.0
+    """Share of examples whose thoughts end with a redundant re-check of every step
+    (`mmreason.tasks.base.recheck_step`): replies of varying length, for length-penalty RL."""
     rows_per_shard: int = 256
     """Rows per Parquet shard; a shard is one Ray task and the unit of resume."""
     overwrite: bool = False
@@ -79,6 +82,8 @@ class GridworldConfig:
             raise ConfigError(f"examples must be >= 0, got {self.examples}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if not 0.0 <= self.recheck <= 1.0:
+            raise ConfigError(f"recheck must be in [0, 1] (a share of examples), got {self.recheck}")
         if self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 px, got {self.image_size}")
         if not self.tasks:
@@ -104,6 +109,8 @@ class GridworldConfig:
         key = asdict(self)
         for name in ("output_dir", "overwrite", "rows_per_shard"):
             key.pop(name)
+        if not self.recheck:  # added later; shards written before it stay valid
+            key.pop("recheck")
         key["generator_version"] = GENERATOR_VERSION
         return key
 
@@ -159,7 +166,7 @@ def build_shard(cfg: GridworldConfig, spec: ShardSpec) -> tuple[list[dict[str, A
     """The rows of one shard, and the examples that failed (recorded, not fatal)."""
     task = get_task(spec.task)
     fractions = cfg.splits.as_dict()
-    opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images)
+    opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images, recheck=cfg.recheck)
     rows, errors = [], []
     for index in range(spec.start, spec.stop):
         try:

@@ -38,6 +38,14 @@ def parse_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def recheck_step(steps: list[str]) -> str:
+    """A closing step that goes over every earlier step again, as a verbose reasoner re-checks work
+    it has already done: it changes no answer and only lengthens the chain. A share of examples
+    (`RenderOptions.recheck`) carry it, so replies vary in length for reasons that do not matter —
+    what a length penalty in RL should learn to cut."""
+    return "Check: " + " ".join(steps)
+
+
 def lettered(choices: list[str]) -> str:
     """`A. first B. second …`, as choices are listed in prompts."""
     return " ".join(f"{letter}. {text}" for letter, text in zip(LETTERS, choices))
@@ -77,10 +85,13 @@ def direction_between(a: tuple[int, int], b: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How a task draws its states; tasks skip the step frames when `step_images` is off."""
+    """How a task draws its states and writes its thoughts; tasks skip the step frames when
+    `step_images` is off."""
 
     image_size: int = 64
     step_images: bool = True
+    recheck: float = 0.0
+    """Share of examples whose thoughts end with a redundant verification pass (`recheck_step`)."""
 
 
 @dataclass
@@ -164,6 +175,12 @@ def generate_example(
         )
     traj = task.build(rng, layout, opts)
     meta = {"size": size, "seed": seed, "index": index, "layout_id": layout_id(task.name, layout.key), **traj.meta}
+    if opts.recheck > 0:  # drawn after the example, on its stream: recheck 0 leaves rows as they were
+        meta["recheck"] = bool(rng.random() < opts.recheck)
+        if meta["recheck"]:
+            traj.steps.append(recheck_step(traj.steps))
+            if traj.step_images:  # the state does not change while re-checking
+                traj.step_images.append(traj.step_images[-1])
     return {
         "id": example_id(task.name, size, split, seed, index),
         "task": task.name,
