@@ -1,10 +1,11 @@
 """RL on the maze task, with and without a length penalty (issue 6's acceptance run).
 
 One run, one data set, one starting model:
-1. 3×3 mazes rendered with `recheck` (default 0.5): that share of the thought chains ends with a
+1. 3×3 mazes rendered with `recheck` (default 0.7): that share of the thought chains ends with a
    redundant re-check of every step (`mmreason.tasks.base.recheck_step`), so the cot model's replies
    vary in length for reasons that do not change the answer — the over-long reasoning a length
-   penalty is meant to cut. (With `--recheck 0` the terse maze notes leave a penalty nothing to
+   penalty is meant to cut. Above one half, so that greedy decoding (the evaluation) re-checks too:
+   at 0.5 the cot model's greedy replies never did (measured), leaving nothing to cut there. (With `--recheck 0` the terse maze notes leave a penalty nothing to
    choose between: every sampled reply of a maze is about as long as the others.)
 2. `cot` SFT (Ray Train + DeepSpeed), held-out accuracy and reply length measured;
 3. from that export, `rl` with the +1/0 answer reward (configs/train/rl-maze.yaml) and `rl` with the
@@ -58,7 +59,7 @@ def summary(out: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(REPO / "runs/bench/rl-length"))
-    parser.add_argument("--recheck", type=float, default=0.5, help="share of training chains that re-check")
+    parser.add_argument("--recheck", type=float, default=0.7, help="share of training chains that re-check")
     parser.add_argument("--examples", type=int, default=6000, help="3x3 mazes over all splits")
     parser.add_argument("--cot-epochs", type=int, default=7)
     parser.add_argument("--eval-rows", type=int, default=600)

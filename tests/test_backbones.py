@@ -334,3 +334,18 @@ def test_phi4mm_vision_encoder_is_bidirectional(tiny_dir):
     finally:
         assert make_vision_bidirectional(family.model) == 2
     assert first_feature_moves()
+
+
+def test_tiny_tokenizer_knows_every_word_of_generated_thoughts_recheck_included(tiny_dir):
+    """The tiny vocabulary is read off generated text: rows it never saw (other seeds and indices),
+    re-check steps included (`recheck` data), encode with no unknown token."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir("tiny-internvl"))
+    opts = RenderOptions(image_size=64, step_images=False, recheck=1.0)
+    for task in TASKS.values():
+        for size in (task.sizes.start, task.sizes.stop - 1):
+            for index in range(200, 210):
+                row = generate_example(task, size, "train", index, 7, FRACTIONS, opts)
+                assert row["steps"][-1].startswith("Check: ")
+                text = "\n".join([row["prompt"], *row["steps"], *row["choices"]])
+                ids = tok(text)["input_ids"]
+                assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
