@@ -286,3 +286,44 @@ def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maz
     # a finished trial's run FINISHED, one ASHA stopped KILLED (however the stop reached it)
     want = {r["trial_id"]: {"done": "FINISHED", "stopped": "KILLED"}[r["status"]] for r in rows}
     assert {r.data.tags["trial_id"]: r.info.status for r in children} == want
+
+
+def _tune_stops_a_training_run(tmp_path) -> None:
+    """Two Tune trials, each a Ray Train run (1 worker × 0.9 CPU) reporting through
+    TuneReportCallback, both stopped by Tune after their second report."""
+    import time
+
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    def loop(config):
+        for i in range(60):
+            time.sleep(0.5)
+            ray.train.report({"it": i})
+
+    def trial(config):
+        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.9}),
+                     run_config=ray.train.RunConfig(name=f"t{config['x']}", storage_path=str(tmp_path / "train"),
+                                                    callbacks=[TuneReportCallback()])).fit()
+
+    ray.tune.Tuner(ray.tune.with_resources(trial, {"cpu": 0.1}), param_space={"x": ray.tune.grid_search([1, 2])},
+                   tune_config=ray.tune.TuneConfig(max_concurrent_trials=2),
+                   run_config=ray.tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
+                                                 stop={"training_iteration": 2})).fit()
+
+
+@pytest.mark.integration
+def test_a_training_run_that_tune_stops_gives_its_cpus_back(ray_session, tmp_path):
+    """What ASHA does to a stage sweep's trial. Ray Train's placement-group cleaner frees a stopped
+    run's workers through Ray's state API, which the dashboard serves: with the local Ray started
+    without it, 1.8 of 2 CPUs stayed held and the next training run waited forever."""
+    import time
+
+    _tune_stops_a_training_run(tmp_path)
+    deadline = time.monotonic() + 60
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    live = [pg for pg in ray_session.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not live and ray_session.available_resources().get("CPU", 0) == 2
