@@ -7,9 +7,10 @@
 For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
 cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
 no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the
-router and model of a dare stage run here on this model — DARE's way, backbone trained with the
-router under exact top-k masks (`dare.masks=topk`; change with `--dare-set`), unless
-`--dare-backbone frozen` — or given by `--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
+router and model of a dare stage run here on this model for that f — DARE's way, backbone trained
+with the router under exact top-k masks (`dare.masks=topk`; change with `--dare-set`), unless
+`--dare-backbone frozen`; `--dare-kept` trains one for every f instead — or given by
+`--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
 slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
 measured (`KVMeter`): `kv_fraction_peak` is the cache's peak during decoding over the full cache's,
 `kv_fraction_prefill` right after the prompt — kvpress presses compress the prompt only, ours
@@ -94,33 +95,38 @@ def main() -> None:
     parser.add_argument("--dare-epochs", type=int, default=3)
     parser.add_argument("--dare-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the dare stage's config (repeatable), e.g. dare.ratio_weight=20")
-    parser.add_argument("--dare-kept", type=float, default=0.5, help="the kept fraction the dare stage trains for")
+    parser.add_argument("--dare-kept", type=float, default=None,
+                        help="train one dare stage, for this kept fraction, and use it at every --kept "
+                             "(default: one per kept fraction, each trained for its own targets)")
     parser.add_argument("--no-dare", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path("runs/bench/kv_presses")
 
-    dare_export = None
+    kept_fractions = [float(k) for k in args.kept.split(",")]
+    dare_exports: dict[float, str | None] = {kept: None for kept in kept_fractions}
     t0 = time.perf_counter()
     if not args.no_dare:
-        dare_export = args.dare_export or train_router(str(Path(args.checkpoint).resolve()), args.data, sizes,
-                                                       work / "train", args.dare_backbone, args.dare_rows,
-                                                       args.dare_epochs, args.dare_kept, args.dare_set)
+        for kept in kept_fractions:
+            dare_exports[kept] = args.dare_export or train_router(
+                str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train", args.dare_backbone,
+                args.dare_rows, args.dare_epochs, args.dare_kept or kept, args.dare_set)
     train_s = time.perf_counter() - t0
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [
         f"model.checkpoint={args.checkpoint}", f"data.path={args.data}", f"data.sizes={json.dumps(sizes)}",
         f"max_examples={args.rows}", f"generation.max_new_tokens={args.max_new_tokens}", f"output_dir={work / 'eval'}",
         "batch_size=25", "threads=2"])
-    settings = [{"name": "none"}] + [p for kept in (float(k) for k in args.kept.split(","))
-                                     for p in presses(kept, dare_export)]
+    settings = [{"name": "none"}] + [dict(p, kept=kept) for kept in kept_fractions
+                                     for p in presses(kept, dare_exports[kept])]
     rows = []
     for press in settings:
         cfg = copy.deepcopy(base)
+        kept = press.pop("kept", None)
         cfg.press = press
         if press["name"] == "dare":  # the dare stage's model (retrained with the router when backbone=full)
-            cfg.model.checkpoint = dare_export
+            cfg.model.checkpoint = dare_exports[kept]
         label = press["name"] + "".join(f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
         cfg.run_name = "bench-" + label.replace(" ", "-").replace(":", "-").replace("=", "")
         row = run_press_eval(cfg, log=lambda *a, **k: None)
@@ -144,7 +150,9 @@ def main() -> None:
             "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "kv_bytes_peak",
             "prefill_ms_per_example", "decode_tokens_per_s", "press_fraction_of_decode", "tokens_per_answer")
     report = {"checkpoint": args.checkpoint, "data": args.data, "sizes": sizes, "rows": rows[0]["n"],
-              "dare_export": dare_export, "dare_backbone": None if args.dare_export else args.dare_backbone,
+              "dare_exports": {str(k): v for k, v in dare_exports.items()},
+              "dare_trained_for": None if args.dare_export else args.dare_kept or "each kept fraction",
+              "dare_backbone": None if args.dare_export else args.dare_backbone,
               "dare_train_seconds": train_s,
               "results": [{k: r.get(k) for k in keep} for r in rows],
               "pareto_front": [rows[i]["label"] for i in front]}
