@@ -1,12 +1,14 @@
 """RL on the maze task, with and without a length penalty (issue 6's acceptance run).
 
 One run, one data set, one starting model:
-1. 3×3 mazes rendered with `recheck` (default 0.7): that share of the thought chains ends with a
-   redundant re-check of every step (`mmreason.tasks.base.recheck_step`), so the cot model's replies
-   vary in length for reasons that do not change the answer — the over-long reasoning a length
-   penalty is meant to cut. Above one half, so that greedy decoding (the evaluation) re-checks too:
-   at 0.5 the cot model's greedy replies never did (measured), leaving nothing to cut there. (With `--recheck 0` the terse maze notes leave a penalty nothing to
-   choose between: every sampled reply of a maze is about as long as the others.)
+1. 3×3 mazes rendered with optional verbosity, so the cot model's replies vary in length:
+   `--recheck` (default 0.7): that share of the chains ends with a re-check of every step
+   (`mmreason.tasks.base.recheck_step`) — a re-walk that can go wrong and change the answer;
+   `--restate` (default 0): that share re-checks every step verbatim as it is made (`restated`) —
+   a copy of the text just written, which leaves the answer to the steps. Above one half, so that
+   greedy decoding (the evaluation) is verbose too: at 0.5 the cot model's greedy replies never
+   re-checked (measured). With both at 0 the terse maze notes leave a penalty nothing to choose
+   between: every sampled reply of a maze is about as long as the others.
 2. `cot` SFT (Ray Train + DeepSpeed), held-out accuracy and reply length measured;
 3. from that export, `rl` with the +1/0 answer reward (configs/train/rl-maze.yaml) and `rl` with the
    threshold length penalty added (configs/train/rl-maze-length.yaml), same seeds and steps.
@@ -15,7 +17,9 @@ Reports held-out accuracy, mean generated tokens and the share of replies that r
 start and both rl runs, and the ratios the acceptance asks about. Stages resume: re-running with the
 same --root continues where it stopped.
 
-    python benchmarks/rl_length.py [--root runs/bench/rl-length] [--recheck 0.5] [--eval-rows 600]
+    python benchmarks/rl_length.py [--root runs/bench/rl-length] [--recheck 0.7] [--restate 0] [--eval-rows 600]
+    python benchmarks/rl_length.py --recheck 0 --restate 0.7 --root runs/bench/rl-length-restate \
+        --out benchmarks/results/rl_length_restate.json
 
 Prints a table and writes benchmarks/results/rl_length.json.
 """
@@ -51,7 +55,7 @@ def summary(out: dict) -> dict:
     lines = (Path(out["run_dir"]) / "eval" / "predictions-cot.jsonl").read_text().splitlines()
     preds = [json.loads(line) for line in lines if line.strip()]
     return {"accuracy": res["accuracy"], "tokens_per_answer": res["tokens_per_answer"], "n": res["n"],
-            "recheck_share": sum("Check:" in p["output"] for p in preds) / max(1, len(preds)),
+            "check_share": sum("Check:" in p["output"] for p in preds) / max(1, len(preds)),
             "train": {k: v for k, v in out["train"].items() if isinstance(v, (int, float))},
             "export": out["export"]}
 
@@ -59,7 +63,8 @@ def summary(out: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(REPO / "runs/bench/rl-length"))
-    parser.add_argument("--recheck", type=float, default=0.7, help="share of training chains that re-check")
+    parser.add_argument("--recheck", type=float, default=0.7, help="share of chains that re-check at the end")
+    parser.add_argument("--restate", type=float, default=0.0, help="share of chains that re-check each step")
     parser.add_argument("--examples", type=int, default=6000, help="3x3 mazes over all splits")
     parser.add_argument("--cot-epochs", type=int, default=7)
     parser.add_argument("--eval-rows", type=int, default=600)
@@ -77,10 +82,11 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipelines.gridworld", f"output_dir={root / 'data'}",
                     f"tasks={{maze: {{sizes: [3], examples: {args.examples}}}}}", f"recheck={args.recheck}",
+                    f"restate={args.restate}",
                     "step_images=false"], cwd=REPO, check=True)
     sampling = f"rl.sampling={{max_new_tokens: {args.max_new_tokens}, do_sample: true, temperature: 1.0}}"
     results, seconds = {}, {}
-    with pipeline_run("mmreason-bench", f"rl-length-recheck{args.recheck:g}"):
+    with pipeline_run("mmreason-bench", f"rl-length-recheck{args.recheck:g}-restate{args.restate:g}"):
         for name, config, extra in (
             ("cot", "cot-maze.yaml", ["optim={lr: 0.003, batch_size: 16, epochs: %d, warmup_steps: 20}" % args.cot_epochs]),
             ("rl", "rl-maze.yaml", [sampling]),
@@ -93,7 +99,7 @@ def main() -> None:
             seconds[name] = time.perf_counter() - start
             r = results[name]
             print(f"  {name:<10} accuracy {r['accuracy']:.3f}  tokens {r['tokens_per_answer']:.1f}  "
-                  f"re-checks {r['recheck_share']:.2f}  ({seconds[name] / 60:.1f} min)", flush=True)
+                  f"re-checks {r['check_share']:.2f}  ({seconds[name] / 60:.1f} min)", flush=True)
 
     cot, rl, short = results["cot"], results["rl"], results["rl+length"]
     ratios = {
@@ -105,10 +111,10 @@ def main() -> None:
     }
     print(f"\n{'held-out 3x3':<12}{'accuracy':>10}{'tokens':>9}{'re-checks':>11}")
     for name, r in results.items():
-        print(f"{name:<12}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>9.1f}{r['recheck_share']:>11.2f}")
+        print(f"{name:<12}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>9.1f}{r['check_share']:>11.2f}")
     for key, value in ratios.items():
         print(f"{key}: {value:+.3f}" if "accuracy" in key else f"{key}: {value:.3f}")
-    report = {"recheck": args.recheck, "examples": args.examples, "cot_epochs": args.cot_epochs,
+    report = {"recheck": args.recheck, "restate": args.restate, "examples": args.examples, "cot_epochs": args.cot_epochs,
               "eval_rows": args.eval_rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "results": results, "ratios": ratios, "stage_minutes": {k: v / 60 for k, v in seconds.items()},
               "minutes": (time.perf_counter() - t0) / 60}

@@ -338,14 +338,14 @@ def test_phi4mm_vision_encoder_is_bidirectional(tiny_dir):
 
 def test_tiny_tokenizer_knows_every_word_of_generated_thoughts_recheck_included(tiny_dir):
     """The tiny vocabulary is read off generated text: rows it never saw (other seeds and indices),
-    re-check steps included (`recheck` data), encode with no unknown token."""
+    re-checks included (`recheck`, `restate` data), encode with no unknown token."""
     tok = AutoTokenizer.from_pretrained(tiny_dir("tiny-internvl"))
-    opts = RenderOptions(image_size=64, step_images=False, recheck=1.0)
+    opts = RenderOptions(image_size=64, step_images=False, recheck=1.0, restate=1.0)
     for task in TASKS.values():
         for size in (task.sizes.start, task.sizes.stop - 1):
             for index in range(200, 210):
                 row = generate_example(task, size, "train", index, 7, FRACTIONS, opts)
-                assert row["steps"][-1].startswith("Check: ")
+                assert row["steps"][-1].startswith("Check: ") and " Check: " in row["steps"][0]
                 text = "\n".join([row["prompt"], *row["steps"], *row["choices"]])
                 ids = tok(text)["input_ids"]
                 assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)

@@ -111,6 +111,7 @@ def test_mvot_config_inherits_and_overrides():
         ("splits.val=-0.1", r"splits\.val must be >= 0"),
         ("image_size=8", r"image_size must be >= 16"),
         ("recheck=1.5", r"recheck must be in \[0, 1\].*got 1\.5"),
+        ("restate=-0.1", r"restate must be in \[0, 1\].*got -0\.1"),
     ],
 )
 def test_gridworld_bad_values_name_the_key(override, needle):

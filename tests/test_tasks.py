@@ -245,3 +245,24 @@ def test_recheck_appends_a_restatement_to_its_share_of_examples_and_changes_noth
         assert 15 <= checked <= 45, (task, checked)
     assert all(len(r["steps"]) == len(p["steps"]) for r, p in zip(
         rows("maze", 3, 20, opts=RenderOptions(recheck=0.0)), rows("maze", 3, 20)))
+
+
+def test_restate_follows_every_step_with_a_verbatim_recheck_in_its_share_of_examples():
+    for task, size in (("maze", 3), ("frozenlake", 4), ("minibehavior", 8)):
+        plain = rows(task, size, 60)
+        verbose = rows(task, size, 60, opts=RenderOptions(image_size=64, step_images=True, restate=0.5))
+        both = rows(task, size, 60, opts=RenderOptions(image_size=64, step_images=True, recheck=0.5, restate=0.5))
+        checked = 0
+        for a, b, c in zip(plain, verbose, both):
+            meta_a, meta_b = json.loads(a["meta"]), json.loads(b["meta"])
+            if meta_b.pop("restate"):
+                checked += 1
+                assert b["steps"] == [f"{s} Check: {s}" for s in a["steps"]]
+            else:
+                assert b["steps"] == a["steps"]
+            assert meta_a == meta_b and b["step_images"] == a["step_images"] and b["answer"] == a["answer"]
+            meta_c = json.loads(c["meta"])  # with both: the re-check step is drawn first, then restated
+            recheck = [*a["steps"], "Check: " + " ".join(a["steps"])] if meta_c["recheck"] else a["steps"]
+            assert c["steps"] == ([f"{s} Check: {s}" for s in recheck] if meta_c["restate"] else recheck)
+            validate_row(b)
+        assert 15 <= checked <= 45, (task, checked)

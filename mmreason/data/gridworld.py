@@ -72,6 +72,9 @@ class GridworldConfig:
     recheck: float = 0.0
     """Share of examples whose thoughts end with a redundant re-check of every step
     (`mmreason.tasks.base.recheck_step`): replies of varying length, for length-penalty RL."""
+    restate: float = 0.0
+    """Share of examples in which every step is followed by a verbatim re-check of itself
+    (`mmreason.tasks.base.restated`): longer replies whose extra text cannot change the answer."""
     rows_per_shard: int = 256
     """Rows per Parquet shard; a shard is one Ray task and the unit of resume."""
     overwrite: bool = False
@@ -82,8 +85,9 @@ class GridworldConfig:
             raise ConfigError(f"examples must be >= 0, got {self.examples}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
-        if not 0.0 <= self.recheck <= 1.0:
-            raise ConfigError(f"recheck must be in [0, 1] (a share of examples), got {self.recheck}")
+        for name in ("recheck", "restate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1] (a share of examples), got {getattr(self, name)}")
         if self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 px, got {self.image_size}")
         if not self.tasks:
@@ -109,8 +113,9 @@ class GridworldConfig:
         key = asdict(self)
         for name in ("output_dir", "overwrite", "rows_per_shard"):
             key.pop(name)
-        if not self.recheck:  # added later; shards written before it stay valid
-            key.pop("recheck")
+        for name in ("recheck", "restate"):  # added later: at 0, shards written before them stay valid
+            if not key[name]:
+                key.pop(name)
         key["generator_version"] = GENERATOR_VERSION
         return key
 
@@ -166,7 +171,8 @@ def build_shard(cfg: GridworldConfig, spec: ShardSpec) -> tuple[list[dict[str, A
     """The rows of one shard, and the examples that failed (recorded, not fatal)."""
     task = get_task(spec.task)
     fractions = cfg.splits.as_dict()
-    opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images, recheck=cfg.recheck)
+    opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images, recheck=cfg.recheck,
+                         restate=cfg.restate)
     rows, errors = [], []
     for index in range(spec.start, spec.stop):
         try:

@@ -66,9 +66,9 @@ def get_spec(name: str) -> BackboneSpec:
 
 def tiny_corpus() -> list[str]:
     """Text the tiny tokenizers' vocabulary is read from: generated rows of every grid-world task,
-    with their re-check steps (`recheck` data)."""
+    with their re-checks (`recheck` and `restate` data)."""
     from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example
-    from mmreason.tasks.base import recheck_step
+    from mmreason.tasks.base import recheck_step, restated
 
     fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
     opts = RenderOptions(image_size=64, step_images=False)
@@ -77,8 +77,8 @@ def tiny_corpus() -> list[str]:
         for size in task.sizes:
             for index in range(12):
                 row = generate_example(task, size, "train", index, 12345, fractions, opts)
-                texts += [row["prompt"], *row["steps"], recheck_step(row["steps"]), answer_sentence(row["answer"]),
-                          *row["choices"]]
+                texts += [row["prompt"], *row["steps"], recheck_step(row["steps"]), restated(row["steps"][-1]),
+                          answer_sentence(row["answer"]), *row["choices"]]
     return texts
 
 

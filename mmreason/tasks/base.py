@@ -46,6 +46,13 @@ def recheck_step(steps: list[str]) -> str:
     return "Check: " + " ".join(steps)
 
 
+def restated(step: str) -> str:
+    """A step followed by a verbatim re-check of itself (`RenderOptions.restate`): longer, and — a
+    copy of the text just written — about as hard to get wrong as the step, so unlike
+    `recheck_step` it leaves the answer to the step alone."""
+    return f"{step} Check: {step}"
+
+
 def lettered(choices: list[str]) -> str:
     """`A. first B. second …`, as choices are listed in prompts."""
     return " ".join(f"{letter}. {text}" for letter, text in zip(LETTERS, choices))
@@ -92,6 +99,8 @@ class RenderOptions:
     step_images: bool = True
     recheck: float = 0.0
     """Share of examples whose thoughts end with a redundant verification pass (`recheck_step`)."""
+    restate: float = 0.0
+    """Share of examples in which every step is followed by a verbatim re-check of itself (`restated`)."""
 
 
 @dataclass
@@ -181,6 +190,10 @@ def generate_example(
             traj.steps.append(recheck_step(traj.steps))
             if traj.step_images:  # the state does not change while re-checking
                 traj.step_images.append(traj.step_images[-1])
+    if opts.restate > 0:  # drawn next: either setting at 0 leaves the other's rows as they were
+        meta["restate"] = bool(rng.random() < opts.restate)
+        if meta["restate"]:
+            traj.steps = [restated(step) for step in traj.steps]
     return {
         "id": example_id(task.name, size, split, seed, index),
         "task": task.name,
