@@ -88,7 +88,8 @@ def main() -> None:
     results, seconds = {}, {}
     with pipeline_run("mmreason-bench", f"rl-length-recheck{args.recheck:g}-restate{args.restate:g}"):
         for name, config, extra in (
-            ("cot", "cot-maze.yaml", ["optim={lr: 0.003, batch_size: 16, epochs: %d, warmup_steps: 20}" % args.cot_epochs]),
+            ("cot", "cot-maze.yaml",
+             [f"optim={{lr: 0.003, batch_size: 16, epochs: {args.cot_epochs}, warmup_steps: 20}}"]),
             ("rl", "rl-maze.yaml", [sampling]),
             ("rl+length", "rl-maze-length.yaml", [sampling]),
         ):
@@ -114,7 +115,8 @@ def main() -> None:
         print(f"{name:<12}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>9.1f}{r['check_share']:>11.2f}")
     for key, value in ratios.items():
         print(f"{key}: {value:+.3f}" if "accuracy" in key else f"{key}: {value:.3f}")
-    report = {"recheck": args.recheck, "restate": args.restate, "examples": args.examples, "cot_epochs": args.cot_epochs,
+    report = {"recheck": args.recheck, "restate": args.restate, "examples": args.examples,
+              "cot_epochs": args.cot_epochs,
               "eval_rows": args.eval_rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "results": results, "ratios": ratios, "stage_minutes": {k: v / 60 for k, v in seconds.items()},
               "minutes": (time.perf_counter() - t0) / 60}
