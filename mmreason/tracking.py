@@ -145,14 +145,21 @@ def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str
     if parent_id is None:
         own_parent = mlflow.start_run(run_name=f"pipeline-{name}", tags=run_tags())
         parent_id = own_parent.info.run_id
+    status = "FINISHED"  # of the parent made here, as its one child ends
     try:
         with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=all_tags) as run:
             mlflow.log_params(flatten(params))
             with _killed_on_exit():
                 yield run
+    except (SystemExit, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         if own_parent is not None:
-            mlflow.end_run()
+            mlflow.end_run(status)
 
 
 @contextmanager

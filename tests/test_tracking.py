@@ -87,10 +87,16 @@ def test_a_run_told_to_stop_ends_killed_and_one_that_raised_failed(mlflow_store)
                 with tracking.stage_run("mmreason", name, {"x": 1}, tags={"stage": "cot"}) as run:
                     ids[name] = (parent, run.info.run_id)
                     raise exc
+    for name, exc in (("alone-stopped", SystemExit(0)), ("alone-broken", ValueError("x"))):
+        with pytest.raises(type(exc)):  # a stage on its own: the parent it makes ends the same way
+            with tracking.stage_run("mmreason", name, {"x": 1}, tags={"stage": "cot"}) as run:
+                ids[name] = (run.data.tags["mlflow.parentRunId"], run.info.run_id)
+                raise exc
     client = mlflow.MlflowClient(mlflow_store)
     status = {name: tuple(client.get_run(i).info.status for i in pair) for name, pair in ids.items()}
     assert status == {"stopped": ("KILLED", "KILLED"), "interrupted": ("KILLED", "KILLED"),
-                      "broken": ("FAILED", "FAILED")}
+                      "broken": ("FAILED", "FAILED"), "alone-stopped": ("KILLED", "KILLED"),
+                      "alone-broken": ("FAILED", "FAILED")}
     assert mlflow.active_run() is None
 
 
