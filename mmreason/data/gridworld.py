@@ -74,7 +74,7 @@ class GridworldConfig:
     (`mmreason.tasks.base.recheck_step`): replies of varying length, for length-penalty RL."""
     restate: float = 0.0
     """Share of examples in which every step is followed by a verbatim re-check of itself
-    (`mmreason.tasks.base.restated`): longer replies whose extra text cannot change the answer."""
+    (`mmreason.tasks.base.restated`): longer replies whose extra text is a copy, not a re-walk."""
     rows_per_shard: int = 256
     """Rows per Parquet shard; a shard is one Ray task and the unit of resume."""
     overwrite: bool = False

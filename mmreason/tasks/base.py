@@ -40,16 +40,16 @@ def parse_answer(text: str) -> str | None:
 
 def recheck_step(steps: list[str]) -> str:
     """A closing step that goes over every earlier step again, as a verbose reasoner re-checks work
-    it has already done: it changes no answer and only lengthens the chain. A share of examples
-    (`RenderOptions.recheck`) carry it, so replies vary in length for reasons that do not matter —
-    what a length penalty in RL should learn to cut."""
+    it has already done: it adds nothing the chain did not say (though a model can go wrong in it)
+    and lengthens it. A share of examples (`RenderOptions.recheck`) carry it, so replies vary in
+    length — what a length penalty in RL should learn to cut."""
     return "Check: " + " ".join(steps)
 
 
 def restated(step: str) -> str:
-    """A step followed by a verbatim re-check of itself (`RenderOptions.restate`): longer, and — a
-    copy of the text just written — about as hard to get wrong as the step, so unlike
-    `recheck_step` it leaves the answer to the step alone."""
+    """A step followed by a verbatim re-check of itself (`RenderOptions.restate`): longer, and a copy
+    of the text just written rather than a re-walk like `recheck_step` (on the tiny model the
+    doubled cell numbers still confused the letter lookup: README, "Grid-world reasoning data")."""
     return f"{step} Check: {step}"
 
 
