@@ -108,10 +108,14 @@ def main() -> None:
     dare_exports: dict[float, str | None] = {kept: None for kept in kept_fractions}
     t0 = time.perf_counter()
     if not args.no_dare:
+        trained: dict[float, str] = {}  # by the fraction trained for: --dare-kept trains one stage for all
         for kept in kept_fractions:
-            dare_exports[kept] = args.dare_export or train_router(
-                str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train", args.dare_backbone,
-                args.dare_rows, args.dare_epochs, args.dare_kept or kept, args.dare_set)
+            target = args.dare_kept or kept
+            if not args.dare_export and target not in trained:
+                trained[target] = train_router(str(Path(args.checkpoint).resolve()), args.data, sizes,
+                                               work / "train", args.dare_backbone, args.dare_rows,
+                                               args.dare_epochs, target, args.dare_set)
+            dare_exports[kept] = args.dare_export or trained[target]
     train_s = time.perf_counter() - t0
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [

@@ -5,7 +5,8 @@ One run, one data set, one starting model:
    `--recheck` (default 0.7): that share of the chains ends with a re-check of every step
    (`mmreason.tasks.base.recheck_step`) — a re-walk that can go wrong and change the answer;
    `--restate` (default 0): that share re-checks every step verbatim as it is made (`restated`) —
-   a copy of the text just written, which leaves the answer to the steps. Above one half, so that
+   a copy of the text just written, not a re-walk (yet on the tiny model the doubled cell numbers
+   confused the letter lookup: cot 0.283 after 7 epochs). Above one half, so that
    greedy decoding (the evaluation) is verbose too: at 0.5 the cot model's greedy replies never
    re-checked (measured). With both at 0 the terse maze notes leave a penalty nothing to choose
    between: every sampled reply of a maze is about as long as the others.
