@@ -16,7 +16,7 @@ from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_s
 from mmreason.models.anole import image_code_token, visual_token_discrepancy
 from mmreason.models.base import IGNORE, position_ids
 from mmreason.models.phi4mm import make_vision_bidirectional
-from mmreason.tasks import TASKS, RenderOptions, generate_example
+from mmreason.tasks import TASKS, RenderOptions, generate_example, parse_answer
 
 TINY = ["tiny-internvl", "tiny-anole", "tiny-phi4mm"]
 FRACTIONS = {"train": 1.0, "val": 0.0, "test": 0.0}
@@ -277,6 +277,35 @@ def test_visual_thoughts_interleave_each_steps_drawn_state_in_the_targets(tiny_d
     internvl = load_backbone("tiny-internvl", tiny_dir("tiny-internvl"))
     with pytest.raises(ValueError, match="internvl family reads images but cannot write them"):
         internvl.encode(row, visual_thoughts=True)
+
+
+def test_a_reply_that_goes_on_after_its_answer_is_trained_through_to_eos(tiny_dir):
+    """A row whose meta holds `after_answer` (a re-check behind the answer) is trained as steps,
+    answer, that text, eos — in cot, latent and visual-thought targets, not in vanilla ones — and
+    the reply still reads as its answer."""
+    opts = RenderOptions(image_size=64, step_images=True, recheck=1.0, recheck_after_answer=True)
+    row = generate_example(TASKS["maze"], 3, "train", 3, 0, FRACTIONS, opts)
+    plain_row = {**row, "meta": "{}"}
+    tail = "Check: " + " ".join(row["steps"])
+    for name in ("tiny-internvl", "tiny-anole"):
+        family = load_backbone(name, tiny_dir(name))
+        tok = family.tokenizer
+        for target, kwargs in (("cot", {}), ("latent", {"n_latent_steps": 1}), ("vanilla", {})):
+            visual = {"visual_thoughts": True} if name == "tiny-anole" and target != "vanilla" else {}
+            enc, plain = family.encode(row, target, **kwargs, **visual), family.encode(plain_row, target, **kwargs, **visual)
+            extra = tok(tail)["input_ids"] if target != "vanilla" else []
+            extra = [i for i in extra if i != tok.bos_token_id]
+            assert enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == tok.eos_token_id
+            if target == "vanilla":
+                assert enc.input_ids == plain.input_ids
+                continue
+            # the plain reply up to its answer, then "\n" + the re-check, all labelled
+            assert enc.input_ids[: len(plain.input_ids) - 1] == plain.input_ids[:-1]
+            added = enc.input_ids[len(plain.input_ids) - 1:-1]
+            assert enc.labels[len(plain.input_ids) - 1:] == enc.input_ids[len(plain.input_ids) - 1:]
+            text = tok.decode(added, skip_special_tokens=True)
+            assert text.split() == tail.split() and added[-len(extra):] == extra
+            assert parse_answer(tok.decode(enc.input_ids[enc.prompt_len:], skip_special_tokens=True)) == row["answer"]
 
 
 def test_visual_token_discrepancy_is_expected_codebook_distance():

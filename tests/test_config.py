@@ -112,6 +112,7 @@ def test_mvot_config_inherits_and_overrides():
         ("image_size=8", r"image_size must be >= 16"),
         ("recheck=1.5", r"recheck must be in \[0, 1\].*got 1\.5"),
         ("restate=-0.1", r"restate must be in \[0, 1\].*got -0\.1"),
+        ("recheck_after_answer=true", r"recheck_after_answer places the re-check.*recheck=0"),
     ],
 )
 def test_gridworld_bad_values_name_the_key(override, needle):

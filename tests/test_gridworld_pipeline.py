@@ -100,8 +100,11 @@ def test_shards_of_another_config_are_refused(tmp_path, ray_session):
         gridworld.run(small_cfg(tmp_path / "gw", "recheck=0.5"), log=lambda *_: None)
     with pytest.raises(FileExistsError, match="different config"):
         gridworld.run(small_cfg(tmp_path / "gw", "restate=0.5"), log=lambda *_: None)
+    with pytest.raises(FileExistsError, match="different config"):
+        gridworld.run(small_cfg(tmp_path / "gw", "recheck=0.5", "recheck_after_answer=true"), log=lambda *_: None)
     # at 0 they are left out of the shard key, so shards from before the settings existed still match
-    same = gridworld.run(small_cfg(tmp_path / "gw", "recheck=0.0", "restate=0.0"), log=lambda *_: None)
+    same = gridworld.run(small_cfg(tmp_path / "gw", "recheck=0.0", "restate=0.0", "recheck_after_answer=false"),
+                         log=lambda *_: None)
     assert same["last_run"]["rendered_rows"] == 0
     with pytest.raises(FileExistsError, match="does not produce"):
         gridworld.run(small_cfg(tmp_path / "gw", "tasks={maze: {sizes: [3]}}"), log=lambda *_: None)

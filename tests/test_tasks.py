@@ -12,6 +12,7 @@ from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
 
 from mmreason.data.schema import decode_row, validate_row
 from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example, layout_split, parse_answer
+from mmreason.tasks.base import AFTER_ANSWER, after_answer
 from mmreason.tasks.render import AGENT_RGB, GridCanvas, find_color_cell
 from tests.conftest import FRACTIONS, maze_passages
 
@@ -245,6 +246,30 @@ def test_recheck_appends_a_restatement_to_its_share_of_examples_and_changes_noth
         assert 15 <= checked <= 45, (task, checked)
     assert all(len(r["steps"]) == len(p["steps"]) for r, p in zip(
         rows("maze", 3, 20, opts=RenderOptions(recheck=0.0)), rows("maze", 3, 20)))
+
+
+def test_recheck_after_answer_moves_the_same_recheck_behind_the_answer_and_leaves_steps_alone():
+    """With `recheck_after_answer` the very rows that `recheck` re-checks hold that re-check in meta
+    `after_answer` instead of as a last step; steps, images and answer are the plain row's."""
+    for task, size in (("maze", 3), ("minibehavior", 8)):
+        plain = rows(task, size, 40)
+        last_step = rows(task, size, 40, opts=RenderOptions(image_size=64, step_images=True, recheck=0.5))
+        after = rows(task, size, 40, opts=RenderOptions(image_size=64, step_images=True, recheck=0.5,
+                                                         recheck_after_answer=True))
+        moved = 0
+        for a, b, c in zip(plain, last_step, after):
+            meta_b, meta_c = json.loads(b["meta"]), json.loads(c["meta"])
+            assert meta_c["recheck"] == meta_b["recheck"]
+            assert c["steps"] == a["steps"] and c["step_images"] == a["step_images"] and c["answer"] == a["answer"]
+            if meta_c.pop("recheck"):
+                moved += 1
+                assert after_answer(c) == meta_c.pop(AFTER_ANSWER) == b["steps"][-1] == "Check: " + " ".join(a["steps"])
+                assert "The answer is" not in after_answer(c)  # it cannot change what the reply answers
+            else:
+                assert after_answer(c) == "" and AFTER_ANSWER not in meta_c
+            assert meta_c == json.loads(a["meta"])
+            validate_row(c)
+        assert 10 <= moved <= 30, (task, moved)
 
 
 def test_restate_follows_every_step_with_a_verbatim_recheck_in_its_share_of_examples():

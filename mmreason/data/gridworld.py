@@ -72,6 +72,9 @@ class GridworldConfig:
     recheck: float = 0.0
     """Share of examples whose thoughts end with a redundant re-check of every step
     (`mmreason.tasks.base.recheck_step`): replies of varying length, for length-penalty RL."""
+    recheck_after_answer: bool = False
+    """Put the re-check after the answer sentence, where it cannot change the answer (see
+    `mmreason.tasks.base.RenderOptions.recheck_after_answer`)."""
     restate: float = 0.0
     """Share of examples in which every step is followed by a verbatim re-check of itself
     (`mmreason.tasks.base.restated`): longer replies whose extra text is a copy, not a re-walk."""
@@ -88,6 +91,9 @@ class GridworldConfig:
         for name in ("recheck", "restate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1] (a share of examples), got {getattr(self, name)}")
+        if self.recheck_after_answer and not self.recheck:
+            raise ConfigError("recheck_after_answer places the re-check that recheck adds; with recheck=0 it does "
+                              "nothing (set recheck > 0)")
         if self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 px, got {self.image_size}")
         if not self.tasks:
@@ -113,7 +119,7 @@ class GridworldConfig:
         key = asdict(self)
         for name in ("output_dir", "overwrite", "rows_per_shard"):
             key.pop(name)
-        for name in ("recheck", "restate"):  # added later: at 0, shards written before them stay valid
+        for name in ("recheck", "recheck_after_answer", "restate"):  # added later: at 0, shards written before them stay valid
             if not key[name]:
                 key.pop(name)
         key["generator_version"] = GENERATOR_VERSION
@@ -172,7 +178,7 @@ def build_shard(cfg: GridworldConfig, spec: ShardSpec) -> tuple[list[dict[str, A
     task = get_task(spec.task)
     fractions = cfg.splits.as_dict()
     opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images, recheck=cfg.recheck,
-                         restate=cfg.restate)
+                         recheck_after_answer=cfg.recheck_after_answer, restate=cfg.restate)
     rows, errors = [], []
     for index in range(spec.start, spec.stop):
         try:

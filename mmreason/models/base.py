@@ -3,10 +3,12 @@ batch, and the hooks a family fills in (how images enter the token stream and th
 
 Sequence layout (all families, all stages):
 
-    <bos> PROMPT(with image runs) \\n [<|start-latent|> <|latent|>×n <|end-latent|>] STEPS \\n ANSWER <eos>
+    <bos> PROMPT(with image runs) \\n [<|start-latent|> <|latent|>×n <|end-latent|>] STEPS \\n ANSWER [\\n AFTER] <eos>
 
 Only the part after the prompt (and after the latents) is in the loss. `n` latents replace the
 first `n / c_thought` steps (CoCoNuT's curriculum); vanilla targets hold the answer sentence only.
+AFTER is text a row's reply goes on with after its answer (`meta.after_answer`: a re-check placed
+where it cannot change the answer), absent from most rows and from vanilla targets.
 With visual thoughts (MVoT; families that write images: anole) each step is followed by the image
 of the state it reaches, as image-code tokens the model is trained to write:
 `STEP \n <racm3:break> codes… <eoss> STEP \n …`.
@@ -29,7 +31,7 @@ import torch
 from PIL import Image
 
 from mmreason.models.tokenizer import END_LATENT, IMAGE, LATENT, START_LATENT
-from mmreason.tasks.base import answer_sentence
+from mmreason.tasks.base import after_answer, answer_sentence
 
 IGNORE = -100
 Target = Literal["cot", "vanilla", "latent"]
@@ -144,11 +146,14 @@ class Family(abc.ABC):
         raise ValueError(f"visual thoughts: the {self.name} family reads images but cannot write them "
                          f"(use an anole-family backbone)")
 
-    def _target_ids(self, row: dict[str, Any], steps: list[str], first_step: int, visual_thoughts: bool) -> list[int]:
+    def _target_ids(self, row: dict[str, Any], steps: list[str], first_step: int, visual_thoughts: bool,
+                    tail: str = "") -> list[int]:
         """The trained part: each step (then, with visual thoughts, the image of the state it reaches —
-        the row's `step_images[i]`, skipped where it is a prompt image again), then the answer, eos."""
+        the row's `step_images[i]`, skipped where it is a prompt image again), then the answer, then
+        `tail` (text the reply goes on with after its answer: `mmreason.tasks.base.after_answer`), eos."""
+        answer = answer_sentence(row["answer"]) + ("\n" + tail if tail else "")
         if not visual_thoughts:
-            text = "".join(step + "\n" for step in steps) + answer_sentence(row["answer"])
+            text = "".join(step + "\n" for step in steps) + answer
             return self._text_ids(text) + [self.tokenizer.eos_token_id]
         shown = {bytes(im) for im in row["images"] if isinstance(im, (bytes, bytearray))}
         pictures = list(row.get("step_images") or [])[first_step:first_step + len(steps)]
@@ -157,7 +162,7 @@ class Family(abc.ABC):
         ids: list[int] = []
         for i, step in enumerate(steps):
             ids += self._text_ids(step + "\n") + drawn.get(i, [])
-        return ids + self._text_ids(answer_sentence(row["answer"])) + [self.tokenizer.eos_token_id]
+        return ids + self._text_ids(answer) + [self.tokenizer.eos_token_id]
 
     def encode(self, row: dict[str, Any], target: Target = "cot", n_latent_steps: int = 0,
                c_thought: int = 1, with_target: bool = True, visual_thoughts: bool = False) -> Encoded:
@@ -188,7 +193,9 @@ class Family(abc.ABC):
             ids = prompt + latents
             return Encoded(ids, [IGNORE] * len(ids), images, n_latents, len(prompt))
         first_step = n_latent_steps if target == "latent" else 0
-        target_ids = self._target_ids(row, steps, first_step, visual_thoughts and target != "vanilla")
+        # a vanilla reply is the answer alone: text that goes on after it (a re-check) has no steps to go over
+        target_ids = self._target_ids(row, steps, first_step, visual_thoughts and target != "vanilla",
+                                      "" if target == "vanilla" else after_answer(row))
         ids = prompt + latents + target_ids
         # latents and their markers are inputs, never targets (generation inserts them itself)
         labels = [IGNORE] * (len(prompt) + len(latents)) + target_ids

@@ -46,6 +46,19 @@ def recheck_step(steps: list[str]) -> str:
     return "Check: " + " ".join(steps)
 
 
+AFTER_ANSWER = "after_answer"
+"""The `meta` key of text a reply goes on with after its answer sentence (a re-check placed there
+by `RenderOptions.recheck_after_answer`); the backbone processors train it after the answer."""
+
+
+def after_answer(row: dict[str, Any]) -> str:
+    """The text a row's reply goes on with after its answer sentence, or "" (`AFTER_ANSWER`)."""
+    meta = row.get("meta") or {}
+    if isinstance(meta, str):
+        meta = json.loads(meta) if AFTER_ANSWER in meta else {}
+    return meta.get(AFTER_ANSWER, "")
+
+
 def restated(step: str) -> str:
     """A step followed by a verbatim re-check of itself (`RenderOptions.restate`): longer, and a copy
     of the text just written rather than a re-walk like `recheck_step` (on the tiny model the
@@ -99,6 +112,10 @@ class RenderOptions:
     step_images: bool = True
     recheck: float = 0.0
     """Share of examples whose thoughts end with a redundant verification pass (`recheck_step`)."""
+    recheck_after_answer: bool = False
+    """Put that re-check after the answer sentence (meta `after_answer`), where it cannot change the
+    answer — the verification rounds "overthinking" reasoners add after they have answered — rather
+    than as the last step, where a re-walk that goes wrong changes it."""
     restate: float = 0.0
     """Share of examples in which every step is followed by a verbatim re-check of itself (`restated`)."""
 
@@ -186,7 +203,9 @@ def generate_example(
     meta = {"size": size, "seed": seed, "index": index, "layout_id": layout_id(task.name, layout.key), **traj.meta}
     if opts.recheck > 0:  # drawn after the example, on its stream: recheck 0 leaves rows as they were
         meta["recheck"] = bool(rng.random() < opts.recheck)
-        if meta["recheck"]:
+        if meta["recheck"] and opts.recheck_after_answer:
+            meta[AFTER_ANSWER] = recheck_step(traj.steps)
+        elif meta["recheck"]:
             traj.steps.append(recheck_step(traj.steps))
             if traj.step_images:  # the state does not change while re-checking
                 traj.step_images.append(traj.step_images[-1])
