@@ -107,7 +107,38 @@ def test_curriculum_stages_and_mixing():
     sched = CurriculumSchedule(c_thought=2, epochs_per_stage=3, max_latent_stage=2, uniform_prob=0.0)
     assert [sched.stage(e) for e in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     from_cot = CurriculumSchedule(epochs_per_stage=2, max_latent_stage=2, first_stage=1)
-    assert [from_cot.stage(e) for e in range(5)] == [1, 1, 2, 2, 2]
+    # past max_latent_stage comes CoCoNuT's last stage (every step latent), and stays
+    assert [from_cot.stage(e) for e in range(8)] == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert [from_cot.latent_steps(s) for s in (0, 1, 2, 3)] == [0, 1, 2, 2]
+    assert [from_cot.replaced_steps(s, 5) for s in (0, 1, 2, 3)] == [0, 1, 2, 5]
+    assert [from_cot.replaced_steps(s, 1) for s in (0, 1, 2, 3)] == [0, 1, 1, 1]
     mixed = CurriculumSchedule(epochs_per_stage=1, max_latent_stage=3, uniform_prob=1.0)
     seen = {mixed.row_stage(3, random.Random(i)) for i in range(50)}
     assert seen == {0, 1, 2, 3}
+
+
+def test_the_last_stage_trains_the_answer_alone_after_max_latent_stage_latents(family):
+    """A training batch at the stage after max_latent_stage (CoCoNuT's `n_skip_steps = 10000`):
+    every row, whatever its step count, holds max_latent_stage·c_thought latents and no step — its
+    labels are the answer sentence and eos; the stage before still writes the steps after its latents."""
+    from mmreason.config import load_config
+    from mmreason.tasks import answer_sentence
+    from mmreason.train.config import TrainConfig
+    from mmreason.train.worker import encode_batch
+
+    rows = [generate_example(TASKS["maze"], size, "train", i, 0, ALL_TRAIN, RenderOptions(step_images=False))
+            for size, i in ((4, 2), (5, 1))]
+    assert len(rows[0]["steps"]) != len(rows[1]["steps"]) and min(len(r["steps"]) for r in rows) > 2
+    cfg = load_config(TrainConfig, None, ["stage=coconut", "coconut={c_thought: 2, epochs_per_stage: 1, max_latent_stage: 2}"])
+    tok = family.tokenizer
+    answer_ids = [i for i in tok(answer_sentence("A"))["input_ids"] if i != tok.bos_token_id]
+    for epoch, kept_steps in ((2, lambda r: r["steps"][2:]), (3, lambda r: [])):
+        assert cfg.coconut.stage(epoch) == epoch
+        batch = encode_batch(family, rows, cfg, epoch, random.Random(0))
+        for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+            assert int((ids == family.latent_id).sum()) == 4
+            target = tok.decode([int(t) for t in labels if t != IGNORE], skip_special_tokens=True)
+            written = " ".join([*kept_steps(row), answer_sentence(row["answer"])])
+            assert target.split() == written.split(), (epoch, target)
+        if epoch == 3:
+            assert all(len([t for t in labels if t != IGNORE]) == len(answer_ids) + 1 for labels in batch["labels"])

@@ -7,8 +7,10 @@
 - `generate`: batched generation with a KV cache — prompt prefill, one cached step per latent, then
   token-by-token decoding. The reference implementation is batch 1 without a cache;
   `generate_uncached` is that algorithm, kept as the oracle the batched one must equal.
-- `CurriculumSchedule`: stage = first_stage + epoch // epochs_per_stage, capped at max_latent_stage; stage k
-  replaces the first k steps by k·c_thought latents; `uniform_prob` mixes in other stages.
+- `CurriculumSchedule`: stage = first_stage + epoch // epochs_per_stage; stage k ≤ max_latent_stage
+  replaces the first k steps by k·c_thought latents; the stage after max_latent_stage is CoCoNuT's
+  last: every step goes, replaced by max_latent_stage·c_thought latents (the reference's
+  `n_skip_steps = 10000`), so the reply is the answer alone; `uniform_prob` mixes in other stages.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class CurriculumSchedule:
     """Latent thoughts per replaced reasoning step."""
     epochs_per_stage: int = 1
     max_latent_stage: int = 3
-    """Stages beyond this keep this many latent steps."""
+    """Latent steps at most; the stage after it drops every language step (the reply is the answer)."""
     uniform_prob: float = 0.0
     """Probability that a training row uses a random stage in [0, current] instead."""
     first_stage: int = 0
@@ -36,7 +38,18 @@ class CurriculumSchedule:
     (CoCoNuT's `resume` skips those epochs the same way)."""
 
     def stage(self, epoch: int) -> int:
-        return min(self.first_stage + epoch // self.epochs_per_stage, self.max_latent_stage)
+        """The epoch's stage; max_latent_stage + 1 (every step latent) is the last."""
+        return min(self.first_stage + epoch // self.epochs_per_stage, self.max_latent_stage + 1)
+
+    def latent_steps(self, stage: int) -> int:
+        """Latent steps (c_thought latents each) a stage's rows carry, whatever their step count
+        (CoCoNuT's `pad_latent_to_max`: the count must not tell how long the reasoning is)."""
+        return min(stage, self.max_latent_stage)
+
+    def replaced_steps(self, stage: int, n_steps: int) -> int:
+        """Language steps of an `n_steps` row the latents replace: the first `stage`, or every one
+        past max_latent_stage."""
+        return n_steps if stage > self.max_latent_stage else min(stage, n_steps)
 
     def row_stage(self, epoch: int, rng: random.Random) -> int:
         stage = self.stage(epoch)

@@ -165,9 +165,12 @@ class Family(abc.ABC):
         return ids + self._text_ids(answer) + [self.tokenizer.eos_token_id]
 
     def encode(self, row: dict[str, Any], target: Target = "cot", n_latent_steps: int = 0,
-               c_thought: int = 1, with_target: bool = True, visual_thoughts: bool = False) -> Encoded:
+               c_thought: int = 1, with_target: bool = True, visual_thoughts: bool = False,
+               replaced_steps: int | None = None) -> Encoded:
         """Token ids and labels for one example row (see the module docstring for the layout).
-        `visual_thoughts`: every step is followed by the image of its state, as tokens to write."""
+        `visual_thoughts`: every step is followed by the image of its state, as tokens to write.
+        `replaced_steps`: leading steps the latents stand for (default `n_latent_steps`; CoCoNuT's
+        last stage replaces every step with `max_latent_stage` latent steps)."""
         images = [as_pil(im) for im in row["images"]]
         if VIDEO in row["prompt"]:
             if IMAGE in row["prompt"] or row["prompt"].count(VIDEO) != 1 or not images:
@@ -186,13 +189,13 @@ class Family(abc.ABC):
             # not tell the model how long the answer's reasoning is (CoCoNuT's pad_latent_to_max)
             n_latents = n_latent_steps * c_thought
             latents = [self.start_latent_id] + [self.latent_id] * n_latents + [self.end_latent_id]
-            steps = steps[n_latent_steps:]
+            steps = steps[n_latent_steps if replaced_steps is None else replaced_steps:]
         elif target == "vanilla":
             steps = []
         if not with_target:
             ids = prompt + latents
             return Encoded(ids, [IGNORE] * len(ids), images, n_latents, len(prompt))
-        first_step = n_latent_steps if target == "latent" else 0
+        first_step = len(row["steps"]) - len(steps) if target == "latent" else 0
         # a vanilla reply is the answer alone: text that goes on after it (a re-check) has no steps to go over
         target_ids = self._target_ids(row, steps, first_step, visual_thoughts and target != "vanilla",
                                       "" if target == "vanilla" else after_answer(row))

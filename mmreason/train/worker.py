@@ -48,10 +48,12 @@ def encode_batch(family: Any, rows: list[dict], cfg: TrainConfig, epoch: int, rn
     """Rows → a padded training batch at this epoch's curriculum stage."""
     items = []
     for row in rows:
-        stage = cfg.coconut.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
+        sched = cfg.coconut
+        stage = sched.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
         target = "latent" if stage > 0 else "cot"
-        items.append(family.encode(row, target, stage, cfg.coconut.c_thought,
-                                   visual_thoughts=cfg.visual_thoughts.enabled))
+        items.append(family.encode(row, target, sched.latent_steps(stage), sched.c_thought,
+                                   visual_thoughts=cfg.visual_thoughts.enabled,
+                                   replaced_steps=sched.replaced_steps(stage, len(row["steps"]))))
     return family.collate(items, align_latents=True)
 
 
@@ -197,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             router.eval()  # evaluation below decodes with the cache pruned by top-k
         if rank == 0 and eval_rows and zero_stage < 3:
             mode = cfg.rl.mode if rl else "coconut" if stage > 0 else "cot"
-            n_steps = n_latent_steps if rl else stage
+            n_steps = n_latent_steps if rl else cfg.coconut.latent_steps(stage)
             settings = cfg.eval.modes.get(mode) or cfg.eval.modes.get("cot") or next(iter(cfg.eval.modes.values()))
             result = evaluate(family, eval_rows, mode, settings,
                               n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
