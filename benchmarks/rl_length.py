@@ -2,11 +2,12 @@
 
 One run, one data set, one starting model:
 1. 3×3 mazes rendered with optional verbosity, so the cot model's replies vary in length:
-   `--recheck` (default 0.7): that share of the chains ends with a re-check of every step
-   (`mmreason.tasks.base.recheck_step`) — a re-walk that can go wrong and change the answer;
-   `--after-answer`: the re-check goes after the answer sentence instead (`recheck_after_answer`),
-   where it cannot change the answer — the verification rounds "overthinking" reasoners add after
-   answering; the +1/0 reward is blind to it, so only a length penalty has a reason to cut it;
+   `--recheck` (default 0.7): that share of the chains re-checks every step
+   (`mmreason.tasks.base.recheck_step`). `--recheck-at` says where: `after-answer` (default,
+   `recheck_after_answer`) puts it behind the answer sentence, where it cannot change the answer —
+   the verification rounds "overthinking" reasoners add after answering; the +1/0 reward is blind
+   to it, so only a length penalty has a reason to cut it. `last-step` makes it the chain's last
+   step, a re-walk that can go wrong and change the answer (there the +1/0 reward alone removes it).
    `--restate` (default 0): that share re-checks every step verbatim as it is made (`restated`) —
    a copy of the text just written, not a re-walk (yet on the tiny model the doubled cell numbers
    confused the letter lookup: cot 0.283 after 7 epochs). Above one half, so that
@@ -21,9 +22,9 @@ Reports held-out accuracy, mean generated tokens and the share of replies that r
 start and both rl runs, and the ratios the acceptance asks about. Stages resume: re-running with the
 same --root continues where it stopped.
 
-    python benchmarks/rl_length.py [--root runs/bench/rl-length] [--recheck 0.7] [--restate 0] [--eval-rows 600]
-    python benchmarks/rl_length.py --after-answer --root runs/bench/rl-length-after \
-        --out benchmarks/results/rl_length_after.json
+    python benchmarks/rl_length.py [--root runs/bench/rl-length-after] [--recheck 0.7] [--eval-rows 600]
+    python benchmarks/rl_length.py --recheck-at last-step --root runs/bench/rl-length \
+        --out benchmarks/results/rl_length_last_step.json
     python benchmarks/rl_length.py --recheck 0 --restate 0.7 --root runs/bench/rl-length-restate \
         --out benchmarks/results/rl_length_restate.json
 
@@ -68,9 +69,10 @@ def summary(out: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=str(REPO / "runs/bench/rl-length"))
+    parser.add_argument("--root", default=str(REPO / "runs/bench/rl-length-after"))
     parser.add_argument("--recheck", type=float, default=0.7, help="share of chains that re-check at the end")
-    parser.add_argument("--after-answer", action="store_true", help="re-check after the answer sentence")
+    parser.add_argument("--recheck-at", choices=("after-answer", "last-step"), default="after-answer",
+                        help="where the re-check goes: behind the answer sentence, or as the chain's last step")
     parser.add_argument("--restate", type=float, default=0.0, help="share of chains that re-check each step")
     parser.add_argument("--examples", type=int, default=6000, help="3x3 mazes over all splits")
     parser.add_argument("--cot-epochs", type=int, default=7)
@@ -83,17 +85,18 @@ def main() -> None:
     from jobs.train import run_stage
     from mmreason.tracking import pipeline_run
 
+    after = args.recheck_at == "after-answer" and args.recheck > 0
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root.resolve()}/mlflow.db")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipelines.gridworld", f"output_dir={root / 'data'}",
                     f"tasks={{maze: {{sizes: [3], examples: {args.examples}}}}}", f"recheck={args.recheck}",
-                    f"restate={args.restate}", f"recheck_after_answer={str(args.after_answer).lower()}",
+                    f"restate={args.restate}", f"recheck_after_answer={str(after).lower()}",
                     "step_images=false"], cwd=REPO, check=True)
     sampling = f"rl.sampling={{max_new_tokens: {args.max_new_tokens}, do_sample: true, temperature: 1.0}}"
     results, seconds = {}, {}
-    with pipeline_run("mmreason-bench", f"rl-length-recheck{args.recheck:g}{'-after' if args.after_answer else ''}-restate{args.restate:g}"):
+    with pipeline_run("mmreason-bench", f"rl-length-recheck{args.recheck:g}{'-after' if after else ''}-restate{args.restate:g}"):
         for name, config, extra in (
             ("cot", "cot-maze.yaml",
              [f"optim={{lr: 0.003, batch_size: 16, epochs: {args.cot_epochs}, warmup_steps: 20}}"]),
@@ -122,7 +125,7 @@ def main() -> None:
         print(f"{name:<12}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>9.1f}{r['check_share']:>11.2f}")
     for key, value in ratios.items():
         print(f"{key}: {value:+.3f}" if "accuracy" in key else f"{key}: {value:.3f}")
-    report = {"recheck": args.recheck, "after_answer": args.after_answer, "restate": args.restate, "examples": args.examples,
+    report = {"recheck": args.recheck, "recheck_at": args.recheck_at, "restate": args.restate, "examples": args.examples,
               "cot_epochs": args.cot_epochs,
               "eval_rows": args.eval_rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "results": results, "ratios": ratios, "stage_minutes": {k: v / 60 for k, v in seconds.items()},
