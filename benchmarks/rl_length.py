@@ -70,7 +70,7 @@ def summary(out: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(REPO / "runs/bench/rl-length-after"))
-    parser.add_argument("--recheck", type=float, default=0.7, help="share of chains that re-check at the end")
+    parser.add_argument("--recheck", type=float, default=0.7, help="share of chains that re-check every step (where: --recheck-at)")
     parser.add_argument("--recheck-at", choices=("after-answer", "last-step"), default="after-answer",
                         help="where the re-check goes: behind the answer sentence, or as the chain's last step")
     parser.add_argument("--restate", type=float, default=0.0, help="share of chains that re-check each step")

@@ -46,9 +46,8 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def encode_batch(family: Any, rows: list[dict], cfg: TrainConfig, epoch: int, rng: random.Random) -> dict:
     """Rows → a padded training batch at this epoch's curriculum stage."""
-    items = []
+    items, sched = [], cfg.coconut
     for row in rows:
-        sched = cfg.coconut
         stage = sched.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
         target = "latent" if stage > 0 else "cot"
         items.append(family.encode(row, target, sched.latent_steps(stage), sched.c_thought,
