@@ -196,7 +196,7 @@ def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any
             targets = cfg.dare.dare
             one.model.checkpoint = dare["export"]  # the frozen backbone + its router
             one.press = {"name": name, "rho_text": targets.rho_text, "rho_vis": targets.rho_vis,
-                         "layer": targets.layer, "router_width": targets.router_width,
+                         "layer": targets.layer, "router_width": targets.router_width, "window": targets.window,
                          "router_path": str(Path(dare["export"]) / ROUTER_FILE), **settings}
         rows.append(run_press_eval(one, log=lambda *a, **k: None))
     return rows

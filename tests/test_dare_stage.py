@@ -60,3 +60,19 @@ def test_dare_stage_learns_the_keep_targets_with_the_backbone_frozen(maze_data, 
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.params["stage"] == "dare" and "dare_ratio_loss" in run.data.metrics
     assert "cot_kv_fraction_prefill" in run.data.metrics
+
+
+def test_window_context_and_importance_settings_are_checked_when_the_config_loads():
+    base = REPO / "configs/train/dare-maze.yaml"
+    with pytest.raises(ConfigError, match=r"dare.window must be >= 0, got -1"):
+        load_config(TrainConfig, base, ["dare.window=-1", "dare.masks=decode"])
+    with pytest.raises(ConfigError, match=r"dare.window: only dare.masks=decode .*got masks='topk'"):
+        load_config(TrainConfig, base, ["dare.window=8", "dare.masks=topk"])
+    with pytest.raises(ConfigError, match=r"dare.router_context must be >= 1, got 0"):
+        load_config(TrainConfig, base, ["dare.router_context=0"])
+    with pytest.raises(ConfigError, match=r"dare.importance_weight must be >= 0, got -0.5"):
+        load_config(TrainConfig, base, ["dare.importance_weight=-0.5"])
+    cfg = load_config(TrainConfig, base, ["dare.window=8", "dare.masks=decode", "dare.router_context=3",
+                                         "dare.importance_weight=0.5"])
+    press = cfg.dare.press()
+    assert (press.window, press.router_context, press.learn_importance, press.train_masks) == (8, 3, True, "decode")

@@ -11,6 +11,7 @@ from mmreason.kv import CosrePress, DarePress, HicoPress, TovaPress, make_press
 from mmreason.kv.base import Press
 from mmreason.kv.dare import (
     DareRouter,
+    future_importance,
     gumbel_keep,
     ratio_loss,
     straight_through_topk,
@@ -268,8 +269,9 @@ def test_dare_topk_training_masks_keep_what_inference_keeps_and_train_the_router
 
 @pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole"])
 @pytest.mark.parametrize("make", [lambda: TovaPress(cache_size=20), lambda: TovaPress(factor=0.5, min_size=4),
-                                  lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0)],
-                         ids=["tova-fixed", "tova-dynamic", "dare"])
+                                  lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0),
+                                  lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0, window=4, router_context=2)],
+                         ids=["tova-fixed", "tova-dynamic", "dare", "dare-window-context"])
 def test_the_decode_step_eviction_keeps_what_full_selection_keeps(family_name, make, monkeypatch):
     """`drop_lowest`/`evict` (one entry out per step, moved-last-into-slot) against the full
     top-budget selection at every step: the same tokens, and per layer the same cached entries."""
@@ -303,9 +305,11 @@ def test_the_decode_step_eviction_keeps_what_full_selection_keeps(family_name, m
         assert evicted
 
 
-def test_dare_decode_training_masks_replay_what_inference_keeps():
+@pytest.mark.parametrize("window,context", [(0, 1), (6, 3)])
+def test_dare_decode_training_masks_replay_what_inference_keeps(window, context):
     """`train_masks="decode"`: for a row teacher-forced on the tokens DARE itself generated, every
-    query sees exactly the entries the inference press had cached at that step."""
+    query sees exactly the entries the inference press had cached at that step — with a recent
+    window and a router that reads the tokens before each one too."""
     from mmreason.latent.coconut import latent_forward
     from mmreason.models.base import IGNORE
     from mmreason.train.dare_stage import set_batch
@@ -315,8 +319,8 @@ def test_dare_decode_training_masks_replay_what_inference_keeps():
     batch = batch_of(fam, [row])
     prompt = batch["input_ids"].shape[1]
     torch.manual_seed(0)
-    press = DarePress(rho_text=0.4, rho_vis=0.75, layer=0, train_masks="decode")
-    press.router = DareRouter(fam.model.config.text_config.hidden_size).eval()
+    press = DarePress(rho_text=0.4, rho_vis=0.75, layer=0, train_masks="decode", window=window)
+    press.router = DareRouter(fam.model.config.text_config.hidden_size, context=context).eval()
     cached = []  # the cache's columns after each forward (prompt, then one per decode step)
     with torch.no_grad(), press(fam) as session:
         hook = fam.model.register_forward_hook(lambda *a: cached.append(
@@ -340,3 +344,88 @@ def test_dare_decode_training_masks_replay_what_inference_keeps():
         assert set(visible[query].nonzero().flatten().tolist()) - {query} == cached[step], step
     # and the prompt's queries see every earlier prompt token
     assert bool(visible[:prompt, :prompt].equal(torch.ones(prompt, prompt).tril().bool()))
+    if window:  # the latest `window` tokens stay, whatever the router thinks of them
+        for step in range(len(tokens) - 1):
+            assert set(range(prompt + step - window, prompt + step)) <= cached[step], step  # forward `step` saw prompt + step
+
+
+def test_dare_router_context_reads_the_tokens_before_and_carries_them_across_calls():
+    torch.manual_seed(0)
+    router = DareRouter(16, width=8, context=3).eval()
+    h = torch.randn(1, 7, 16)
+    text = torch.zeros(1, 7, dtype=torch.int8)
+    with torch.no_grad():
+        whole = router(h, text)
+        past, parts = None, []
+        for lo, hi in ((0, 4), (4, 5), (5, 7)):  # a prompt, then decode steps
+            parts.append(router(h[:, lo:hi], text[:, lo:hi], None, past))
+            past = router.tail(h[:, lo:hi], None, past)
+        assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
+        moved = h.clone()
+        moved[:, 2] += 1.0  # token 2 is inside the window of tokens 2, 3, 4 only
+        changed = (router(moved, text) - whole).abs()[0] > 1e-6
+        assert changed.tolist() == [False, False, True, True, True, False, False]
+        # left padding reads as zeros: a padded row scores its tokens as the unpadded row does
+        padded = torch.cat([torch.randn(1, 2, 16), h], 1)
+        valid = torch.tensor([[False, False] + [True] * 7])
+        assert torch.allclose(router(padded, torch.zeros(1, 9, dtype=torch.int8), valid)[:, 2:], whole, atol=1e-6)
+    assert DareRouter(16).tail(h) is None
+    with pytest.raises(Exception, match="router_context must be >= 1"):
+        DareRouter(16, context=0)
+
+
+def test_future_importance_counts_only_queries_that_come_after_the_prompt_and_the_window():
+    # one head, 5 tokens, prompt of 2: key j's importance is the largest attention a query q >= 2
+    # with q - j >= window pays it
+    probs = torch.tensor([[1.0, 0, 0, 0, 0],
+                          [0.5, 0.5, 0, 0, 0],
+                          [0.2, 0.7, 0.1, 0, 0],
+                          [0.1, 0.1, 0.6, 0.2, 0],
+                          [0.4, 0.1, 0.1, 0.3, 0.1]])[None, None]
+    prompt = torch.tensor([2])
+    assert future_importance(probs, prompt, 0).tolist() == [[0.4000000059604645, 0.699999988079071,
+                                                             0.6000000238418579, 0.30000001192092896, 0.0]]
+    assert future_importance(probs, prompt, 2).tolist()[0] == pytest.approx([0.4, 0.1, 0.1, 0.0, 0.0])
+    # padding queries (the last, here) pay no attention that counts
+    valid = torch.tensor([[True, True, True, True, False]])
+    assert future_importance(probs, prompt, 0, valid).tolist()[0] == pytest.approx([0.2, 0.7, 0.6, 0.0, 0.0])
+    # two heads are averaged before the max
+    two = torch.cat([probs, torch.zeros_like(probs)], 1)
+    assert future_importance(two, prompt, 0).tolist()[0] == pytest.approx([0.2, 0.35, 0.3, 0.15, 0.0])
+
+
+def test_dare_importance_loss_fits_the_router_to_what_later_queries_attend():
+    from mmreason.latent.coconut import latent_forward
+    from mmreason.train.dare_stage import set_batch
+
+    fam = tiny_family("tiny-internvl")
+    batch = fam.collate([fam.encode(r, "cot") for r in rows()])
+    torch.manual_seed(0)
+    press = DarePress(rho_text=0.5, rho_vis=0.5, layer=0, train_masks="decode", window=4, learn_importance=True)
+    press.router = DareRouter(fam.model.config.text_config.hidden_size, context=2).train()
+    optim = torch.optim.SGD(press.router.parameters(), lr=0.05)
+    fam.model.requires_grad_(False)
+    losses = []
+    try:
+        with press(fam):
+            for _ in range(15):
+                set_batch(press, batch)
+                latent_forward(fam, batch)
+                (_, importance, valid), = press.importance
+                loss = press.importance_loss()
+                press.pop_masks()
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+                losses.append(float(loss))
+    finally:
+        fam.model.requires_grad_(True)
+        press.router.eval()
+    # nothing after a row's last `window` tokens can attend to them from outside the window
+    last = valid.long().cumsum(1).argmax(1)
+    for b in range(valid.shape[0]):
+        assert importance[b, last[b] - 3 : last[b] + 1].eq(0).all()
+    assert bool(importance[valid].gt(0).any()) and float(importance.max()) <= 1.0
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(RuntimeError, match="no importance recorded"):
+        press.importance_loss()

@@ -326,6 +326,10 @@ class Press:
         (B, H, L), or per query and key (B, 1 or H, q, L)."""
         return None
 
+    def observe_attention(self, call: LayerCall, probs: torch.Tensor) -> None:
+        """Training (`soft_keep` forwards): the layer's attention (B, H_q, q, L) before the keep
+        weights reshape it — what the model would attend to with nothing dropped. Default: ignored."""
+
     def keeps_everything(self) -> bool:
         """True when the settings say "keep every entry" (the press then never touches the cache)."""
         return False
@@ -632,6 +636,7 @@ class Session:
         logits = (query @ k.transpose(-1, -2)) * scaling
         logits = logits + self.additive_mask(state, qcols, groups, logits.dtype)
         probs = logits.float().softmax(-1)
+        self.press.observe_attention(call, probs.detach())
         if soft.dim() == 4:  # per query: (B, 1 or H, q, L)
             weights = soft.float().expand(-1, key.shape[1], -1, -1)
         else:

@@ -52,24 +52,51 @@ def anneal_temperature(step: int, total: int, start: float = 1.0, end: float = 0
 
 
 class DareRouter(nn.Module):
-    """Per-modality importance predictors: LayerNorm → Linear → GELU → Linear → keep logit."""
+    """Per-modality importance predictors: LayerNorm → Linear → GELU → Linear → keep logit, over a
+    token's hidden state — and, with `context` c > 1, the c − 1 tokens' before it (a causal window:
+    at the first layer a hidden state is the token alone, and "6" after "A" is a letter's cell
+    where "6" after "Go up" is a step's). Padding contributes zeros."""
 
-    def __init__(self, hidden_size: int, width: int = 64):
+    def __init__(self, hidden_size: int, width: int = 64, context: int = 1):
         super().__init__()
-        self.hidden_size, self.width = hidden_size, width
+        if context < 1:
+            raise ConfigError(f"router_context must be >= 1, got {context}")
+        self.hidden_size, self.width, self.context = hidden_size, width, context
+        features = hidden_size * context
 
         def mlp() -> nn.Sequential:
-            return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
-                                 nn.Linear(width, 1))
+            return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width), nn.GELU(), nn.Linear(width, 1))
 
         self.predictors = nn.ModuleDict({"text": mlp(), "vision": mlp()})
 
-    def forward(self, hidden: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) hidden states, (B, T) modality → (B, T) keep logits."""
+    def forward(self, hidden: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor | None = None,
+                past: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) hidden states, (B, T) modality → (B, T) keep logits. With `context` > 1,
+        `valid` (B, T) zeroes padding and `past` (B, context − 1, d) holds the tokens before this
+        call's (zeros at a sequence's start); `tail(...)` gives the next call's `past`."""
         h = hidden.to(self.predictors["text"][1].weight.dtype)
+        if self.context > 1:
+            seq = self._sequence(h, valid, past)
+            t = h.shape[1]
+            h = torch.cat([seq[:, self.context - 1 - i : self.context - 1 - i + t] for i in range(self.context)], -1)
         text = self.predictors["text"](h).squeeze(-1)
         vision = self.predictors["vision"](h).squeeze(-1)
         return torch.where(modality.to(text.device) == VISION, vision, text)
+
+    def _sequence(self, h: torch.Tensor, valid: torch.Tensor | None, past: torch.Tensor | None) -> torch.Tensor:
+        if valid is not None:
+            h = h * valid.to(h.device, h.dtype)[..., None]
+        if past is None:
+            past = h.new_zeros(h.shape[0], self.context - 1, h.shape[-1])
+        return torch.cat([past.to(h.dtype), h], 1)
+
+    def tail(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
+             past: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The `past` for the call after this one (None when `context` is 1)."""
+        if self.context == 1:
+            return None
+        h = hidden.to(self.predictors["text"][1].weight.dtype)
+        return self._sequence(h, valid, past)[:, -(self.context - 1):].detach()
 
 
 def topk_keep(logits: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, rho_text: float,
@@ -91,19 +118,33 @@ def straight_through_topk(logits: torch.Tensor, modality: torch.Tensor, valid: t
     return hard - soft.detach() + soft
 
 
+def with_recency(scores: torch.Tensor, cols: torch.Tensor, seen: int, window: int) -> torch.Tensor:
+    """Router scores with the entries among the last `window` columns of `seen` lifted above every
+    other, so top-k keeps them first (they still count against their modality's budget)."""
+    if window <= 0:
+        return scores
+    recent = cols >= seen - window
+    return scores.float() + recent.float() * RECENT_BONUS
+
+
+RECENT_BONUS = 1e6
+"""Added to a recent entry's router logit (`with_recency`): above any logit a router produces."""
+
+
 def decode_visibility(logits: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, prompt_len: torch.Tensor,
-                      rho_text: float, rho_vis: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      rho_text: float, rho_vis: float, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Which keys each query of a teacher-forced row would see at inference, replaying the
     inference press step by step: the prompt (`prompt_len` (B,) tokens) is one forward, then its
     cache keeps the top round(ρ·n) entries per modality; every later token joins the cache and
     the lowest-ranked entries are evicted down to the budget of the tokens seen so far (ranks by
-    logit, ties to the earlier token — `keep_top`). Returns (visible (B, T, T) bool — query i
-    sees key j —, survivors (B, T) bool at the row's end)."""
+    logit, the last `window` tokens first, ties to the earlier token — `keep_top`). Returns
+    (visible (B, T, T) bool — query i sees key j —, survivors (B, T) bool at the row's end)."""
     b, t = logits.shape
     alive = torch.zeros(b, t, dtype=torch.bool, device=logits.device)
     seen = torch.zeros(b, 2, dtype=torch.long, device=logits.device)
     after = []  # survivors after each step's eviction
     scores = logits.detach().float()[:, None]
+    cols = torch.arange(t, device=logits.device)[None, None]
     for step in range(t):
         new = valid[:, step]
         alive[:, step] = new
@@ -114,7 +155,8 @@ def decode_visibility(logits: torch.Tensor, modality: torch.Tensor, valid: torch
             keep = alive & ~((modality == TEXT) | (modality == VISION))
             for m, rho in ((TEXT, rho_text), (VISION, rho_vis)):
                 member = (alive & (modality == m))[:, None]
-                keep |= keep_top(scores, target_count(rho, seen[:, m]), member)[:, 0]  # index = column
+                ranked = with_recency(scores, cols, step + 1, window)
+                keep |= keep_top(ranked, target_count(rho, seen[:, m]), member)[:, 0]  # index = column
             alive = torch.where(evicting[:, None], keep, alive)
         after.append(alive.clone())
     survivors = torch.stack(after, dim=1)  # (B, step, key)
@@ -125,6 +167,22 @@ def decode_visibility(logits: torch.Tensor, modality: torch.Tensor, valid: torch
     own = q[None, :, None] == q[None, None, :]
     visible = causal & (in_prompt | own | before) & valid[:, None, :]
     return visible, survivors[:, -1]
+
+
+def future_importance(probs: torch.Tensor, prompt_len: torch.Tensor, window: int = 0,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, T, T) attention of a whole teacher-forced row (query × key, nothing dropped) →
+    (B, T): per key the largest head-averaged attention a query pays it when decoding could have
+    evicted it — a real (`valid` (B, T)) query after the prompt (`prompt_len` (B,); the prompt
+    sees itself whole) at least max(window, 1) tokens later (the recent window and a query's own
+    entry are kept anyway)."""
+    t = probs.shape[-1]
+    q = torch.arange(probs.shape[-2], device=probs.device)[:, None] + (t - probs.shape[-2])
+    k = torch.arange(t, device=probs.device)[None, :]
+    late = (q - k >= max(window, 1))[None] & (q[None] >= prompt_len.view(-1, 1, 1))  # (B, q, T)
+    if valid is not None:
+        late = late & valid[:, -probs.shape[-2]:, None].to(late.device)
+    return (probs.float().mean(1) * late).amax(1)
 
 
 def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -149,7 +207,8 @@ def ratio_loss(keep: torch.Tensor, modality: torch.Tensor, valid: torch.Tensor, 
 
 
 def save_router(router: DareRouter, path: str | Path) -> None:
-    torch.save({"hidden_size": router.hidden_size, "width": router.width, "state_dict": router.state_dict()}, path)
+    torch.save({"hidden_size": router.hidden_size, "width": router.width, "context": router.context,
+                "state_dict": router.state_dict()}, path)
 
 
 def load_router(path: str | Path) -> DareRouter:
@@ -157,7 +216,7 @@ def load_router(path: str | Path) -> DareRouter:
     if not path.is_file():
         raise ConfigError(f"router_path: no router file at {path}")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    router = DareRouter(data["hidden_size"], data["width"])
+    router = DareRouter(data["hidden_size"], data["width"], data.get("context", 1))
     router.load_state_dict(data["state_dict"])
     return router.eval()  # a saved router prunes (top-k); `.train()` it to train further
 
@@ -173,6 +232,8 @@ class DarePress(Press):
     router_path: str | None = None
     """Router saved by the dare stage; None = a fresh, untrained router (or one set on `.router`)."""
     router_width: int = 64
+    router_context: int = 1
+    """Tokens the router reads per decision: the token and the `router_context` − 1 before it."""
     tau: float = 1.0
     """Gumbel-softmax temperature (training; anneal with `anneal_temperature`)."""
     decode: bool = True
@@ -183,20 +244,37 @@ class DarePress(Press):
     router's logits); "decode" (what inference keeps, query by query: `decode_visibility` replays
     the prompt's pruning and every decode step's eviction; set `prompt_lengths` before each
     forward). "topk" and "decode" pass straight-through sigmoid gradients to the router."""
+    learn_importance: bool = False
+    """Training: record, per token, the largest attention a later query outside the recent window
+    pays it with nothing dropped (`future_importance`) — what `importance_loss` fits the router's
+    logits to (Locret's / H2O's notion of which entries decoding still needs). The router then
+    learns from that fit alone: the masks take its logits without a straight-through gradient."""
+    window: int = 0
+    """The latest `window` entries are kept whatever their score (within each modality's budget;
+    H2O / StreamingLLM's recent window): a step's own tokens stay visible to the next few steps."""
 
     def __post_init__(self) -> None:
         check_fraction("rho_text", self.rho_text)
         check_fraction("rho_vis", self.rho_vis)
         if self.layer < 0:
             raise ConfigError(f"layer must be >= 0, got {self.layer}")
+        if self.window < 0:
+            raise ConfigError(f"window must be >= 0, got {self.window}")
+        if self.window and self.train_masks == "topk":
+            raise ConfigError('window: the whole-row "topk" training masks have no notion of recency; '
+                              'train with train_masks "decode" (or "gumbel")')
         if self.tau <= 0:
             raise ConfigError(f"tau must be > 0, got {self.tau}")
         if self.train_masks not in ("gumbel", "topk", "decode"):
             raise ConfigError(f"train_masks must be 'gumbel', 'topk' or 'decode', got {self.train_masks!r}")
         self.prompt_lengths: torch.Tensor | None = None
         """(B,) prompt tokens per row of the next training forward (train_masks="decode")."""
+        self._past: torch.Tensor | None = None
+        """The router's context carried from one forward to the next (`DareRouter.tail`)."""
         self.router: DareRouter | None = load_router(self.router_path) if self.router_path else None
         self.masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.importance: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        """Training with `learn_importance`: (router logits, importance, valid) of every forward."""
         """Training: (keep, modality, valid) of every forward since the last `pop_masks()`."""
 
     def keeps_everything(self) -> bool:
@@ -212,7 +290,7 @@ class DarePress(Press):
             raise ConfigError(f"layer {self.layer} is past the model's last decoder layer ({n_layers - 1})")
         hidden = session.config.hidden_size
         if self.router is None:
-            self.router = DareRouter(hidden, self.router_width).eval()
+            self.router = DareRouter(hidden, self.router_width, self.router_context).eval()
         elif self.router.hidden_size != hidden:
             raise ConfigError(f"router_path: router was trained for hidden size {self.router.hidden_size}, "
                               f"the model has {hidden}")
@@ -224,10 +302,18 @@ class DarePress(Press):
             return None
         if call.layer_idx == self.layer:
             modality = call.session.forward_modality()
-            logits = self.router(call.hidden_states, modality)
+            valid, past = call.session.fwd_valid, None if call.prefill else self._past
+            fit = None
+            if self.training and self.learn_importance:
+                # Locret-style: the router learns from the importance fit alone (its input detached,
+                # so that loss does not move the backbone) and the masks take its logits as given
+                fit = self.router(call.hidden_states.detach(), modality, valid, past)
+                logits = fit.detach()
+            else:
+                logits = self.router(call.hidden_states, modality, valid, past)
+            self._past = self.router.tail(call.hidden_states, valid, past)
             call.scratch["dare"] = {"router": logits}
             if self.training:
-                valid = call.session.fwd_valid
                 if self.train_masks == "decode":
                     keep = self._decode_masks(call, logits, modality, valid)
                 elif self.train_masks == "topk":
@@ -236,6 +322,11 @@ class DarePress(Press):
                     keep = gumbel_keep(logits, self.tau)
                 call.scratch["dare"]["keep"] = keep
                 self.masks.append((keep, modality, valid))
+                if fit is not None:
+                    if call.session.seen != call.q_len:
+                        raise RuntimeError("learn_importance needs the whole row in one forward (no latent passes)")
+                    call.scratch["dare_importance"] = torch.zeros_like(fit, dtype=torch.float32)
+                    self.importance.append((fit, call.scratch["dare_importance"], valid))
         return call.scratch["dare"]
 
     def _decode_masks(self, call: LayerCall, logits: torch.Tensor, modality: torch.Tensor,
@@ -246,7 +337,7 @@ class DarePress(Press):
             raise RuntimeError('train_masks="decode" needs prompt_lengths set and the whole row in one forward '
                                "(no latent passes)")
         visible, survivors = decode_visibility(logits, modality, valid, self.prompt_lengths.to(logits.device),
-                                               self.rho_text, self.rho_vis)
+                                               self.rho_text, self.rho_vis, self.window)
         t = logits.shape[1]
         q = torch.arange(t, device=logits.device)
         decided = (q[:, None] >= self.prompt_lengths.to(logits.device)[:, None, None]) & (q[:, None] > q[None, :])
@@ -262,12 +353,29 @@ class DarePress(Press):
             return call.scratch["dare_visible"][:, None]  # (B, 1, q, L): per query, not an entry extra
         return call.state.extra["keep"]
 
+    def observe_attention(self, call: LayerCall, probs: torch.Tensor) -> None:
+        importance = call.scratch.get("dare_importance")
+        if importance is None or call.layer_idx < self.layer:
+            return
+        prompt = self.prompt_lengths if self.prompt_lengths is not None else torch.zeros(probs.shape[0], dtype=torch.long)
+        found = future_importance(probs, prompt.to(probs.device), self.window, call.session.fwd_valid)
+        importance.copy_(torch.maximum(importance, found))
+
+    def importance_loss(self) -> torch.Tensor:
+        """Mean squared error between the router's logits and log(importance + 1e-3) over the valid
+        tokens of every forward since the last call (`learn_importance`)."""
+        records, self.importance = self.importance, []
+        if not records:
+            raise RuntimeError("no importance recorded: train under the press with learn_importance=True first")
+        losses = [((logits.float() - (imp + 1e-3).log()) ** 2)[valid].mean() for logits, imp, valid in records]
+        return torch.stack(losses).mean()
+
     def compress(self, call: LayerCall) -> None:
         if self.training or call.layer_idx < self.layer or not (call.prefill or self.decode):
             return
         st = call.state
         seen = call.session.seen_by_mod
-        scores = st.extra["router"]
+        scores = with_recency(st.extra["router"], st.col, call.session.seen, self.window)
         budgets = {m: target_count(rho, seen[:, m]) for m, rho in ((TEXT, self.rho_text), (VISION, self.rho_vis))}
         if not call.prefill and call.drop_lowest(scores[:, 0], budgets):
             return
@@ -294,5 +402,5 @@ class DarePress(Press):
         return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
 
 
-__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "gumbel_keep", "load_router",
-           "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep"]
+__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "future_importance", "gumbel_keep", "load_router",
+           "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep", "with_recency"]

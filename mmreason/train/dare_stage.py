@@ -39,6 +39,8 @@ class DareStageConfig:
     layer: int = 1
     """Decoder layer whose attention input the router reads; it and deeper layers drop entries."""
     router_width: int = 64
+    router_context: int = 1
+    """The router reads each token with the `router_context` − 1 before it (1 = the token alone)."""
     ratio_weight: float = 4.0
     """Weight of the per-modality ratio loss next to the language-model loss."""
     tau_start: float = 1.0
@@ -49,6 +51,13 @@ class DareStageConfig:
     masks: Literal["gumbel", "topk", "decode"] = "gumbel"
     """Training keep masks (`DarePress.train_masks`): Gumbel + ratio loss, the whole row's top-k,
     or what decoding keeps query by query."""
+    window: int = 0
+    """The latest `window` entries are always kept (`DarePress.window`); the router ranks the rest."""
+    importance_weight: float = 0.0
+    """Weight of the router's importance loss (`DarePress.importance_loss`: its logits fitted to the
+    log of the attention each token gets from later queries, nothing dropped) — a dense signal
+    next to the straight-through gradient hard top-k masks pass; 0 = off. Needs the row in one
+    forward (not coconut's latent passes)."""
 
     def __post_init__(self) -> None:
         for name in ("rho_text", "rho_vis"):
@@ -57,10 +66,21 @@ class DareStageConfig:
                 raise ConfigError(f"dare.{name} must be in (0, 1], got {value}")
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"dare: need 0 < tau_end <= tau_start, got {self.tau_start} → {self.tau_end}")
+        if self.window < 0:
+            raise ConfigError(f"dare.window must be >= 0, got {self.window}")
+        if self.window and self.masks != "decode":
+            raise ConfigError(f"dare.window: only dare.masks=decode trains with the recent window inference keeps "
+                              f"(got masks={self.masks!r})")
+        if self.router_context < 1:
+            raise ConfigError(f"dare.router_context must be >= 1, got {self.router_context}")
+        if self.importance_weight < 0:
+            raise ConfigError(f"dare.importance_weight must be >= 0, got {self.importance_weight}")
 
     def press(self, router_path: str | None = None) -> DarePress:
         return DarePress(rho_text=self.rho_text, rho_vis=self.rho_vis, layer=self.layer,
-                         router_width=self.router_width, router_path=router_path, train_masks=self.masks)
+                         router_width=self.router_width,
+                         router_context=self.router_context, router_path=router_path, train_masks=self.masks,
+                         window=self.window, learn_importance=self.importance_weight > 0)
 
 
 class DareTrainee(nn.Module):
@@ -73,7 +93,8 @@ class DareTrainee(nn.Module):
 
 
 def build_trainee(family: Any, cfg: DareStageConfig) -> tuple[DareTrainee, DarePress]:
-    router = DareRouter(family.model.config.get_text_config().hidden_size, cfg.router_width).train()
+    router = DareRouter(family.model.config.get_text_config().hidden_size, cfg.router_width,
+                        cfg.router_context).train()
     if cfg.backbone == "frozen":
         family.model.requires_grad_(False)
     press = cfg.press()
@@ -81,10 +102,16 @@ def build_trainee(family: Any, cfg: DareStageConfig) -> tuple[DareTrainee, DareP
     return DareTrainee(family.model, router), press
 
 
-def dare_loss(press: DarePress, lm_loss: torch.Tensor, cfg: DareStageConfig) -> tuple[torch.Tensor, float]:
-    """LM loss + weighted ratio loss of the forwards since the last call; returns (loss, ratio)."""
+def dare_loss(press: DarePress, lm_loss: torch.Tensor, cfg: DareStageConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """LM loss + weighted ratio loss (+ weighted importance loss) of the forwards since the last
+    call; returns (loss, {"ratio": …, "importance": …})."""
     ratio = press.ratio_loss()
-    return lm_loss + cfg.ratio_weight * ratio, float(ratio.detach())
+    loss, parts = lm_loss + cfg.ratio_weight * ratio, {"ratio": float(ratio.detach())}
+    if cfg.importance_weight > 0:
+        importance = press.importance_loss()
+        loss = loss + cfg.importance_weight * importance
+        parts["importance"] = float(importance.detach())
+    return loss, parts
 
 
 def set_temperature(press: DarePress, cfg: DareStageConfig, step: int, total: int) -> None:
@@ -131,6 +158,7 @@ def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> d
     finally:
         handle.remove()
         applied = press.pop_masks()  # not training signal
+        press.importance = []
     # Gumbel masks keep sigmoid(logit) on average; top-k masks keep exactly what they keep
     return keep_rates(masks if press.train_masks == "gumbel" else applied)
 

@@ -170,8 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     loss = loss + cfg.visual_thoughts.discrepancy_weight * discrepancy
                     discrepancies.append(discrepancy.item())
                 if press:
-                    loss, ratio = dare_loss(press, loss, cfg.dare)
-                    ratios.append(ratio)
+                    loss, parts = dare_loss(press, loss, cfg.dare)
+                    ratios.append(parts)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
@@ -190,7 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cbp:
             metrics["cbp_replaced"] = cbp.replaced
         if press and rank == 0 and eval_rows:
-            metrics["dare_ratio_loss"] = sum(ratios) / max(1, len(ratios))
+            for key in (ratios[0] if ratios else {}):  # ratio, importance
+                metrics[f"dare_{key}_loss"] = sum(p[key] for p in ratios) / len(ratios)
             batches = [family.collate([family.encode(r) for r in eval_rows[i : i + cfg.eval.batch_size]])
                        for i in range(0, len(eval_rows), cfg.eval.batch_size)]
             rates = held_out_keep_rates(family, press, batches)
