@@ -8,7 +8,8 @@ For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 
 cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
 no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the
 router and model of a dare stage run here on this model for that f — DARE's way, backbone trained
-with the router under exact top-k masks (`dare.masks=topk`; change with `--dare-set`), unless
+with the router, `DARE_RECIPE` (decode masks, recent window, context router, importance fit;
+change with `--dare-set`), unless
 `--dare-backbone frozen`; `--dare-kept` trains one for every f instead — or given by
 `--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
 slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
@@ -36,6 +37,12 @@ from mmreason.kv.evaluation import PressEvalConfig, results_table, run_press_eva
 from mmreason.train.dare_stage import ROUTER_FILE  # noqa: E402
 
 KVPRESS = ("snapkv", "streaming_llm", "knorm", "expected_attention", "tova")
+DARE_WINDOW = 8
+"""DARE keeps the latest 8 entries (a step of the answer is ~6 tokens) and ranks the rest by its router."""
+DARE_RECIPE = ["dare.masks=decode", f"dare.window={DARE_WINDOW}", "dare.router_context=3", "dare.importance_weight=1.0"]
+"""How the dare stage trains here: under the masks decoding applies (replayed query by query), with
+the recent window, a router reading each token with the two before it, fitted to the attention
+later queries pay each token (Locret-style; no straight-through gradient)."""
 
 
 def presses(kept: float, dare_export: str | None) -> list[dict]:
@@ -44,7 +51,7 @@ def presses(kept: float, dare_export: str | None) -> list[dict]:
             "residual_vis": kept}]
     if dare_export:
         rho_text, rho_vis = dare_targets(kept)
-        out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0,
+        out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0, "window": DARE_WINDOW,
                     "router_path": str(Path(dare_export) / ROUTER_FILE)})
     # kvpress's SnapKV observation window defaults to 64 queries: a maze prompt is ~70 tokens
     out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
@@ -69,13 +76,13 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
     from mmreason.train.config import TrainConfig
 
     # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
-    name = f"bench-dare-{backbone}-{kept}-e{epochs}" + "".join("-" + o.split(".")[-1].replace("=", "")
+    name = f"bench-dare-{backbone}-{kept}-e{epochs}-w{DARE_WINDOW}c3imp" + "".join("-" + o.split(".")[-1].replace("=", "")
                                                               for o in overrides)
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
         f"run_name={name}", f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
         f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
-        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", "dare.masks=topk",
+        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", *DARE_RECIPE,
         "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])
     return run_stage(cfg)["export"]
 
