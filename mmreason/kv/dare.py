@@ -273,9 +273,9 @@ class DarePress(Press):
         """The router's context carried from one forward to the next (`DareRouter.tail`)."""
         self.router: DareRouter | None = load_router(self.router_path) if self.router_path else None
         self.masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        """Training: (keep, modality, valid) of every forward since the last `pop_masks()`."""
         self.importance: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         """Training with `learn_importance`: (router logits, importance, valid) of every forward."""
-        """Training: (keep, modality, valid) of every forward since the last `pop_masks()`."""
 
     def keeps_everything(self) -> bool:
         return self.rho_text == 1.0 and self.rho_vis == 1.0 and not self.training
