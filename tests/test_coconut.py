@@ -112,6 +112,12 @@ def test_curriculum_stages_and_mixing():
     assert [from_cot.latent_steps(s) for s in (0, 1, 2, 3)] == [0, 1, 2, 2]
     assert [from_cot.replaced_steps(s, 5) for s in (0, 1, 2, 3)] == [0, 1, 2, 5]
     assert [from_cot.replaced_steps(s, 1) for s in (0, 1, 2, 3)] == [0, 1, 1, 1]
+    keep = CurriculumSchedule(epochs_per_stage=2, max_latent_stage=2, first_stage=1, keep_last_steps=1)
+    # the last step stays written at every stage, the last one included; a one-step row keeps its step
+    assert [keep.replaced_steps(s, 5) for s in (0, 1, 2, 3)] == [0, 1, 2, 4]
+    assert [keep.replaced_steps(s, 2) for s in (0, 1, 2, 3)] == [0, 1, 1, 1]
+    assert [keep.replaced_steps(s, 1) for s in (0, 1, 2, 3)] == [0, 0, 0, 0]
+    assert [keep.latent_steps(s) for s in (0, 1, 2, 3)] == [0, 1, 2, 2]
     mixed = CurriculumSchedule(epochs_per_stage=1, max_latent_stage=3, uniform_prob=1.0)
     seen = {mixed.row_stage(3, random.Random(i)) for i in range(50)}
     assert seen == {0, 1, 2, 3}
@@ -132,7 +138,11 @@ def test_the_last_stage_trains_the_answer_alone_after_max_latent_stage_latents(f
     cfg = load_config(TrainConfig, None, ["stage=coconut", "coconut={c_thought: 2, epochs_per_stage: 1, max_latent_stage: 2}"])
     tok = family.tokenizer
     answer_ids = [i for i in tok(answer_sentence("A"))["input_ids"] if i != tok.bos_token_id]
-    for epoch, kept_steps in ((2, lambda r: r["steps"][2:]), (3, lambda r: [])):
+    keep_last = load_config(TrainConfig, None, ["stage=coconut",
+                                                 "coconut={c_thought: 2, epochs_per_stage: 1, max_latent_stage: 2, "
+                                                 "keep_last_steps: 1}"])
+    for cfg, epoch, kept_steps in ((cfg, 2, lambda r: r["steps"][2:]), (cfg, 3, lambda r: []),
+                                   (keep_last, 3, lambda r: r["steps"][-1:])):
         assert cfg.coconut.stage(epoch) == epoch
         batch = encode_batch(family, rows, cfg, epoch, random.Random(0))
         for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
@@ -140,5 +150,15 @@ def test_the_last_stage_trains_the_answer_alone_after_max_latent_stage_latents(f
             target = tok.decode([int(t) for t in labels if t != IGNORE], skip_special_tokens=True)
             written = " ".join([*kept_steps(row), answer_sentence(row["answer"])])
             assert target.split() == written.split(), (epoch, target)
-        if epoch == 3:
+        if epoch == 3 and not cfg.coconut.keep_last_steps:
             assert all(len([t for t in labels if t != IGNORE]) == len(answer_ids) + 1 for labels in batch["labels"])
+
+
+@pytest.mark.parametrize("setting", ["c_thought: 0", "epochs_per_stage: 0", "max_latent_stage: -1",
+                                     "first_stage: -1", "keep_last_steps: -1", "uniform_prob: 1.5"])
+def test_bad_curriculum_settings_are_named(setting):
+    from mmreason.config import ConfigError, load_config
+    from mmreason.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"coconut.{setting.split(':')[0]}"):
+        load_config(TrainConfig, None, ["stage=coconut", f"coconut={{{setting}}}"])

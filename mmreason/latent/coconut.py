@@ -11,6 +11,8 @@
   replaces the first k steps by k·c_thought latents; the stage after max_latent_stage is CoCoNuT's
   last: every step goes, replaced by max_latent_stage·c_thought latents (the reference's
   `n_skip_steps = 10000`), so the reply is the answer alone; `uniform_prob` mixes in other stages.
+  `keep_last_steps` keeps that many trailing steps in language at every stage (the reply then always
+  writes the step that reaches the answer; an addition to the reference).
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ class CurriculumSchedule:
     first_stage: int = 0
     """Stage of epoch 0: 1 when the run starts from a cot checkpoint, which already is stage 0
     (CoCoNuT's `resume` skips those epochs the same way)."""
+    keep_last_steps: int = 0
+    """Trailing language steps no stage replaces (0: the reference's curriculum). With 1, a maze
+    reply always writes its last move — the cell reached and its letter — before the answer, even
+    at the last stage, where every other step is latent."""
+
+    def __post_init__(self) -> None:
+        from mmreason.config import ConfigError
+
+        for name in ("c_thought", "epochs_per_stage"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"coconut.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_latent_stage", "first_stage", "keep_last_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"coconut.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.uniform_prob <= 1:
+            raise ConfigError(f"coconut.uniform_prob must be in [0, 1], got {self.uniform_prob}")
 
     def stage(self, epoch: int) -> int:
         """The epoch's stage; max_latent_stage + 1 (every step latent) is the last."""
@@ -48,8 +66,9 @@ class CurriculumSchedule:
 
     def replaced_steps(self, stage: int, n_steps: int) -> int:
         """Language steps of an `n_steps` row the latents replace: the first `stage`, or every one
-        past max_latent_stage."""
-        return n_steps if stage > self.max_latent_stage else min(stage, n_steps)
+        past max_latent_stage — never the last `keep_last_steps`."""
+        replaceable = max(0, n_steps - self.keep_last_steps)
+        return replaceable if stage > self.max_latent_stage else min(stage, replaceable)
 
     def row_stage(self, epoch: int, rng: random.Random) -> int:
         stage = self.stage(epoch)
