@@ -132,3 +132,21 @@ def test_override_into_a_default_dict_entry_keeps_its_other_keys():
     cfg = load_config(GridworldConfig, None, ["tasks.maze.examples=5"])
     assert cfg.tasks["maze"].examples == 5 and cfg.tasks["maze"].sizes == [3, 4, 5, 6]
     assert set(cfg.tasks) == {"maze", "frozenlake", "minibehavior"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_load_under_their_own_run_name(path):
+    from mmreason.train.config import TrainConfig
+
+    assert load_config(TrainConfig, path).run_name == path.stem
+
+
+def test_quickstart_config_spells_out_the_default_and_the_benchmark_reaches_coconuts_last_stage():
+    from jobs.quickstart import QuickstartConfig
+
+    assert load_config(QuickstartConfig, REPO / "configs/quickstart.yaml") == QuickstartConfig()
+    bench = load_config(QuickstartConfig, REPO / "configs/bench/maze-cpu.yaml")
+    sched = bench.coconut.coconut
+    # the benchmark's coconut run ends at the last stage (every step but the kept one latent)
+    assert sched.stage(bench.coconut.optim.epochs - 1) == sched.max_latent_stage + 1
+    assert sched.keep_last_steps == 1
