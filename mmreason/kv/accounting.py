@@ -23,6 +23,20 @@ from typing import Any
 import torch
 
 
+def cache_kwarg(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a model or attention forward hook sees in its kwargs: `cache` since transformers
+    5.25 (which renamed `past_key_values`, kept as a deprecated alias at the top-level call), else
+    `past_key_values`."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def cache_output(output: Any) -> Any:
+    """The KV cache a model forward returned (`cache` since transformers 5.25, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -85,7 +99,7 @@ class KVMeter:
         self._finish()
 
     def _pre(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_kwarg(kwargs)
         self._new = cache is None or cache.get_seq_length() == 0
         if self._new:
             self._finish()
@@ -97,7 +111,7 @@ class KVMeter:
 
     def _post(self, module, args, kwargs, output) -> None:
         seconds = time.perf_counter() - self._t0
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_output(output)
         if cache is None:
             return
         now = layer_bytes(cache)

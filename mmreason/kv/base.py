@@ -39,6 +39,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from mmreason.kv.accounting import cache_kwarg, cache_output
 from mmreason.kv.modality import MODALITY_NAMES, SHARED, TEXT, VISION, ModalitySpec, modality_spec
 from mmreason.kv.rope import Rope
 
@@ -479,7 +480,7 @@ class Session:
             self.ids_fresh = (self.ids_fresh + [ids.detach()])[-4:]
 
     def _decoder_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_kwarg(kwargs)
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids")
         ref = embeds if embeds is not None else ids
@@ -513,10 +514,10 @@ class Session:
 
     def _decoder_hook(self, module, args, output) -> None:
         if self.cache is None:
-            self.cache = getattr(output, "past_key_values", None)
+            self.cache = cache_output(output)
 
     def _attention_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_kwarg(kwargs)
         if cache is not None and self.cache is None:
             self.cache = cache
         self.layer_inputs[module.layer_idx] = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
