@@ -1,8 +1,8 @@
 """kvpress (NVIDIA/kvpress 0.5.5) presses as baselines on our backbones.
 
 kvpress is installed with `pip install --no-deps kvpress==0.5.5`: it pins transformers < 5.3 and we
-run ≥ 5.23 (tested on 5.25), so pip must not resolve its requirements (it would downgrade transformers). What breaks
-on these and our models, and the shim for each:
+run ≥ 5.23 (tested on 5.25), so pip must not resolve its requirements (it would downgrade
+transformers). What breaks on these and our models, and the shim for each:
 
 - `import kvpress` needs `fire` (only its stats-collection CLI uses it): a stub module stands in.
 - importing kvpress wraps every attention function transformers knows, process-wide, for its
