@@ -39,7 +39,8 @@ from mmreason.sweep import LATENCY, SearchSpace, SweepConfig, build_space, check
 TUNE_BOOKKEEPING = {"done", "date", "pid", "hostname", "node_ip", "timestamp", "iterations_since_restore",
                     "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "time_this_iter_s", "time_total_s",
                     "time_since_restore", "checkpoint_path"}
-PER_EPOCH_METRICS = ("epoch", "stage", "loss", "lr", "samples_per_s", "eval_accuracy", "eval_tokens_per_answer")
+PER_EPOCH_METRICS = ("epoch", "stage", "loss", "lr", "samples_per_s", "data_wait_s", "eval_accuracy",
+                     "eval_tokens_per_answer")
 
 
 def load(config: str | None, overrides: Sequence[str]) -> SweepConfig:

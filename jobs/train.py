@@ -112,6 +112,16 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     return ds, n_rows
 
 
+def batch_blocks(ds: Any, n_rows: int, n_batches: int, batch_size: int) -> Any:
+    """The rows an epoch uses (`n_batches` × `batch_size`: every worker takes the same number of
+    whole batches, so the last < workers × batch rows never train) in blocks of one batch each.
+    Ray Train splits the dataset into equal shards each epoch; a cut inside a block costs a
+    zero-CPU Ray task, which on a machine whose CPUs the workers hold waits for a fresh worker
+    process — 2.2 s of a 9.5 s epoch, measured on 2 cores. On block boundaries it costs nothing."""
+    used = n_batches * batch_size
+    return (ds.limit(used) if used < n_rows else ds).repartition(n_batches).materialize()
+
+
 def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the stage on Ray Train; returns the final worker metrics. `callbacks`: Ray Train
@@ -128,6 +138,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     if steps_per_epoch < 1:
         raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size "
                           f"({cfg.workers} × {cfg.optim.batch_size})")
+    ds = batch_blocks(ds, n_rows, cfg.workers * steps_per_epoch, cfg.optim.batch_size)
     ds_config = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else (REPO / cfg.deepspeed)
     if not ds_config.is_file():
         raise ConfigError(f"deepspeed: config file not found: {cfg.deepspeed}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,20 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
     assert again["train"]["epoch"] == 1
     history = mlflow.MlflowClient().get_metric_history(again["mlflow_run_id"], "epoch")
     assert [m.value for m in history] == [1.0]
+    assert "data_wait_s" in run.data.metrics
+
+
+def test_training_rows_are_cut_into_whole_batches_on_block_boundaries(maze_data, tmp_path):
+    """Ray Train's equal split of the dataset then never cuts a block (a Ray task each epoch)."""
+    ds, n_rows = train.train_dataset(stage_cfg(maze_data, tmp_path / "runs"))
+    assert n_rows == 80
+    blocks = train.batch_blocks(ds, n_rows, n_batches=6, batch_size=12)  # 72 of the 80 rows train
+    assert [e.metadata.num_rows for bundle in blocks.iter_internal_ref_bundles() for e in bundle.blocks] == [12] * 6
+    assert [r["id"] for r in blocks.take_all()] == [r["id"] for r in ds.take(72)]
+    shards = blocks.streaming_split(2, equal=True)  # read at once, as the workers do
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda shard: [i for b in shard.iter_batches(batch_size=12) for i in b["id"]], shards))
+    assert [len(r) for r in rows] == [36, 36] and sorted(rows[0] + rows[1]) == sorted(r["id"] for r in ds.take(72))
 
 
 @pytest.mark.parametrize(

@@ -144,9 +144,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         t0, seen, losses, rl_steps, ratios, discrepancies = time.perf_counter(), 0, [], [], [], []
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
-        for step, table in enumerate(batches):
-            if step >= steps_per_epoch:
-                break  # equal step counts on every worker
+        iterator, waited = iter(batches), 0.0  # seconds blocked on the dataset shard
+        for step in range(steps_per_epoch):  # equal step counts on every worker
+            t_wait = time.perf_counter()
+            table = next(iterator, None)
+            waited += time.perf_counter() - t_wait
+            if table is None:
+                break
             global_step = epoch * steps_per_epoch + step
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, cfg.optim.lr, cfg.optim.warmup_steps)
@@ -180,7 +184,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             seen += table.num_rows * (cfg.rl.group_size if rl else 1)
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(1, len(losses)),
-                   "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9)}
+                   "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9),
+                   "data_wait_s": waited}
         if rl_steps:  # epoch means of the per-step rl metrics; seconds summed
             for key in rl_steps[0]:
                 total = sum(m[key] for m in rl_steps)
