@@ -81,6 +81,22 @@ def ray_train(data: str, backbone: str, batch_size: int, epochs: int, storage: s
             for e in sorted(history["samples_per_s"])]
 
 
+def cpu_times() -> list[int]:
+    """The aggregate CPU line of /proc/stat (user … steal), or [] where there is none."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def steal_fraction(before: list[int], after: list[int]) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two snapshots (Linux VMs)."""
+    if not before or not after:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    return delta[7] / max(1, sum(delta))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1280, help="3x3 maze rows rendered (80 %% train)")
@@ -105,6 +121,7 @@ def main() -> None:
         return
 
     runs: dict[str, list[list[dict]]] = {"plain": [], "ray": []}
+    steal: dict[str, list[float | None]] = {"plain": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "data")
         subprocess.run([sys.executable, "-m", "pipelines.gridworld", f"output_dir={data}",
@@ -116,11 +133,14 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--storage", str(Path(tmp) / "runs"),
                        "--run-name", f"bench-{round_}", "--batch-size", str(args.batch_size),
                        "--epochs", str(args.epochs), "--backbone", args.backbone]
+                before = cpu_times()
                 out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, env=env)
                 epochs = json.loads(out.stdout.strip().splitlines()[-1])
+                steal[mode].append(steal_fraction(before, cpu_times()))
                 runs[mode].append(epochs)
                 rates = " ".join(f"{e['samples_per_s']:6.1f}" for e in epochs)
-                print(f"round {round_}  {mode:<6} samples/s by epoch: {rates}", flush=True)
+                stolen = "" if steal[mode][-1] is None else f"   (CPU stolen by the host: {steal[mode][-1]:.0%})"
+                print(f"round {round_}  {mode:<6} samples/s by epoch: {rates}{stolen}", flush=True)
 
     steady = {mode: [e["samples_per_s"] for run in mode_runs for e in run[1:]] for mode, mode_runs in runs.items()}
     median = {mode: statistics.median(rates) for mode, rates in steady.items()}
@@ -131,7 +151,8 @@ def main() -> None:
               "epochs_per_run": args.epochs, "rounds": args.rounds,
               "plain_2_threads_samples_per_s": median["plain"], "ray_train_deepspeed_2x1_samples_per_s": median["ray"],
               "ratio_ray_vs_plain": median["ray"] / median["plain"], "ratio_by_round": by_round,
-              "ray_data_wait_s_per_epoch": wait, "target_ratio": 0.8, "runs": runs}
+              "ray_data_wait_s_per_epoch": wait, "target_ratio": 0.8, "runs": runs,
+              "cpu_steal_fraction": steal}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"median steady-state samples/s: plain {median['plain']:.1f}, Ray Train + DeepSpeed {median['ray']:.1f}; "
