@@ -80,13 +80,13 @@ def _cbp_under_zero(config: dict) -> dict:
     """A Ray Train worker, once per ZeRO stage: two DeepSpeed steps, a forced replacement, then
     DeepSpeed's own view of the fp32 master weights and AdamW moments (gathered from both ranks'
     partitions) against what continual backprop promises; one more step, and the ranks must agree."""
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from mmreason.latent.coconut import latent_forward
     from mmreason.models import load_backbone
     from mmreason.train.continual_backprop import ContinualBackprop, ContinualBackpropConfig
+    from mmreason.train.worker import training_deepspeed
 
     out = {}
     for stage in (2, 3):
@@ -97,7 +97,7 @@ def _cbp_under_zero(config: dict) -> dict:
                                                                       replacement_rate=4 / 256, apply_freq=3))
         ds = {"zero_optimization": {"stage": stage, "overlap_comm": False}, "train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
-        engine, *_ = deepspeed.initialize(model=family.model, config=ds,
+        engine, *_ = training_deepspeed().initialize(model=family.model, config=ds,
                                           optimizer=torch.optim.AdamW(family.model.parameters(), lr=1e-3))
         cbp.bind(engine.optimizer)
         batch = family.collate([family.encode(r) for r in config["rows"][dist.get_rank() :: 2]])

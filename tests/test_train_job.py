@@ -63,6 +63,16 @@ def test_training_rows_are_cut_into_whole_batches_on_block_boundaries(maze_data,
     assert [len(r) for r in rows] == [36, 36] and sorted(rows[0] + rows[1]) == sorted(r["id"] for r in ds.take(72))
 
 
+def test_training_deepspeed_skips_the_shared_memory_inference_op():
+    """Its ~45 s compile is not waited for by any worker; ZeRO's collectives stay on torch.distributed."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from mmreason.train.worker import training_deepspeed
+
+    training_deepspeed()
+    assert build_shm_op() is None
+
+
 @pytest.mark.parametrize(
     "override, error, needle",
     [

@@ -65,8 +65,19 @@ def export_model(family: Any, out_dir: Path, router: Any = None) -> None:
         save_router(router, out_dir / ROUTER_FILE)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def training_deepspeed() -> Any:
+    """`deepspeed`, with its CPU shared-memory all-reduce op marked unavailable. DeepSpeed compiles
+    that op at the first `initialize` on each machine and venv (45 s on 2 cores, in every worker's
+    start-up on a fresh node), yet only its tensor-parallel inference all-reduce uses it: ZeRO
+    training talks through torch.distributed (gloo on CPU) either way."""
     import deepspeed
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    return deepspeed
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -106,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     trainable = [p for p in module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    engine, optimizer, _, _ = training_deepspeed().initialize(model=module, optimizer=optimizer, config=ds_config)
     if cbp:
         cbp.bind(engine.optimizer)
         carried = Path(config["model_path"]) / CBP_STATE  # the previous dataset's run, in a sequence
