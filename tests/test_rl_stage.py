@@ -88,6 +88,7 @@ def _cbp_under_zero(config: dict) -> dict:
     from mmreason.train.continual_backprop import ContinualBackprop, ContinualBackpropConfig
     from mmreason.train.worker import training_deepspeed
 
+    deepspeed = training_deepspeed()
     out = {}
     for stage in (2, 3):
         torch.manual_seed(0)
@@ -97,7 +98,7 @@ def _cbp_under_zero(config: dict) -> dict:
                                                                       replacement_rate=4 / 256, apply_freq=3))
         ds = {"zero_optimization": {"stage": stage, "overlap_comm": False}, "train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
-        engine, *_ = training_deepspeed().initialize(model=family.model, config=ds,
+        engine, *_ = deepspeed.initialize(model=family.model, config=ds,
                                           optimizer=torch.optim.AdamW(family.model.parameters(), lr=1e-3))
         cbp.bind(engine.optimizer)
         batch = family.collate([family.encode(r) for r in config["rows"][dist.get_rank() :: 2]])

@@ -71,9 +71,8 @@ def training_deepspeed() -> Any:
     start-up on a fresh node), yet only its tensor-parallel inference all-reduce uses it: ZeRO
     training talks through torch.distributed (gloo on CPU) either way."""
     import deepspeed
-    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # ShareMemCommBuilder.NAME
     return deepspeed
 
 
