@@ -88,7 +88,8 @@ def check_visual_thoughts(cfg: TrainConfig) -> None:
 
 
 def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
-    """A streaming Ray Dataset over the training shards, and its row count (from the manifest)."""
+    """A Ray Dataset over the training shards (lazy unless filtered) and its row count (from the
+    manifest unless filtered)."""
     import ray.data
 
     entries = train_shards(cfg)
@@ -100,11 +101,8 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
         ds = ds.filter(lambda row: matches_filters(json.loads(row["meta"]), hard, visual))
     if cfg.data.max_train_rows is not None and (filtered or cfg.data.max_train_rows < n_rows):
         ds, n_rows = ds.limit(cfg.data.max_train_rows), min(n_rows, cfg.data.max_train_rows)
-    # Read now, before the workers' placement group takes every CPU of a small machine (2 workers ×
-    # 1 CPU on 2 cores): streaming reads scheduled after that wait forever (seen here). The rows
-    # then sit in Ray's object store (spilled to disk when large).
-    ds = ds.materialize()
     if filtered:
+        ds = ds.materialize()  # read and filtered once: counted here, cut into batches by `batch_blocks`
         n_rows = ds.count()  # the manifest's counts are before the filters
         if n_rows == 0:
             raise ConfigError(f"no training rows in {cfg.data.path} pass data.hard_split={cfg.data.hard_split}, "
@@ -117,7 +115,10 @@ def batch_blocks(ds: Any, n_rows: int, n_batches: int, batch_size: int) -> Any:
     whole batches, so the last < workers × batch rows never train) in blocks of one batch each.
     Ray Train splits the dataset into equal shards each epoch; a cut inside a block costs a
     zero-CPU Ray task, which on a machine whose CPUs the workers hold waits for a fresh worker
-    process — 2.2 s of a 9.5 s epoch, measured on 2 cores. On block boundaries it costs nothing."""
+    process — 2.2 s of a 9.5 s epoch, measured on 2 cores. On block boundaries it costs nothing.
+    Materialized now, before the workers' placement group takes every CPU of a small machine (2
+    workers × 1 CPU on 2 cores): streaming reads scheduled after that wait forever (seen here). The
+    rows then sit in Ray's object store (spilled to disk when large)."""
     used = n_batches * batch_size
     return (ds.limit(used) if used < n_rows else ds).repartition(n_batches).materialize()
 

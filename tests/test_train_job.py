@@ -56,11 +56,12 @@ def test_training_rows_are_cut_into_whole_batches_on_block_boundaries(maze_data,
     assert n_rows == 80
     blocks = train.batch_blocks(ds, n_rows, n_batches=6, batch_size=12)  # 72 of the 80 rows train
     assert [e.metadata.num_rows for bundle in blocks.iter_internal_ref_bundles() for e in bundle.blocks] == [12] * 6
-    assert [r["id"] for r in blocks.take_all()] == [r["id"] for r in ds.take(72)]
+    kept = [r["id"] for r in blocks.take_all()]
+    assert len(set(kept)) == 72 and set(kept) <= {r["id"] for r in ds.take_all()}
     shards = blocks.streaming_split(2, equal=True)  # read at once, as the workers do
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(lambda shard: [i for b in shard.iter_batches(batch_size=12) for i in b["id"]], shards))
-    assert [len(r) for r in rows] == [36, 36] and sorted(rows[0] + rows[1]) == sorted(r["id"] for r in ds.take(72))
+    assert [len(r) for r in rows] == [36, 36] and sorted(rows[0] + rows[1]) == sorted(kept)
 
 
 def test_training_deepspeed_skips_the_shared_memory_inference_op():
