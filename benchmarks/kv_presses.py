@@ -39,10 +39,11 @@ from mmreason.train.dare_stage import ROUTER_FILE  # noqa: E402
 KVPRESS = ("snapkv", "streaming_llm", "knorm", "expected_attention", "tova")
 DARE_WINDOW = 8
 """DARE keeps the latest 8 entries (a step of the answer is ~6 tokens) and ranks the rest by its router."""
-DARE_RECIPE = ["dare.masks=decode", f"dare.window={DARE_WINDOW}", "dare.router_context=3", "dare.importance_weight=1.0"]
-"""How the dare stage trains here: under the masks decoding applies (replayed query by query), with
-the recent window, a router reading each token with the two before it, fitted to the attention
-later queries pay each token (Locret-style; no straight-through gradient)."""
+DARE_RECIPE = ["dare.masks=decode", f"dare.window={DARE_WINDOW}", "dare.router_context=3", "dare.router_fit=knockout"]
+"""How the dare stage trains here: a router reading each token with the two before it is fitted,
+before the stage, to how much evicting each token alone raises the cot model's answer loss
+(knockout, on 256 training rows), then frozen with what feeds it; the rest of the model trains
+under the masks decoding applies (replayed query by query) with the recent window."""
 
 
 def presses(kept: float, dare_export: str | None) -> list[dict]:
@@ -76,7 +77,7 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
     from mmreason.train.config import TrainConfig
 
     # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
-    name = f"bench-dare-{backbone}-{kept}-e{epochs}-w{DARE_WINDOW}c3imp" + "".join("-" + o.split(".")[-1].replace("=", "")
+    name = f"bench-dare-{backbone}-{kept}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join("-" + o.split(".")[-1].replace("=", "")
                                                               for o in overrides)
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",

@@ -140,6 +140,10 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size "
                           f"({cfg.workers} × {cfg.optim.batch_size})")
     ds = batch_blocks(ds, n_rows, cfg.workers * steps_per_epoch, cfg.optim.batch_size)
+    fit_rows = []  # the dare stage's knockout measurement: the first rows of the training set
+    if cfg.stage == "dare" and cfg.dare.router_fit == "knockout":
+        fit_rows = ds.take_batch(min(cfg.dare.fit_rows, cfg.workers * steps_per_epoch * cfg.optim.batch_size),
+                                 batch_format="pyarrow").to_pylist()
     ds_config = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else (REPO / cfg.deepspeed)
     if not ds_config.is_file():
         raise ConfigError(f"deepspeed: config file not found: {cfg.deepspeed}")
@@ -147,7 +151,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         train_loop_per_worker,
         train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
                            "deepspeed_config": str(ds_config), "mlflow_uri": tracking_uri(),
-                           "mlflow_run_id": mlflow_run_id},
+                           "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=str(Path(cfg.storage).resolve()),

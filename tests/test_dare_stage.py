@@ -76,3 +76,31 @@ def test_window_context_and_importance_settings_are_checked_when_the_config_load
                                          "dare.importance_weight=0.5"])
     press = cfg.dare.press()
     assert (press.window, press.router_context, press.learn_importance, press.train_masks) == (8, 3, True, "decode")
+
+
+def test_dare_stage_with_a_knockout_fitted_router_trains_only_what_sits_above_it(maze_data, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    start = build_tiny("tiny-internvl", tmp_path / "start")
+    cfg = load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", [
+        f"data.path={maze_data}", f"storage={tmp_path / 'runs'}", f"init_from={start}", "run_name=k",
+        "dare={rho_text: 0.5, rho_vis: 0.5, layer: 1, backbone: full, masks: decode, window: 2, router_fit: knockout, "
+        "fit_rows: 6, fit_epochs: 3}",
+        "optim={lr: 0.01, batch_size: 8, epochs: 1, warmup_steps: 1}", "eval.max_examples=4", "eval.epoch_examples=8",
+        "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 8}}"])
+    out = train.run_stage(cfg)
+
+    assert out["train"]["dare_fit_rows"] == 6.0 and out["train"]["dare_fit_loss"] > 0, out["train"]
+    # decode masks keep exactly the targets (the recent window counts against them)
+    assert abs(out["train"]["dare_keep_text"] - 0.5) <= 0.05 and abs(out["train"]["dare_keep_vision"] - 0.5) <= 0.05
+    before, after = load_backbone("tiny-internvl", start), load_backbone("tiny-internvl", out["export"])
+    changed = {name for (name, a), b in zip(before.model.state_dict().items(), after.model.state_dict().values())
+               if not torch.equal(a, b)}
+    # the router's input (embeddings, vision side, layer 0) is what it was fitted on; layer 1 trained
+    assert changed and all(".layers.1." in name or name.endswith("language_model.norm.weight") for name in changed), changed
+    assert any(".layers.1.self_attn." in name for name in changed)
+    press = DarePress(rho_text=0.5, rho_vis=0.5, layer=1, router_path=str(Path(out["export"]) / ROUTER_FILE))
+    assert press.router is not None and press.router.context == 1
+    run = mlflow.get_run(out["mlflow_run_id"])
+    assert {"dare_fit_loss", "dare_fit_measure_s"} <= set(run.data.metrics)

@@ -185,6 +185,36 @@ def future_importance(probs: torch.Tensor, prompt_len: torch.Tensor, window: int
     return (probs.float().mean(1) * late).amax(1)
 
 
+@dataclass
+class EvictionProbe(Press):
+    """Teacher-forced forwards in which chosen queries cannot see chosen keys, from decoder layer
+    `layer` on (layers below see everything, as under `DarePress`) — what evicting those keys at
+    decoding would hide. Set `visible` ((B, T, T) 0/1 per query and key; causality is applied
+    anyway) before each forward; the forward also records the attention input of layer `layer`
+    and each token's modality (`inputs`: what a `DareRouter` reads)."""
+
+    layer: int = 0
+
+    def __post_init__(self) -> None:
+        self.visible: torch.Tensor | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def setup(self, session: Session) -> None:
+        n_layers = len(session.attention_modules)
+        if self.layer >= n_layers:
+            raise ConfigError(f"layer {self.layer} is past the model's last decoder layer ({n_layers - 1})")
+
+    def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
+        if call.layer_idx == self.layer:
+            self.inputs = (call.hidden_states.detach(), call.session.forward_modality(), call.session.fwd_valid)
+        return None
+
+    def soft_keep(self, call: LayerCall) -> torch.Tensor | None:
+        if call.layer_idx < self.layer or self.visible is None:
+            return None
+        return self.visible[:, None]  # (B, 1, q, L): per query
+
+
 def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Hard 0/1 keep mask from a two-way Gumbel-softmax (keep vs drop), straight-through gradients."""
     pair = torch.stack([logits, torch.zeros_like(logits)], dim=-1)
@@ -304,7 +334,12 @@ class DarePress(Press):
             modality = call.session.forward_modality()
             valid, past = call.session.fwd_valid, None if call.prefill else self._past
             fit = None
-            if self.training and self.learn_importance:
+            if self.training and not any(p.requires_grad for p in self.router.parameters()):
+                # a router fitted before the stage and frozen (`router_fit`): its input and logits
+                # are given, and nothing flows back through it into the backbone
+                with torch.no_grad():
+                    logits = self.router(call.hidden_states.detach(), modality, valid, past)
+            elif self.training and self.learn_importance:
                 # Locret-style: the router learns from the importance fit alone (its input detached,
                 # so that loss does not move the backbone) and the masks take its logits as given
                 fit = self.router(call.hidden_states.detach(), modality, valid, past)
@@ -402,5 +437,5 @@ class DarePress(Press):
         return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
 
 
-__all__ = ["DarePress", "DareRouter", "anneal_temperature", "decode_visibility", "future_importance", "gumbel_keep", "load_router",
+__all__ = ["DarePress", "DareRouter", "EvictionProbe", "anneal_temperature", "decode_visibility", "future_importance", "gumbel_keep", "load_router",
            "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep", "with_recency"]

@@ -15,6 +15,7 @@ backbone frozen or in full (Dynamic-LLaVA); `backbone: full` covers the second.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +60,18 @@ class DareStageConfig:
     next to the straight-through gradient hard top-k masks pass; 0 = off. Needs the row in one
     forward (not coconut's latent passes)."""
 
+    router_fit: Literal["none", "knockout"] = "none"
+    """How the router learns. "none": during the stage, with the backbone (straight-through
+    gradients of the masks, plus `importance_weight`). "knockout": before the stage, fitted to
+    each token's measured necessity — how much the answer's loss rises on `fit_rows` training rows
+    of the starting model when decoding evicts that token (`knockout_importance`) — then frozen,
+    with what computes its input (embeddings, vision encoder, layers below `layer`), while the
+    rest of the backbone learns to answer under its masks. Needs `masks: decode` and `backbone: full`."""
+    fit_rows: int = 256
+    """router_fit knockout: training rows measured (each costs ~its length in forwards)."""
+    fit_epochs: int = 200
+    """router_fit knockout: passes over the measured rows when fitting the router."""
+
     def __post_init__(self) -> None:
         for name in ("rho_text", "rho_vis"):
             value = getattr(self, name)
@@ -75,6 +88,17 @@ class DareStageConfig:
             raise ConfigError(f"dare.router_context must be >= 1, got {self.router_context}")
         if self.importance_weight < 0:
             raise ConfigError(f"dare.importance_weight must be >= 0, got {self.importance_weight}")
+        if self.router_fit not in ("none", "knockout"):
+            raise ConfigError(f"dare.router_fit must be 'none' or 'knockout', got {self.router_fit!r}")
+        if self.router_fit == "knockout":
+            if self.masks != "decode" or self.backbone != "full" or self.importance_weight:
+                raise ConfigError("dare.router_fit=knockout fits the router before the stage to what decoding's "
+                                  "evictions cost and freezes it: it needs dare.masks=decode, dare.backbone=full "
+                                  f"and no dare.importance_weight (got masks={self.masks!r}, "
+                                  f"backbone={self.backbone!r}, importance_weight={self.importance_weight})")
+            if self.fit_rows < 1 or self.fit_epochs < 1:
+                raise ConfigError(f"dare.fit_rows and dare.fit_epochs must be >= 1, got {self.fit_rows}, "
+                                  f"{self.fit_epochs}")
 
     def press(self, router_path: str | None = None) -> DarePress:
         return DarePress(rho_text=self.rho_text, rho_vis=self.rho_vis, layer=self.layer,
@@ -97,9 +121,147 @@ def build_trainee(family: Any, cfg: DareStageConfig) -> tuple[DareTrainee, DareP
                         cfg.router_context).train()
     if cfg.backbone == "frozen":
         family.model.requires_grad_(False)
+    if cfg.router_fit == "knockout":
+        freeze_router_input(family.model, cfg.layer)
     press = cfg.press()
     press.router = router
     return DareTrainee(family.model, router), press
+
+
+def freeze_router_input(model: nn.Module, layer: int) -> None:
+    """Freeze what computes the hidden state a router at decoder layer `layer` reads — input
+    embeddings, image encoder and projector, decoder layers below `layer` — so a router fitted
+    before training keeps seeing what it was fitted on; decoder layers from `layer` on, the final
+    norm and an untied output head stay trainable."""
+    decoder = model.get_decoder()
+    trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    keep = [*decoder.layers[layer:], decoder.norm]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        keep.append(head)
+    for module in keep:
+        module.requires_grad_(True)
+    for p, was in zip(model.parameters(), trainable):  # frozen before (Anole's VQ-VAE) stays frozen
+        p.requires_grad_(p.requires_grad and was)
+
+
+@dataclass
+class Knockout:
+    """One row's knockout measurement: the router's input at its layer (T, d), each token's
+    modality (T,), which tokens decoding could evict and were measured (T,) bool, and the rise of
+    the row's answer loss (summed NLL, nats, clamped at 0) when decoding evicts that token alone (T,)."""
+
+    hidden: torch.Tensor
+    modality: torch.Tensor
+    measured: torch.Tensor
+    rise: torch.Tensor
+
+
+@torch.no_grad()
+def knockout_importance(family: Any, rows: list[dict], layer: int, window: int, chunk: int = 64) -> list[Knockout]:
+    """For each row (teacher-forced `cot` target): per text / image token j, the answer's loss with
+    j evicted as decoding would evict it — hidden, from layer `layer` on, from every answer query
+    at least max(window, 1) tokens later (the prompt's own forward sees it) — minus the loss with
+    nothing evicted. One forward of the row, then its measurable tokens in copies of `chunk` rows
+    (cost ~ T forwards of a T-token row)."""
+    import torch.nn.functional as F
+
+    from mmreason.kv.dare import EvictionProbe
+    from mmreason.latent.coconut import latent_forward
+
+    def answer_nll(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, logits = latent_forward(family, batch)
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch["labels"][:, 1:], ignore_index=IGNORE,
+                               reduction="none").sum(1)
+
+    probe, out = EvictionProbe(layer=layer), []
+    with probe(family):
+        for row in rows:
+            encoded = family.encode(row)
+            base = family.collate([encoded])
+            t, prompt = base["input_ids"].shape[1], encoded.prompt_len
+            probe.visible = None
+            base_nll = answer_nll(base)[0]
+            hidden, modality, _ = probe.inputs
+            modality = modality[0].long()
+            q = torch.arange(t)
+            first_hidden = torch.clamp(q + max(window, 1), min=prompt)  # first query that loses key j
+            measured = ((modality == TEXT) | (modality == VISION)) & (first_hidden <= t - 2)
+            rise = torch.zeros(t)
+            keys = measured.nonzero().flatten()
+            for i in range(0, len(keys), chunk):
+                part = keys[i : i + chunk]
+                batch = family.collate([encoded] * len(part))
+                visible = torch.ones(len(part), t, t)
+                hide = q[None, :] >= first_hidden[part][:, None]  # (n, query)
+                visible[torch.arange(len(part))[:, None], q[None, :], part[:, None]] = (~hide).float()
+                probe.visible = visible
+                rise[part] = (answer_nll(batch) - base_nll).clamp(min=0).float()
+            out.append(Knockout(hidden[0].float().cpu().clone(), modality.cpu(), measured.cpu(), rise))
+    probe.visible = None
+    return out
+
+
+IMPORTANCE_FLOOR = 1e-2
+"""The router is fitted to log(rise + floor): rises below ~0.01 nats rank as equally unneeded."""
+
+
+def fit_router(router: DareRouter, records: list[Knockout], epochs: int, lr: float = 3e-3, batch_size: int = 32,
+               seed: int = 0) -> float:
+    """Fit the router's logits to log(knockout rise + `IMPORTANCE_FLOOR`) over the measured tokens
+    (mean squared error, Adam); returns the last epoch's mean loss. Only the ranking within each
+    modality matters to top-k."""
+    if not records:
+        raise ValueError("fit_router: no knockout measurements")
+    n, t = len(records), max(r.hidden.shape[0] for r in records)
+    hidden = torch.zeros(n, t, records[0].hidden.shape[1])
+    modality = torch.full((n, t), -1, dtype=torch.long)
+    measured = torch.zeros(n, t, dtype=torch.bool)
+    target = torch.zeros(n, t)
+    for i, r in enumerate(records):
+        k = r.hidden.shape[0]
+        hidden[i, :k], modality[i, :k], measured[i, :k] = r.hidden, r.modality, r.measured
+        target[i, :k] = (r.rise + IMPORTANCE_FLOOR).log()
+    valid = modality >= 0
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    router.train()
+    for _ in range(epochs):
+        total, batches = 0.0, 0
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            logits = router(hidden[idx], modality[idx].clamp(min=0), valid[idx])
+            loss = ((logits.float() - target[idx]) ** 2)[measured[idx]].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches = total + float(loss.detach()), batches + 1
+    return total / batches
+
+
+def fit_router_by_knockout(family: Any, router: DareRouter, rows: list[dict], cfg: DareStageConfig, rank: int = 0,
+                           world: int = 1, seed: int = 0) -> dict[str, float]:
+    """`router_fit: knockout` before the stage's first step: each worker measures its share of
+    `rows` (`knockout_importance`), the measurements are gathered, rank 0 fits the router
+    (`fit_router`) and every worker loads rank 0's weights. Returns the fit's metrics."""
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    records = knockout_importance(family, rows[rank::world], cfg.layer, cfg.window)
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    if distributed:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    measured = time.perf_counter() - t0
+    loss = fit_router(router, records, cfg.fit_epochs, seed=seed) if rank == 0 else 0.0
+    if distributed:
+        shared = [router.state_dict() if rank == 0 else None, loss]
+        dist.broadcast_object_list(shared, src=0)
+        router.load_state_dict(shared[0])
+        loss = shared[1]
+    return {"dare_fit_loss": loss, "dare_fit_rows": float(len(records)), "dare_fit_measure_s": measured,
+            "dare_fit_s": time.perf_counter() - t0}
 
 
 def dare_loss(press: DarePress, lm_loss: torch.Tensor, cfg: DareStageConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -163,5 +325,6 @@ def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> d
     return keep_rates(masks if press.train_masks == "gumbel" else applied)
 
 
-__all__ = ["DareStageConfig", "DareTrainee", "ROUTER_FILE", "build_trainee", "dare_loss", "held_out_keep_rates",
+__all__ = ["DareStageConfig", "DareTrainee", "Knockout", "ROUTER_FILE", "build_trainee", "dare_loss", "fit_router", "fit_router_by_knockout",
+           "freeze_router_input", "held_out_keep_rates", "knockout_importance",
            "keep_rates", "save_router", "set_batch", "set_temperature"]

@@ -30,8 +30,8 @@ from mmreason.config import from_dict
 from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
 from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
-from mmreason.train.dare_stage import (ROUTER_FILE, build_trainee, dare_loss, held_out_keep_rates, save_router,
-                                       set_batch, set_temperature)
+from mmreason.train.dare_stage import (ROUTER_FILE, build_trainee, dare_loss, fit_router_by_knockout,
+                                       held_out_keep_rates, save_router, set_batch, set_temperature)
 
 STATE_TAG = "state"
 
@@ -108,6 +108,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # dare: the routers train under a DarePress whose hooks stay on for the whole loop
     module, press = build_trainee(family, cfg.dare) if cfg.stage == "dare" else (family.model, None)
     router = press.router if press else None
+    checkpoint = ray.train.get_checkpoint()
+    clips = ClipCache(cfg.data.path)
+    fit_metrics: dict[str, float] = {}
+    if press and cfg.dare.router_fit == "knockout":  # fitted once; a resumed run loads it with the state
+        if not checkpoint:
+            fit_rows = video_rows(config["dare_fit_rows"], clips, cfg.video.num_frames)
+            fit_metrics = fit_router_by_knockout(family, router, fit_rows, cfg.dare, rank, world, cfg.seed)
+        router.requires_grad_(False)
     sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     ds_config = json.loads(Path(config["deepspeed_config"]).read_text())
@@ -126,7 +134,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = config["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.optim.epochs
     start_epoch, best = 0, -1.0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: same run name and storage
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=STATE_TAG)
@@ -138,7 +145,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     mlflow = MlflowClient(config["mlflow_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
     eval_rows = held_out_rows(cfg, cfg.eval.epoch_examples) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
-    clips = ClipCache(cfg.data.path)
     rng = random.Random(cfg.seed * 1000 + rank)
     run_dir = cfg.run_dir
     metrics: dict[str, Any] = {}
@@ -195,7 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(1, len(losses)),
                    "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9),
-                   "data_wait_s": waited}
+                   "data_wait_s": waited, **fit_metrics}
+        fit_metrics = {}  # reported with the first epoch
         if rl_steps:  # epoch means of the per-step rl metrics; seconds summed
             for key in rl_steps[0]:
                 total = sum(m[key] for m in rl_steps)
