@@ -77,7 +77,7 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
     from mmreason.train.config import TrainConfig
 
     # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
-    name = f"bench-dare-{backbone}-{kept}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join("-" + o.split(".")[-1].replace("=", "")
+    name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join("-" + o.split(".")[-1].replace("=", "")
                                                               for o in overrides)
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--dare-export", default=None, help="a dare stage's export (default: train one here)")
     parser.add_argument("--dare-backbone", choices=("frozen", "full"), default="full",
                         help="the dare stage trains the router only, or the model with it (DARE's way)")
-    parser.add_argument("--dare-rows", type=int, default=8000)
+    parser.add_argument("--dare-rows", type=int, default=16000, help="training rows of the dare stage (per epoch)")
     parser.add_argument("--dare-epochs", type=int, default=3)
     parser.add_argument("--dare-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the dare stage's config (repeatable), e.g. dare.ratio_weight=20")

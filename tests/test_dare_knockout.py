@@ -103,6 +103,11 @@ def test_freeze_router_input_freezes_what_feeds_the_router_layer():
         assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
         assert decoder.layers[1].self_attn.q_proj.weight.requires_grad and decoder.norm.weight.requires_grad
         assert not any(p.requires_grad for p in decoder.layers[1].mlp.parameters())
+        model.requires_grad_(True)
+        freeze_router_input(model, 0, images=False)  # images kept whole: their encoder is no router's input
+        assert not model.get_input_embeddings().weight.requires_grad
+        assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+        assert all(p.requires_grad for p in decoder.layers[0].parameters())
     finally:
         model.requires_grad_(True)
     assert head_before
@@ -112,14 +117,14 @@ def test_knockout_router_fit_settings_are_checked_when_the_config_loads():
     base = REPO / "configs/train/dare-maze.yaml"
     knock = ["dare.router_fit=knockout", "dare.masks=decode", "dare.backbone=full"]
     with pytest.raises(ConfigError, match=r"dare.router_fit=knockout .*\(got masks='gumbel'"):
-        load_config(TrainConfig, base, ["dare.router_fit=knockout", "dare.backbone=full"])
+        load_config(TrainConfig, base, [*knock, "dare.masks=gumbel", "dare.window=0"])
     with pytest.raises(ConfigError, match=r"dare.router_fit=knockout .* backbone='frozen'"):
-        load_config(TrainConfig, base, ["dare.router_fit=knockout", "dare.masks=decode"])
+        load_config(TrainConfig, base, [*knock, "dare.backbone=frozen"])
     with pytest.raises(ConfigError, match=r"importance_weight=0.5"):
         load_config(TrainConfig, base, [*knock, "dare.importance_weight=0.5"])
     with pytest.raises(ConfigError, match=r"dare.fit_rows and dare.fit_epochs must be >= 1, got 0, 200"):
         load_config(TrainConfig, base, [*knock, "dare.fit_rows=0"])
     with pytest.raises(ConfigError, match=r"'dare.router_fit' must be one of \['none', 'knockout'\], got 'attention'"):
         load_config(TrainConfig, base, ["dare.router_fit=attention"])
-    cfg = load_config(TrainConfig, base, [*knock, "dare.fit_rows=32"])
-    assert (cfg.dare.router_fit, cfg.dare.fit_rows) == ("knockout", 32)
+    cfg = load_config(TrainConfig, base, ["dare.fit_rows=32"])  # the config's own recipe is this one
+    assert (cfg.dare.router_fit, cfg.dare.masks, cfg.dare.backbone, cfg.dare.fit_rows) == ("knockout", "decode", "full", 32)

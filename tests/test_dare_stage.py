@@ -35,16 +35,23 @@ def test_dare_targets_are_checked_when_the_config_loads():
         load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", ["dare.masks=soft"])
 
 
-def test_dare_stage_learns_the_keep_targets_with_the_backbone_frozen(maze_data, tmp_path, monkeypatch):
-    import mlflow
-
+def run_tiny_dare_stage(maze_data, tmp_path, monkeypatch, overrides: list[str]) -> tuple[Path, dict]:
+    """configs/train/dare-maze.yaml on a fresh tiny-internvl (returns its dir and the stage's result)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     start = build_tiny("tiny-internvl", tmp_path / "start")
     cfg = load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", [
         f"data.path={maze_data}", f"storage={tmp_path / 'runs'}", f"init_from={start}", "run_name=d",
-        "optim={lr: 0.03, batch_size: 8, epochs: 4, warmup_steps: 2}", "eval.max_examples=8", "eval.epoch_examples=20",
-        "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 8}}"])
-    out = train.run_stage(cfg)
+        "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 8}}", *overrides])
+    return start, train.run_stage(cfg)
+
+
+def test_dare_stage_learns_the_keep_targets_with_the_backbone_frozen(maze_data, tmp_path, monkeypatch):
+    import mlflow
+
+    start, out = run_tiny_dare_stage(maze_data, tmp_path, monkeypatch, [
+        "dare={rho_text: 0.7, rho_vis: 0.4, layer: 1, backbone: frozen, masks: gumbel, window: 0, router_context: 1, "
+        "router_fit: none}",
+        "optim={lr: 0.03, batch_size: 8, epochs: 4, warmup_steps: 2}", "eval.max_examples=8", "eval.epoch_examples=20"])
 
     # the router's own keep decisions on held-out rows sit at the targets (top-k is not forcing them)
     assert abs(out["train"]["dare_keep_text"] - 0.7) <= 0.05, out["train"]
@@ -67,13 +74,13 @@ def test_window_context_and_importance_settings_are_checked_when_the_config_load
     with pytest.raises(ConfigError, match=r"dare.window must be >= 0, got -1"):
         load_config(TrainConfig, base, ["dare.window=-1", "dare.masks=decode"])
     with pytest.raises(ConfigError, match=r"dare.window: only dare.masks=decode .*got masks='topk'"):
-        load_config(TrainConfig, base, ["dare.window=8", "dare.masks=topk"])
+        load_config(TrainConfig, base, ["dare.window=8", "dare.masks=topk", "dare.router_fit=none"])
     with pytest.raises(ConfigError, match=r"dare.router_context must be >= 1, got 0"):
         load_config(TrainConfig, base, ["dare.router_context=0"])
     with pytest.raises(ConfigError, match=r"dare.importance_weight must be >= 0, got -0.5"):
         load_config(TrainConfig, base, ["dare.importance_weight=-0.5"])
     cfg = load_config(TrainConfig, base, ["dare.window=8", "dare.masks=decode", "dare.router_context=3",
-                                         "dare.importance_weight=0.5"])
+                                         "dare.importance_weight=0.5", "dare.router_fit=none"])
     press = cfg.dare.press()
     assert (press.window, press.router_context, press.learn_importance, press.train_masks) == (8, 3, True, "decode")
 
@@ -81,15 +88,10 @@ def test_window_context_and_importance_settings_are_checked_when_the_config_load
 def test_dare_stage_with_a_knockout_fitted_router_trains_only_what_sits_above_it(maze_data, tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    start = build_tiny("tiny-internvl", tmp_path / "start")
-    cfg = load_config(TrainConfig, REPO / "configs/train/dare-maze.yaml", [
-        f"data.path={maze_data}", f"storage={tmp_path / 'runs'}", f"init_from={start}", "run_name=k",
+    start, out = run_tiny_dare_stage(maze_data, tmp_path, monkeypatch, [
         "dare={rho_text: 0.5, rho_vis: 0.5, layer: 1, backbone: full, masks: decode, window: 2, router_fit: knockout, "
         "fit_rows: 6, fit_epochs: 3}",
-        "optim={lr: 0.01, batch_size: 8, epochs: 1, warmup_steps: 1}", "eval.max_examples=4", "eval.epoch_examples=8",
-        "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 8}}"])
-    out = train.run_stage(cfg)
+        "optim={lr: 0.01, batch_size: 8, epochs: 1, warmup_steps: 1}", "eval.max_examples=4", "eval.epoch_examples=8"])
 
     assert out["train"]["dare_fit_rows"] == 6.0 and out["train"]["dare_fit_loss"] > 0, out["train"]
     # decode masks keep exactly the targets (the recent window counts against them)

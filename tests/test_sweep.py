@@ -267,6 +267,7 @@ def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maz
     args = ["configs/sweep/dare-stage-asha-maze.yaml", "name=st", f"output_dir={tmp_path / 'sweeps'}",
             f"stage_overrides=[init_from={eval_inputs['model']}, data.path={maze_data}, optim.epochs=2, "
             "optim.batch_size=16, workers=1, cpus_per_worker=0.9, eval.max_examples=2, eval.epoch_examples=0, "
+            "dare.fit_rows=4, dare.fit_epochs=2, "
             "'eval.modes={cot: {max_new_tokens: 8}}']",
             "stage_space={dare.rho_vis: {grid: [0.25, 1.0]}}", "asha.grace_period=1",
             "objectives=[{metric: cot_accuracy, mode: max}, {metric: cot_kv_bytes_peak, mode: min}]"]

@@ -65,8 +65,8 @@ class DareStageConfig:
     gradients of the masks, plus `importance_weight`). "knockout": before the stage, fitted to
     each token's measured necessity — how much the answer's loss rises on `fit_rows` training rows
     of the starting model when decoding evicts that token (`knockout_importance`) — then frozen,
-    with what computes its input (embeddings, vision encoder, layers below `layer`), while the
-    rest of the backbone learns to answer under its masks. Needs `masks: decode` and `backbone: full`."""
+    with what computes its input (`freeze_router_input`: embeddings, layers below `layer`, the
+    image encoder when rho_vis < 1), while the rest of the backbone learns to answer under its masks. Needs `masks: decode` and `backbone: full`."""
     fit_rows: int = 256
     """router_fit knockout: training rows measured (each costs ~its length in forwards)."""
     fit_epochs: int = 200
@@ -122,27 +122,33 @@ def build_trainee(family: Any, cfg: DareStageConfig) -> tuple[DareTrainee, DareP
     if cfg.backbone == "frozen":
         family.model.requires_grad_(False)
     if cfg.router_fit == "knockout":
-        freeze_router_input(family.model, cfg.layer)
+        freeze_router_input(family.model, cfg.layer, images=cfg.rho_vis < 1.0)
     press = cfg.press()
     press.router = router
     return DareTrainee(family.model, router), press
 
 
-def freeze_router_input(model: nn.Module, layer: int) -> None:
+def freeze_router_input(model: nn.Module, layer: int, images: bool = True) -> None:
     """Freeze what computes the hidden state a router at decoder layer `layer` reads — input
-    embeddings, image encoder and projector, decoder layers below `layer` — so a router fitted
-    before training keeps seeing what it was fitted on; decoder layers from `layer` on, the final
-    norm and an untied output head stay trainable."""
-    decoder = model.get_decoder()
+    embeddings, decoder layers below `layer` and, when images are routed (`images`), the image
+    encoder and projector — so a router fitted before training keeps seeing what it was fitted on
+    (with images kept whole their encoder stays trainable: no router decision reads it). Decoder
+    layers from `layer` on, the final norm and an untied output head stay trainable; what was
+    frozen before (Anole's VQ-VAE) stays frozen."""
+    decoder, embeddings = model.get_decoder(), model.get_input_embeddings()
     trainable = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
     keep = [*decoder.layers[layer:], decoder.norm]
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
+    if head is not None and head.weight is not embeddings.weight:
         keep.append(head)
+    if images:
+        model.requires_grad_(False)
+    else:  # everything outside the language model (the image side) stays as it was
+        decoder.requires_grad_(False)
+        embeddings.requires_grad_(False)
     for module in keep:
         module.requires_grad_(True)
-    for p, was in zip(model.parameters(), trainable):  # frozen before (Anole's VQ-VAE) stays frozen
+    for p, was in zip(model.parameters(), trainable):
         p.requires_grad_(p.requires_grad and was)
 
 
