@@ -157,7 +157,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_front(rows, front, objectives, "label", out.with_suffix(".png"), out.with_suffix(".html"),
-               title="presses on the maze cot model: accuracy vs KV bytes (peak, fraction of full)")
+               title="maze cot model: accuracy vs peak KV (fraction of full)")
     keep = ("label", "press", "press_settings", "n", "accuracy", "accuracy_drop_points", "kv_fraction_prefill",
             "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "kv_bytes_peak",
             "prefill_ms_per_example", "decode_tokens_per_s", "press_fraction_of_decode", "tokens_per_answer")
