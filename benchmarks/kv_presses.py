@@ -77,8 +77,8 @@ def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbo
     from mmreason.train.config import TrainConfig
 
     # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
-    name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join("-" + o.split(".")[-1].replace("=", "")
-                                                              for o in overrides)
+    name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join(
+        "-" + o.split(".")[-1].replace("=", "") for o in overrides)
     cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
         f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
         f"run_name={name}", f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",

@@ -127,4 +127,5 @@ def test_knockout_router_fit_settings_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"'dare.router_fit' must be one of \['none', 'knockout'\], got 'attention'"):
         load_config(TrainConfig, base, ["dare.router_fit=attention"])
     cfg = load_config(TrainConfig, base, ["dare.fit_rows=32"])  # the config's own recipe is this one
-    assert (cfg.dare.router_fit, cfg.dare.masks, cfg.dare.backbone, cfg.dare.fit_rows) == ("knockout", "decode", "full", 32)
+    dare = cfg.dare
+    assert (dare.router_fit, dare.masks, dare.backbone, dare.fit_rows) == ("knockout", "decode", "full", 32)

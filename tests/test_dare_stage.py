@@ -100,7 +100,8 @@ def test_dare_stage_with_a_knockout_fitted_router_trains_only_what_sits_above_it
     changed = {name for (name, a), b in zip(before.model.state_dict().items(), after.model.state_dict().values())
                if not torch.equal(a, b)}
     # the router's input (embeddings, vision side, layer 0) is what it was fitted on; layer 1 trained
-    assert changed and all(".layers.1." in name or name.endswith("language_model.norm.weight") for name in changed), changed
+    above = [".layers.1." in name or name.endswith("language_model.norm.weight") for name in changed]
+    assert changed and all(above), changed
     assert any(".layers.1.self_attn." in name for name in changed)
     press = DarePress(rho_text=0.5, rho_vis=0.5, layer=1, router_path=str(Path(out["export"]) / ROUTER_FILE))
     assert press.router is not None and press.router.context == 1

@@ -437,5 +437,6 @@ class DarePress(Press):
         return ratio_loss(keep, modality, valid, self.rho_text, self.rho_vis)
 
 
-__all__ = ["DarePress", "DareRouter", "EvictionProbe", "anneal_temperature", "decode_visibility", "future_importance", "gumbel_keep", "load_router",
-           "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep", "with_recency"]
+__all__ = ["DarePress", "DareRouter", "EvictionProbe", "anneal_temperature", "decode_visibility", "future_importance",
+           "gumbel_keep", "load_router", "ratio_loss", "save_router", "straight_through_topk", "target_count", "topk_keep",
+           "with_recency"]

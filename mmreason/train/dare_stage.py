@@ -66,7 +66,8 @@ class DareStageConfig:
     each token's measured necessity — how much the answer's loss rises on `fit_rows` training rows
     of the starting model when decoding evicts that token (`knockout_importance`) — then frozen,
     with what computes its input (`freeze_router_input`: embeddings, layers below `layer`, the
-    image encoder when rho_vis < 1), while the rest of the backbone learns to answer under its masks. Needs `masks: decode` and `backbone: full`."""
+    image encoder when rho_vis < 1), while the rest of the backbone learns to answer under its
+    masks. Needs `masks: decode` and `backbone: full`."""
     fit_rows: int = 256
     """router_fit knockout: training rows measured (each costs ~its length in forwards)."""
     fit_epochs: int = 200
@@ -331,6 +332,6 @@ def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> d
     return keep_rates(masks if press.train_masks == "gumbel" else applied)
 
 
-__all__ = ["DareStageConfig", "DareTrainee", "Knockout", "ROUTER_FILE", "build_trainee", "dare_loss", "fit_router", "fit_router_by_knockout",
-           "freeze_router_input", "held_out_keep_rates", "knockout_importance",
-           "keep_rates", "save_router", "set_batch", "set_temperature"]
+__all__ = ["DareStageConfig", "DareTrainee", "Knockout", "ROUTER_FILE", "build_trainee", "dare_loss", "fit_router",
+           "fit_router_by_knockout", "freeze_router_input", "held_out_keep_rates", "keep_rates", "knockout_importance",
+           "save_router", "set_batch", "set_temperature"]
