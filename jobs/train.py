@@ -166,10 +166,12 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
 
 def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
     """All configured eval modes on the exported model, with its KV cache measured (and, for the
-    dare stage, pruned by the trained router); predictions to JSONL per mode."""
+    dare stage, pruned by the trained router; for the cosre stage, compressed by its press);
+    predictions to JSONL per mode."""
     family = load_backbone(cfg.model.backbone, export_dir)
     family.video = cfg.video
-    press = cfg.dare.press(str(export_dir / ROUTER_FILE)) if cfg.stage == "dare" else None
+    press = (cfg.dare.press(str(export_dir / ROUTER_FILE)) if cfg.stage == "dare"
+             else cfg.cosre if cfg.stage == "cosre" else None)
     rows = held_out_rows(cfg, cfg.eval.max_examples)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

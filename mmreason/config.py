@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -139,7 +140,11 @@ def from_dict(cls: type[T], data: Any, source: str = "config", prefix: str = "")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        msg = str(exc)
+        first = re.match(r"\w+", msg)
+        if prefix and first and first.group(0) in fields:  # "keep_w must be …" → "cosre.keep_w must be …"
+            msg = prefix + msg
+        raise ConfigError(f"{source}: {msg}") from None
     except TypeError as exc:
         raise ConfigError(f"{source}: {prefix or 'config'}: {exc}") from None
 

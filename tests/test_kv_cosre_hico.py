@@ -108,6 +108,33 @@ def test_cosre_compresses_each_image_grid_and_slots_fold_what_residuals_do_not_k
             assert bool((text < seen_text).all())  # half the prompt's text folded into slots
 
 
+@pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-phi4mm"])  # tiny Anole generates image codes
+def test_cosre_folds_generated_tokens_into_the_slots_every_few_steps_and_loses_no_mass(family_name):
+    fam = tiny_family(family_name)
+    batch = batch_of(fam, rows())
+    every, recent, frac = 4, 2, 0.5
+    press = CosrePress(block=4, keep_h=4, keep_w=4, slots=4, residual_text=frac, residual_vis=1.0, every=every,
+                       recent=recent)
+    with press(fam) as session:
+        generate(fam, batch, 0, GenerationSettings(max_new_tokens=14))
+    width = batch["input_ids"].shape[1]
+    fed = session.seen - width  # generated tokens fed back (the last one picked is not)
+    assert fed >= 2 * every, "the tiny model stopped early; the test needs two folds"
+    # the fold after every `every` fed tokens took those that left the recent window since the last
+    # one, and kept round(frac · n) of its n as entries; the rest are still whole
+    bounds = [max(0, i * every - recent) for i in range(fed // every + 1)]
+    own_generated = sum(math.floor(frac * (b - a) + 0.5) for a, b in zip(bounds, bounds[1:])) + fed - bounds[-1]
+    valid_tokens = batch["attention_mask"].sum(-1) + fed
+    for layer, st in session.states.items():
+        valid, col, mod = st.valid[:, 0], st.col[:, 0], st.mod[:, 0]
+        generated = valid & (col >= width) & (mod != SHARED)
+        assert generated.sum(-1).tolist() == [own_generated] * 3, layer
+        # every token seen is an entry of its own or part of exactly one slot: the masses add up
+        mass = st.log_mass[:, 0].exp().masked_fill(~valid, 0).sum(-1)
+        assert torch.allclose(mass, valid_tokens.float(), atol=1e-3), (layer, mass, valid_tokens)
+        assert bool((((mod == SHARED) & valid).sum(-1) <= 4).all())
+
+
 def test_cosre_bad_settings_name_the_setting():
     with pytest.raises(ConfigError, match="keep_h"):
         CosrePress(block=4, keep_h=5)
@@ -115,6 +142,10 @@ def test_cosre_bad_settings_name_the_setting():
         make_press("cosre", {"slots": 2, "residual_vis": 0})
     with pytest.raises(ConfigError, match="press.keep"):
         make_press("cosre", {"keep": 2})
+    with pytest.raises(ConfigError, match="every=8 folds generated tokens into the shared slots: it needs slots > 0"):
+        make_press("cosre", {"every": 8})
+    with pytest.raises(ConfigError, match="every and recent must be >= 0"):
+        CosrePress(slots=4, every=4, recent=-1)
 
 
 def test_pooling_matrix_averages_adaptive_regions():

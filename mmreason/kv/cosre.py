@@ -16,6 +16,13 @@ After the prompt, per layer and per image:
    K shared slots. Per modality the `residual_text` / `residual_vis` fraction of entries farthest
    from their slot stay as their own entries (the residual evidence); every other entry is folded
    into its slot, and each slot is cached once as the mean of what it absorbed.
+3. Decoding (`every` > 0, with slots): each time another `every` tokens have been generated, the
+   generated entries that have left the window of the `recent` latest tokens are folded the same
+   way: each goes to its nearest slot, the `residual_*` fraction farthest from theirs stay as
+   their own entries, and every slot becomes the mass-weighted mean of itself and what it took
+   in. The cache then grows by about `residual_text` of the generated text, not all of it. The
+   points are fixed by the count of generated tokens, so a teacher-forced forward in chunks of
+   `every` tokens (`mmreason.kv.training`) sees the cache exactly as decoding does.
 
 RoPE: cached keys are rotated at their positions, and mixing rotated keys of different positions
 is meaningless. Keys are un-rotated with the model's own rotary module at their original
@@ -142,6 +149,11 @@ class CosrePress(Press):
     """With slots: fraction of image entries kept as their own (residual) entries."""
     proportional: bool = True
     """Add log(tokens merged) to a merged entry's attention logit."""
+    every: int = 0
+    """With slots: during decoding, every `every` generated tokens fold those that left the recent
+    window into the slots (0 = compress the prompt only)."""
+    recent: int = 8
+    """With `every`: the latest generated tokens, always kept as their own entries."""
 
     def __post_init__(self) -> None:
         if self.block < 1:
@@ -156,12 +168,18 @@ class CosrePress(Press):
             raise ConfigError(f"slots must be >= 0, got {self.slots}")
         check_fraction("residual_text", self.residual_text)
         check_fraction("residual_vis", self.residual_vis)
+        if self.every < 0 or self.recent < 0:
+            raise ConfigError(f"every and recent must be >= 0, got every={self.every}, recent={self.recent}")
+        if self.every and not self.slots:
+            raise ConfigError(f"every={self.every} folds generated tokens into the shared slots: it needs slots > 0")
 
     def keeps_everything(self) -> bool:
         return self.keep_h == self.block and self.keep_w == self.block and self.base_delta == 0 and self.slots == 0
 
     def compress(self, call: LayerCall) -> None:
         if not call.prefill:
+            if self.every:
+                self._compact(call)
             return
         st = call.state
         k_pre = call.rope().unrotate(call.keys, st.pos)
@@ -214,38 +232,82 @@ class CosrePress(Press):
         k = min(self.slots, idx.numel())
         if k == 0:
             return e
-        feats = torch.cat([e["k"][:, idx], e["v"][:, idx]], dim=-1).permute(1, 0, 2).reshape(idx.numel(), -1).float()
-        centroids, assign = kmeans(feats, k)
-        residual = (feats - centroids[assign]).norm(dim=-1)
-        dev = valid.device
-        own = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+        centroids, assign = kmeans(_features(e, idx), k)
+        own = self._residuals(e, idx, (_features(e, idx) - centroids[assign]).norm(dim=-1))
+        return _into_slots(e, idx[~own], assign[~own], k)
+
+    def _residuals(self, e: dict[str, torch.Tensor], idx: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """Per modality, the `residual_*` fraction of entries `idx` farthest from their slot."""
+        own = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
         mods = e["mod"][idx]
         for m, frac in ((TEXT, self.residual_text), (VISION, self.residual_vis)):
             sel = (mods == m).nonzero().flatten()
             n_keep = int(math.floor(frac * sel.numel() + 0.5))
             if n_keep:
-                own[sel[residual[sel].topk(n_keep).indices]] = True
-        folded = idx[~own]
-        keep = torch.ones_like(valid)
-        keep[folded] = False
-        slots = {key: [] for key in ("k", "v", "col", "pos", "mod", "mass", "valid")}
-        for s in range(k):
-            members = folded[assign[~own] == s]
-            if members.numel() == 0:
-                continue
-            weight = e["mass"][members].to(e["v"].dtype)
-            total = weight.sum()
-            slots["k"].append((e["k"][:, members] * weight[:, None]).sum(1, keepdim=True) / total)
-            slots["v"].append((e["v"][:, members] * weight[:, None]).sum(1, keepdim=True) / total)
-            slots["col"].append(e["col"][members].max()[None])
-            slots["pos"].append((e["pos"][members] * weight.float()).sum()[None] / float(total))
-            slots["mod"].append(torch.tensor([SHARED], dtype=torch.int8, device=dev))
-            slots["mass"].append(total.float()[None])
-            slots["valid"].append(torch.tensor([True], device=dev))
-        out = {}
-        for key, t in e.items():
-            dim = -2 if key in KV else -1
-            kept = t[:, keep] if key in KV else t[keep]
-            extra = torch.cat(slots[key], dim=dim) if slots[key] else kept.narrow(dim, 0, 0)
-            out[key] = torch.cat([kept, extra.to(kept.dtype)], dim=dim)
-        return out
+                own[sel[distance[sel].topk(n_keep).indices]] = True
+        return own
+
+    def _compact(self, call: LayerCall) -> None:
+        """Step 3 of the module doc: fold generated entries that left the recent window."""
+        session = call.session
+        prompt = session.prompt_modality.shape[1]
+        done, before = session.seen - prompt, session.seen - prompt - call.q_len
+        hi, lo = (done // self.every) * self.every, (before // self.every) * self.every
+        if hi == lo:
+            return
+        first, last = prompt + max(0, lo - self.recent), prompt + max(0, hi - self.recent)
+        st = call.state
+        col, mod = st.col[:, 0], st.mod[:, 0]
+        fresh = st.valid[:, 0] & (col >= first) & (col < last) & (mod != SHARED)
+        slots = st.valid[:, 0] & (mod == SHARED)
+        if not bool((fresh.any(-1) & slots.any(-1)).any()):
+            return
+        k_pre = call.rope().unrotate(call.keys, st.pos)
+        mass = st.log_mass[:, 0].exp() if st.log_mass is not None else torch.ones_like(st.pos[:, 0])
+        rows = []
+        for b in range(k_pre.shape[0]):
+            e = {"k": k_pre[b], "v": call.values[b], "col": col[b], "pos": st.pos[b, 0], "mod": mod[b],
+                 "mass": mass[b], "valid": st.valid[b, 0]}
+            rows.append(self._fold(e, fresh[b].nonzero().flatten(), slots[b].nonzero().flatten()))
+        call.replace_rows(rows, proportional=self.proportional)
+
+    def _fold(self, e: dict[str, torch.Tensor], idx: torch.Tensor, slot_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fold entries `idx` of one row into its nearest existing slot, except the residuals."""
+        if idx.numel() == 0 or slot_idx.numel() == 0:
+            return e
+        distance, assign = torch.cdist(_features(e, idx), _features(e, slot_idx)).min(-1)
+        own = self._residuals(e, idx, distance)
+        members = torch.cat([idx[~own], slot_idx])  # a slot is a member of itself, with its mass
+        target = torch.cat([assign[~own], torch.arange(slot_idx.numel(), device=idx.device)])
+        return _into_slots(e, members, target, slot_idx.numel())
+
+
+def _features(e: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """(n, H·2D) what entries are clustered by: [pre-RoPE key, value] over all heads."""
+    return torch.cat([e["k"][:, idx], e["v"][:, idx]], dim=-1).permute(1, 0, 2).reshape(idx.numel(), -1).float()
+
+
+def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """One row's entries with `members` replaced by `k` slots: slot s is the mass-weighted mean of
+    the members with target s (keys, values, position), stands for their summed mass, and is
+    visible from the latest of their columns on; a slot with no member is not made."""
+    dev = e["valid"].device
+    weight = e["mass"][members].to(e["v"].dtype)
+    total = torch.zeros(k, dtype=weight.dtype, device=dev).index_add(0, target, weight)
+    made = total > 0
+
+    def mean(t: torch.Tensor) -> torch.Tensor:  # (H, n, D) → (H, made, D)
+        sums = t.new_zeros(t.shape[0], k, t.shape[-1]).index_add(1, target, t[:, members] * weight[:, None].to(t.dtype))
+        return sums[:, made] / total[made][:, None].to(t.dtype)
+
+    pos = torch.zeros(k, dtype=torch.float64, device=dev).index_add(0, target, e["pos"][members].double() * weight.double())
+    col = torch.full((k,), -1, dtype=e["col"].dtype, device=dev).scatter_reduce(0, target, e["col"][members], "amax")
+    n = int(made.sum())
+    slots = {"k": mean(e["k"]), "v": mean(e["v"]), "col": col[made],
+             "pos": (pos[made] / total[made].double()).to(e["pos"].dtype),
+             "mod": torch.full((n,), SHARED, dtype=e["mod"].dtype, device=dev),
+             "mass": total[made].to(e["mass"].dtype), "valid": torch.ones(n, dtype=torch.bool, device=dev)}
+    keep = torch.ones_like(e["valid"])
+    keep[members] = False
+    return {key: torch.cat([t[:, keep] if key in KV else t[keep], slots[key].to(t.dtype)], dim=-2 if key in KV else -1)
+            for key, t in e.items()}

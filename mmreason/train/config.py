@@ -1,4 +1,4 @@
-"""The config of one training stage (`cot`, `coconut`, `rl`, `dare`): one dataclass tree, loaded by
+"""The config of one training stage (`cot`, `coconut`, `rl`, `dare`, `cosre`): one dataclass tree, loaded by
 `mmreason.config.load_config` from `configs/train/*.yaml` plus `key=value` overrides."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from typing import Literal
 
 from mmreason.config import ConfigError
 from mmreason.eval.runner import EvalConfig
+from mmreason.kv.cosre import CosrePress
 from mmreason.latent.coconut import CurriculumSchedule
 from mmreason.models.base import VideoInput
 from mmreason.train.continual_backprop import ContinualBackpropConfig
 from mmreason.train.dare_stage import DareStageConfig
 from mmreason.train.grpo import RLConfig
 
-STAGES = ("cot", "coconut", "rl", "dare")
+STAGES = ("cot", "coconut", "rl", "dare", "cosre")
 
 
 @dataclass
@@ -70,12 +71,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["cot", "coconut", "rl", "dare"] = "cot"
+    stage: Literal["cot", "coconut", "rl", "dare", "cosre"] = "cot"
     run_name: str = "quickstart-cot"
     """Runs with the same name and storage resume from the last checkpoint."""
     storage: str = "runs/train"
     init_from: str | None = None
-    """A checkpoint dir of an earlier stage to start from (coconut, rl and dare start from a cot export)."""
+    """A checkpoint dir of an earlier stage to start from (coconut, rl, dare and cosre start from a cot export)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -86,6 +87,9 @@ class TrainConfig:
     """The rl stage: GRPO (group size, rewards by dotted path, sampling, clip, KL)."""
     dare: DareStageConfig = field(default_factory=DareStageConfig)
     """The dare stage: per-modality KV routers (targets, router layer, ratio loss, temperature)."""
+    cosre: CosrePress = field(default_factory=CosrePress)
+    """The cosre stage: the CoSRe press (`mmreason.kv.cosre`) the model is fine-tuned under, its cache
+    compressed as decoding compresses it (`mmreason.kv.training`); evaluation decodes under it too."""
     visual_thoughts: VisualThoughts = field(default_factory=VisualThoughts)
     """cot / coconut on an anole-family backbone: MVoT's interleaved visual thoughts."""
     continual_backprop: ContinualBackpropConfig = field(default_factory=ContinualBackpropConfig)
@@ -114,6 +118,9 @@ class TrainConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+        if self.stage == "cosre" and self.cosre.keeps_everything():
+            raise ConfigError("cosre: these settings keep every cache entry (keep_h = keep_w = block, no "
+                              "base_delta, no slots): the cosre stage would be a plain cot stage")
         if self.visual_thoughts.enabled and self.stage not in ("cot", "coconut"):
             raise ConfigError(f"visual_thoughts: MVoT's visual thoughts are trained in the cot and coconut stages, "
                               f"not {self.stage}")

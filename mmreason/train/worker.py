@@ -1,10 +1,12 @@
-"""The Ray Train worker loop: one stage (cot, coconut, rl or dare) with DeepSpeed inside each worker.
+"""The Ray Train worker loop: one stage (cot, coconut, rl, dare or cosre) with DeepSpeed inside each
+worker.
 
 Read top to bottom: load the backbone → `deepspeed.initialize` with torch AdamW → restore the last
 Ray Train checkpoint if there is one (epoch, curriculum stage, optimizer, continual-backprop state)
 → per epoch: the CoCoNuT stage, a fixed number of steps on this worker's shard of the Parquet
 dataset (equal on every worker) — a supervised step (for `dare` under the router's press, plus its
-ratio loss; `mmreason.train.dare_stage`), or for `rl` a GRPO step (sample, score, update;
+ratio loss, `mmreason.train.dare_stage`; for `cosre` over the cache its press compresses,
+`mmreason.kv.training`), or for `rl` a GRPO step (sample, score, update;
 `mmreason.train.grpo`), then continual backprop when enabled — evaluation on rank 0, a
 checkpoint reported by every worker, MLflow metrics from rank 0 (rl: every step, reward components
 apart). Video questions get their clip's frames joined in here, from the dataset's clip shards.
@@ -19,7 +21,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from mmreason.config import from_dict
+from mmreason.kv.training import compressed_forward
 from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
 from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
@@ -108,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # dare: the routers train under a DarePress whose hooks stay on for the whole loop
     module, press = build_trainee(family, cfg.dare) if cfg.stage == "dare" else (family.model, None)
     router = press.router if press else None
+    cosre = cfg.cosre if cfg.stage == "cosre" else None  # applied per batch by compressed_forward
     checkpoint = ray.train.get_checkpoint()
     clips = ClipCache(cfg.data.path)
     fit_metrics: dict[str, float] = {}
@@ -184,7 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if press:
                     set_temperature(press, cfg.dare, global_step, total_steps)
                     set_batch(press, batch)
-                loss, logits = latent_forward(family, batch)
+                if cosre:
+                    loss, logits = compressed_forward(family, batch, cosre, cosre.every)
+                else:
+                    loss, logits = latent_forward(family, batch)
                 if cfg.visual_thoughts.enabled:  # MVoT: near-miss image codes cost less than far ones
                     discrepancy = family.visual_token_discrepancy(logits, batch["labels"])
                     loss = loss + cfg.visual_thoughts.discrepancy_weight * discrepancy
@@ -223,8 +230,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             mode = cfg.rl.mode if rl else "coconut" if stage > 0 else "cot"
             n_steps = n_latent_steps if rl else cfg.coconut.latent_steps(stage)
             settings = cfg.eval.modes.get(mode) or cfg.eval.modes.get("cot") or next(iter(cfg.eval.modes.values()))
-            result = evaluate(family, eval_rows, mode, settings,
-                              n_latent_steps=n_steps, c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
+            with cosre(family) if cosre else nullcontext():
+                result = evaluate(family, eval_rows, mode, settings, n_latent_steps=n_steps,
+                                  c_thought=cfg.coconut.c_thought, batch_size=cfg.eval.batch_size)
             metrics.update({"eval_accuracy": result.accuracy, "eval_tokens_per_answer": result.tokens_per_answer})
             if result.accuracy > best:
                 best = result.accuracy
