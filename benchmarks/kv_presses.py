@@ -11,8 +11,10 @@ router and model of a dare stage run here on this model for that f — DARE's wa
 with the router, `DARE_RECIPE` (decode masks, recent window, context router, importance fit;
 change with `--dare-set`), unless
 `--dare-backbone frozen`; `--dare-kept` trains one for every f instead — or given by
-`--dare-export`), CoSRe (DCT 4×4 → 2×2 on images + shared
-slots with residual fraction f), and the kvpress baselines at compression 1 − f. KV bytes are
+`--dare-export`), CoSRe training-free (DCT 4×4 → 2×2 on images + shared slots with residual
+fraction f, on the cot model), CoSRe with the model fine-tuned under it (`cosre_settings(f)`, which
+also folds the answer into the slots as it is written; a cosre stage run here for that f, or
+`--cosre-export`; `--no-cosre-stage` skips it), and the kvpress baselines at compression 1 − f. KV bytes are
 measured (`KVMeter`): `kv_fraction_peak` is the cache's peak during decoding over the full cache's,
 `kv_fraction_prefill` right after the prompt — kvpress presses compress the prompt only, ours
 every step. Writes benchmarks/results/kv_presses.json, a table, and an accuracy-vs-KV plot (PNG +
@@ -46,14 +48,18 @@ before the stage, to how much evicting each token alone raises the cot model's a
 under the masks decoding applies (replayed query by query) with the recent window."""
 
 
-def presses(kept: float, dare_export: str | None) -> list[dict]:
+def presses(kept: float, dare_export: str | None, cosre_export: str | None) -> list[dict]:
+    """The presses at one kept fraction; a `model` key names the stage export a press decodes with
+    (default: the cot checkpoint)."""
     out = [{"name": "tova", "factor": kept, "min_size": 4},
            {"name": "cosre", "block": 4, "keep_h": 2, "keep_w": 2, "slots": 8, "residual_text": kept,
             "residual_vis": kept}]
+    if cosre_export:
+        out.append({"name": "cosre", **cosre_settings(kept), "model": cosre_export})
     if dare_export:
         rho_text, rho_vis = dare_targets(kept)
         out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0, "window": DARE_WINDOW,
-                    "router_path": str(Path(dare_export) / ROUTER_FILE)})
+                    "router_path": str(Path(dare_export) / ROUTER_FILE), "model": dare_export})
     # kvpress's SnapKV observation window defaults to 64 queries: a maze prompt is ~70 tokens
     out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
             for m in KVPRESS]
@@ -68,24 +74,50 @@ def dare_targets(kept: float) -> tuple[float, float]:
     return round(0.8 * kept, 4), min(1.0, round(2 * kept, 4))
 
 
+def cosre_settings(kept: float) -> dict:
+    """CoSRe's settings for a kept fraction of the peak cache when the model is fine-tuned under
+    it: 8 shared slots, 0.6·kept of the text as residual entries, every image entry; the image's
+    4×4 grid is kept whole at 0.5 (as DARE keeps it: the answer's first line reads it) and cut to
+    2×2 frequencies below; the answer is folded every 8 tokens, the latest 8 kept (4 / 4 below
+    0.5). 0.5 → ~0.45 of the peak; below, the slots and the recent window are a floor."""
+    small = kept < 0.5
+    return {"block": 4, "keep_h": 2 if small else 4, "keep_w": 2 if small else 4, "slots": 8,
+            "residual_text": round(0.6 * kept, 4), "residual_vis": 1.0, "every": 4 if small else 8,
+            "recent": 4 if small else 8}
+
+
+def run_bench_stage(config: str, name: str, checkpoint: str, data: str, sizes: list[int], out: Path, rows: int,
+                    epochs: int, overrides: list[str]) -> str:
+    """One training stage (`configs/train/<config>`) on the benchmark model; returns its export. A
+    run name per setting: the same name resumes (or reuses) an earlier run's checkpoints."""
+    from jobs.train import run_stage
+    from mmreason.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, str(REPO / "configs/train" / config), [
+        f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
+        f"run_name={name}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
+        "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])
+    return run_stage(cfg)["export"]
+
+
 def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbone: str, rows: int,
                  epochs: int, kept: float, overrides: list[str]) -> str:
     """The dare stage on this model (`dare_targets(kept)`, router from layer 0); returns its export,
     which holds the router (and, with `backbone=full`, the model trained to decode under it)."""
     rho_text, rho_vis = dare_targets(kept)
-    from jobs.train import run_stage
-    from mmreason.train.config import TrainConfig
-
-    # a run name per setting: the same name would resume (or reuse) an earlier run's checkpoints
     name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join(
         "-" + o.split(".")[-1].replace("=", "") for o in overrides)
-    cfg = load_config(TrainConfig, str(REPO / "configs/train/dare-maze.yaml"), [
-        f"init_from={checkpoint}", f"data.path={data}", f"data.sizes={json.dumps(sizes)}", f"storage={out}",
-        f"run_name={name}", f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0",
-        f"dare.backbone={backbone}", f"data.max_train_rows={rows}", f"optim.epochs={epochs}",
-        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", *DARE_RECIPE,
-        "eval.max_examples=50", "eval.modes={cot: {max_new_tokens: 128}}", *overrides])
-    return run_stage(cfg)["export"]
+    return run_bench_stage("dare-maze.yaml", name, checkpoint, data, sizes, out, rows, epochs, [
+        f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0", f"dare.backbone={backbone}",
+        "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", *DARE_RECIPE, *overrides])
+
+
+def train_cosre(checkpoint: str, data: str, sizes: list[int], out: Path, rows: int, epochs: int, kept: float) -> str:
+    """The cosre stage on this model under `cosre_settings(kept)`; returns its export."""
+    settings = cosre_settings(kept)
+    name = f"bench-cosre-{kept}-r{rows}-e{epochs}-" + "".join(f"{k[0]}{v}" for k, v in settings.items())
+    return run_bench_stage("cosre-maze.yaml", name, checkpoint, data, sizes, out, rows, epochs,
+                           [f"cosre={json.dumps(settings)}", "optim.lr=0.001"])
 
 
 def main() -> None:
@@ -107,6 +139,10 @@ def main() -> None:
                         help="train one dare stage, for this kept fraction, and use it at every --kept "
                              "(default: one per kept fraction, each trained for its own targets)")
     parser.add_argument("--no-dare", action="store_true")
+    parser.add_argument("--cosre-export", default=None, help="a cosre stage's export (default: train one here)")
+    parser.add_argument("--cosre-rows", type=int, default=16000, help="training rows of the cosre stage (per epoch)")
+    parser.add_argument("--cosre-epochs", type=int, default=3)
+    parser.add_argument("--no-cosre-stage", action="store_true", help="CoSRe on the cot model only (training-free)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -125,21 +161,30 @@ def main() -> None:
                                                args.dare_epochs, target, args.dare_set)
             dare_exports[kept] = args.dare_export or trained[target]
     train_s = time.perf_counter() - t0
+    cosre_exports: dict[float, str | None] = {kept: None for kept in kept_fractions}
+    if not args.no_cosre_stage:
+        for kept in kept_fractions:
+            cosre_exports[kept] = args.cosre_export or train_cosre(
+                str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train", args.cosre_rows,
+                args.cosre_epochs, kept)
+    cosre_s = time.perf_counter() - t0 - train_s
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [
         f"model.checkpoint={args.checkpoint}", f"data.path={args.data}", f"data.sizes={json.dumps(sizes)}",
         f"max_examples={args.rows}", f"generation.max_new_tokens={args.max_new_tokens}", f"output_dir={work / 'eval'}",
         "batch_size=25", "threads=2"])
     settings = [{"name": "none"}] + [dict(p, kept=kept) for kept in kept_fractions
-                                     for p in presses(kept, dare_exports[kept])]
+                                     for p in presses(kept, dare_exports[kept], cosre_exports[kept])]
     rows = []
     for press in settings:
         cfg = copy.deepcopy(base)
-        kept = press.pop("kept", None)
+        press.pop("kept", None)
+        model = press.pop("model", None)  # a stage's export: the model trained to decode under the press
         cfg.press = press
-        if press["name"] == "dare":  # the dare stage's model (retrained with the router when backbone=full)
-            cfg.model.checkpoint = dare_exports[kept]
-        label = press["name"] + "".join(f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
+        if model:
+            cfg.model.checkpoint = model
+        label = press["name"] + (" (fine-tuned)" if press["name"] == "cosre" and model else "") + "".join(
+            f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
         cfg.run_name = "bench-" + label.replace(" ", "-").replace(":", "-").replace("=", "")
         row = run_press_eval(cfg, log=lambda *a, **k: None)
         row["label"] = label
@@ -166,6 +211,8 @@ def main() -> None:
               "dare_trained_for": None if args.dare_export else args.dare_kept or "each kept fraction",
               "dare_backbone": None if args.dare_export else args.dare_backbone,
               "dare_train_seconds": train_s,
+              "cosre_exports": {str(k): v for k, v in cosre_exports.items()},
+              "cosre_train_seconds": cosre_s,
               "results": [{k: r.get(k) for k in keep} for r in rows],
               "pareto_front": [rows[i]["label"] for i in front]}
     out.write_text(json.dumps(report, indent=2))

@@ -7,7 +7,7 @@ HF `model.generate` — and removes its hooks after. Mechanics in `mmreason.kv.b
 |---|---|---|
 | `tova` | `TovaPress` | keep the top entries by the current query's attention, every step |
 | `dare` | `DarePress` | learned per-modality routers, top-k per modality, pruned from a layer on |
-| `cosre` | `CosrePress` | blockwise DCT of each image's cached grid + shared slots / residuals |
+| `cosre` | `CosrePress` | blockwise DCT of each image's cached grid + shared slots / residuals, the answer folded in as it grows |
 | `hico` | `HicoPress` | video frames: merge per frame and clip, drop progressively deeper |
 | `kvpress:<method>` | `KvpressPress` | kvpress baselines: tova, snapkv, streaming_llm, knorm, expected_attention, random |
 

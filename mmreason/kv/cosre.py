@@ -36,6 +36,7 @@ attention, as in ToMe) so it weighs what its tokens weighed together.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,8 +48,9 @@ from mmreason.kv.modality import SHARED, TEXT, VISION
 
 
 
+@functools.lru_cache(maxsize=64)
 def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """(n, n) orthonormal DCT-II: row k = a_k cos(π (2i + 1) k / 2n)."""
+    """(n, n) orthonormal DCT-II: row k = a_k cos(π (2i + 1) k / 2n). Cached: read it, never write it."""
     i = torch.arange(n, dtype=torch.float64, device=device)
     k = i[:, None]
     m = torch.cos(math.pi * (2 * i[None, :] + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
