@@ -150,7 +150,8 @@ class CosrePress(Press):
     residual_vis: float = 0.5
     """With slots: fraction of image entries kept as their own (residual) entries."""
     proportional: bool = True
-    """Add log(tokens merged) to a merged entry's attention logit."""
+    """Add log(tokens merged) to a merged entry's attention logit. (Off, the cache keeps no masses:
+    a decode-time fold then weighs a slot as one entry.)"""
     every: int = 0
     """With slots: during decoding, every `every` generated tokens fold those that left the recent
     window into the slots (0 = compress the prompt only)."""
