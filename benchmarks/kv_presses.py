@@ -178,16 +178,17 @@ def main() -> None:
     rows = []
     for press in settings:
         cfg = copy.deepcopy(base)
-        press.pop("kept", None)
+        kept = press.pop("kept", None)
         model = press.pop("model", None)  # a stage's export: the model trained to decode under the press
         cfg.press = press
         if model:
             cfg.model.checkpoint = model
-        label = press["name"] + (" (fine-tuned)" if press["name"] == "cosre" and model else "") + "".join(
-            f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
+        name = press["name"] + (" (fine-tuned)" if press["name"] == "cosre" and model else "")
+        label = name + "".join(f" {k}={v}" for k, v in press.items() if k not in ("name", "router_path"))
         cfg.run_name = "bench-" + label.replace(" ", "-").replace(":", "-").replace("=", "")
         row = run_press_eval(cfg, log=lambda *a, **k: None)
         row["label"] = label
+        row["short"] = name + (f" kept {kept}" if kept else "")  # the plot's label
         rows.append(row)
         print(f"{label:<48} accuracy {row['accuracy']:.3f}  kv_fraction_peak {row['kv_fraction_peak']:.3f}  "
               f"prefill {row['kv_fraction_prefill']:.3f}  {row['seconds']:.1f}s", flush=True)
@@ -201,9 +202,9 @@ def main() -> None:
     front = pareto_front(rows, objectives)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_front(rows, front, objectives, "label", out.with_suffix(".png"), out.with_suffix(".html"),
+    plot_front(rows, front, objectives, "short", out.with_suffix(".png"), out.with_suffix(".html"),
                title="maze cot model: accuracy vs peak KV (fraction of full)")
-    keep = ("label", "press", "press_settings", "n", "accuracy", "accuracy_drop_points", "kv_fraction_prefill",
+    keep = ("label", "short", "press", "press_settings", "n", "accuracy", "accuracy_drop_points", "kv_fraction_prefill",
             "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "kv_bytes_peak",
             "prefill_ms_per_example", "decode_tokens_per_s", "press_fraction_of_decode", "tokens_per_answer")
     report = {"checkpoint": args.checkpoint, "data": args.data, "sizes": sizes, "rows": rows[0]["n"],

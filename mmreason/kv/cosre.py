@@ -290,7 +290,8 @@ def _features(e: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([e["k"][:, idx], e["v"][:, idx]], dim=-1).permute(1, 0, 2).reshape(idx.numel(), -1).float()
 
 
-def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch.Tensor,
+                k: int) -> dict[str, torch.Tensor]:
     """One row's entries with `members` replaced by `k` slots: slot s is the mass-weighted mean of
     the members with target s (keys, values, position), stands for their summed mass, and is
     visible from the latest of their columns on; a slot with no member is not made."""
@@ -303,7 +304,8 @@ def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch
         sums = t.new_zeros(t.shape[0], k, t.shape[-1]).index_add(1, target, t[:, members] * weight[:, None].to(t.dtype))
         return sums[:, made] / total[made][:, None].to(t.dtype)
 
-    pos = torch.zeros(k, dtype=torch.float64, device=dev).index_add(0, target, e["pos"][members].double() * weight.double())
+    pos = torch.zeros(k, dtype=torch.float64, device=dev).index_add(
+        0, target, e["pos"][members].double() * weight.double())
     col = torch.full((k,), -1, dtype=e["col"].dtype, device=dev).scatter_reduce(0, target, e["col"][members], "amax")
     n = int(made.sum())
     slots = {"k": mean(e["k"]), "v": mean(e["v"]), "col": col[made],
