@@ -78,7 +78,7 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
     "override, error, needle",
     [
         ("model.backbone=tiny-gpt", ConfigError, "unknown backbone 'tiny-gpt'"),
-        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl', 'dare'\\], got 'rlhf'"),
+        ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl', 'dare', 'cosre'\\], got 'rlhf'"),
         ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
         ("visual_thoughts.enabled=true", ConfigError, "the internvl family \\(tiny-internvl\\) cannot write images"),
     ],
