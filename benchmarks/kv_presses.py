@@ -117,7 +117,7 @@ def train_cosre(checkpoint: str, data: str, sizes: list[int], out: Path, rows: i
     settings = cosre_settings(kept)
     name = f"bench-cosre-{kept}-r{rows}-e{epochs}-" + "".join(f"{k[0]}{v}" for k, v in settings.items())
     return run_bench_stage("cosre-maze.yaml", name, checkpoint, data, sizes, out, rows, epochs,
-                           [f"cosre={json.dumps(settings)}", "optim.lr=0.001"])
+                           [f"cosre={json.dumps(settings)}"])  # the config's lr, epochs and batch
 
 
 def main() -> None:
