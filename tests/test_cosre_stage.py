@@ -54,6 +54,26 @@ def test_chunked_teacher_forcing_gives_the_logits_of_decoding_one_token_at_a_tim
     assert float(diff.max()) < 1e-4, float(diff.max())
 
 
+@pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-phi4mm"])
+def test_each_row_of_a_batch_is_compressed_and_folded_as_it_would_be_alone(family_name):
+    # rows of different prompt and answer lengths: the batch is padded on both sides, so its rows
+    # hold different numbers of entries, slots and generated tokens to fold at each fold point
+    fam = tiny_family(family_name)
+    batch = cot_batch(fam)
+    press = CosrePress(**PRESS)
+    with torch.no_grad():
+        _, logits = compressed_forward(fam, batch, press, chunk=press.every)
+        answer = batch["labels"] != IGNORE
+        assert len(set(answer.sum(-1).tolist())) > 1, "the answers should differ in length"
+        for b, row in enumerate(rows()):
+            alone = fam.collate([fam.encode(row, "cot")], align_latents=True)
+            _, own = compressed_forward(fam, alone, press, chunk=press.every)
+            mine = logits[b][answer[b]]
+            theirs = own[0][alone["labels"][0] != IGNORE]
+            assert mine.shape == theirs.shape and mine.shape[0] > 2 * press.every
+            assert float((mine - theirs).abs().max()) < 2e-4, (b, float((mine - theirs).abs().max()))
+
+
 def test_the_loss_reaches_the_model_through_the_compressed_prompt():
     fam = tiny_family("tiny-internvl")
     batch = cot_batch(fam)

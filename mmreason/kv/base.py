@@ -119,6 +119,14 @@ def keep_top(scores: torch.Tensor, budget: torch.Tensor | int, eligible: torch.T
     return (rank < budget) & eligible
 
 
+def packed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., L) bool → (..., n) indices of the True entries, in order, first (n = the most any row
+    has; a row with fewer goes on with its other entries) and (..., n) whether each is True."""
+    n = int(mask.sum(-1).max())
+    order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :n]
+    return order, mask.gather(-1, order)
+
+
 # --- one attention call, as a press sees it ----------------------------------------------------
 class LayerCall:
     """Everything a press may look at in one attention call of one layer."""
@@ -209,10 +217,9 @@ class LayerCall:
         if not bool(drop.any()):
             return False
         mask = mask & st.valid
-        length = int(mask.sum(-1).max())
-        order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :length]
+        order, kept = packed(mask)
         new = st.gather(order)
-        new.valid = new.valid & mask.gather(-1, order)
+        new.valid = new.valid & kept
         new.per_head = st.per_head or not bool((mask == mask[:, :1]).all())
         idx = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.replace(self.keys.gather(2, idx), self.values.gather(2, idx), new)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from mmreason.config import ConfigError
-from mmreason.kv.base import KV, LayerCall, Press, check_fraction
+from mmreason.kv.base import KV, LayerCall, LayerState, Press, check_fraction, keep_top, packed
 from mmreason.kv.modality import SHARED, TEXT, VISION
 
 
@@ -235,23 +235,29 @@ class CosrePress(Press):
         k = min(self.slots, idx.numel())
         if k == 0:
             return e
-        centroids, assign = kmeans(_features(e, idx), k)
-        own = self._residuals(e, idx, (_features(e, idx) - centroids[assign]).norm(dim=-1))
+        feats = _features(e["k"][None], e["v"][None], idx[None])[0]
+        centroids, assign = kmeans(feats, k)
+        distance = (feats - centroids[assign]).norm(dim=-1)
+        own = self._residuals(e["mod"][idx][None], e["col"][idx][None], torch.ones_like(idx[None], dtype=torch.bool),
+                              distance[None])[0]
         return _into_slots(e, idx[~own], assign[~own], k)
 
-    def _residuals(self, e: dict[str, torch.Tensor], idx: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-        """Per modality, the `residual_*` fraction of entries `idx` farthest from their slot."""
-        own = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-        mods = e["mod"][idx]
+    def _residuals(self, mods: torch.Tensor, cols: torch.Tensor, eligible: torch.Tensor,
+                   distance: torch.Tensor) -> torch.Tensor:
+        """(B, n) candidates' modalities, columns, whether each is one, and distances to their slots
+        → (B, n) which stay their own entries: per row and modality the `residual_*` fraction
+        farthest from their slot; of equal distances (a token repeated: the first layer's keys and
+        values depend on the token alone) the later one stays."""
+        own = torch.zeros_like(eligible)
         for m, frac in ((TEXT, self.residual_text), (VISION, self.residual_vis)):
-            sel = (mods == m).nonzero().flatten()
-            n_keep = int(math.floor(frac * sel.numel() + 0.5))
-            if n_keep:
-                own[sel[distance[sel].topk(n_keep).indices]] = True
+            sel = eligible & (mods == m)
+            n_keep = (frac * sel.sum(-1).double() + 0.5).floor().long()  # as math.floor(frac·n + 0.5)
+            own |= keep_top(distance[:, None], n_keep, sel[:, None], cols=-cols[:, None])[:, 0]
         return own
 
     def _compact(self, call: LayerCall) -> None:
-        """Step 3 of the module doc: fold generated entries that left the recent window."""
+        """Step 3 of the module doc: fold generated entries that left the recent window, every row
+        of the batch at once (rows differ only in which entries and slots they hold)."""
         session = call.session
         prompt = session.prompt_modality.shape[1]
         done, before = session.seen - prompt, session.seen - prompt - call.q_len
@@ -260,34 +266,52 @@ class CosrePress(Press):
             return
         first, last = prompt + max(0, lo - self.recent), prompt + max(0, hi - self.recent)
         st = call.state
-        col, mod = st.col[:, 0], st.mod[:, 0]
-        fresh = st.valid[:, 0] & (col >= first) & (col < last) & (mod != SHARED)
-        slots = st.valid[:, 0] & (mod == SHARED)
-        if not bool((fresh.any(-1) & slots.any(-1)).any()):
+        valid, col, mod = st.valid[:, 0], st.col[:, 0], st.mod[:, 0]
+        slots = valid & (mod == SHARED)
+        fresh = valid & (col >= first) & (col < last) & (mod != SHARED) & slots.any(-1, keepdim=True)
+        if not bool(fresh.any()):
             return
         k_pre = call.rope().unrotate(call.keys, st.pos)
+        f_idx, f_ok = packed(fresh)
+        s_idx, s_ok = packed(slots)
+        distance = torch.cdist(_features(k_pre, call.values, f_idx), _features(k_pre, call.values, s_idx))
+        distance, assign = distance.masked_fill(~s_ok[:, None, :], math.inf).min(-1)
+        own = self._residuals(mod.gather(1, f_idx), col.gather(1, f_idx), f_ok, distance)
+        folded = f_ok & ~own
+        # every entry names the entry it goes to: a folded one its nearest slot, any other itself
+        target = torch.arange(col.shape[-1], device=col.device).expand_as(col).clone()
+        target.scatter_(1, f_idx, torch.where(folded, s_idx.gather(1, assign), f_idx))
+        gone = torch.zeros_like(valid).scatter_(1, f_idx, folded)
         mass = st.log_mass[:, 0].exp() if st.log_mass is not None else torch.ones_like(st.pos[:, 0])
-        rows = []
-        for b in range(k_pre.shape[0]):
-            e = {"k": k_pre[b], "v": call.values[b], "col": col[b], "pos": st.pos[b, 0], "mod": mod[b],
-                 "mass": mass[b], "valid": st.valid[b, 0]}
-            rows.append(self._fold(e, fresh[b].nonzero().flatten(), slots[b].nonzero().flatten()))
-        call.replace_rows(rows, proportional=self.proportional)
+        weight = mass * (gone | slots)  # a slot is a member of itself, with its mass
+        grown = slots & (torch.zeros_like(weight).scatter_add(1, target, gone.to(weight.dtype)) > 0)
+        total = torch.zeros_like(weight).scatter_add(1, target, weight)
+        safe = total.masked_fill(~grown, 1)
 
-    def _fold(self, e: dict[str, torch.Tensor], idx: torch.Tensor, slot_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fold entries `idx` of one row into its nearest existing slot, except the residuals."""
-        if idx.numel() == 0 or slot_idx.numel() == 0:
-            return e
-        distance, assign = torch.cdist(_features(e, idx), _features(e, slot_idx)).min(-1)
-        own = self._residuals(e, idx, distance)
-        members = torch.cat([idx[~own], slot_idx])  # a slot is a member of itself, with its mass
-        target = torch.cat([assign[~own], torch.arange(slot_idx.numel(), device=idx.device)])
-        return _into_slots(e, members, target, slot_idx.numel())
+        def mean(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, D): slots that took entries in replaced
+            w = weight.to(t.dtype)[:, None, :, None]
+            sums = torch.zeros_like(t).scatter_add(2, target[:, None, :, None].expand_as(t), t * w)
+            return torch.where(grown[:, None, :, None], sums / safe.to(t.dtype)[:, None, :, None], t)
+
+        pos = st.pos[:, 0].double()
+        pos_sum = torch.zeros_like(pos).scatter_add(1, target, pos * weight.double())
+        pos = torch.where(grown, pos_sum / safe.double(), pos).to(st.pos.dtype)
+        heads = lambda t: t[:, None, :].expand_as(st.valid).contiguous()  # noqa: E731
+        log_mass = heads(torch.where(grown, total, mass).clamp(min=1e-6).log()) if self.proportional else None
+        state = LayerState(col=heads(col.scatter_reduce(1, target, col.masked_fill(~gone, -1), "amax")),
+                           pos=heads(pos), valid=st.valid, mod=st.mod, log_mass=log_mass, extra=st.extra)
+        keys = torch.where(grown[:, None, :, None], call.rope().rotate(mean(k_pre), state.pos), call.keys)
+        call.replace(keys.to(call.keys.dtype), mean(call.values), state)
+        call.keep(~gone)
 
 
-def _features(e: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-    """(n, H·2D) what entries are clustered by: [pre-RoPE key, value] over all heads."""
-    return torch.cat([e["k"][:, idx], e["v"][:, idx]], dim=-1).permute(1, 0, 2).reshape(idx.numel(), -1).float()
+def _features(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, n, H·2D) what entries `idx` (B, n) of keys and values (B, H, L, D) are clustered by:
+    [pre-RoPE key, value] over all heads."""
+    b, h, _, d = k.shape
+    at = idx[:, None, :, None].expand(b, h, idx.shape[1], d)
+    kv = torch.cat([k.gather(2, at), v.gather(2, at)], dim=-1)
+    return kv.permute(0, 2, 1, 3).reshape(b, idx.shape[1], -1).float()
 
 
 def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch.Tensor,
