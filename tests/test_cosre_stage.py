@@ -10,7 +10,8 @@ import torch
 
 from mmreason.config import ConfigError, load_config
 from mmreason.kv import CosrePress
-from mmreason.kv.training import compressed_forward, prompt_width
+from mmreason.kv.training import compressed_forward, distillation, prompt_width
+from mmreason.latent.coconut import latent_forward
 from mmreason.models import build_tiny, load_backbone
 from mmreason.models.base import IGNORE, position_ids
 from mmreason.train.config import TrainConfig
@@ -88,6 +89,24 @@ def test_the_loss_reaches_the_model_through_the_compressed_prompt():
     fam.model.zero_grad()
 
 
+def test_distillation_reads_only_the_answer_and_vanishes_when_the_student_matches_the_teacher():
+    fam = tiny_family("tiny-internvl")
+    batch = cot_batch(fam)
+    with torch.no_grad():
+        _, student = compressed_forward(fam, batch, CosrePress(**PRESS), chunk=4)
+        _, teacher = latent_forward(fam, batch)
+    labels = batch["labels"]
+    kl = distillation(student, teacher, labels)
+    assert float(kl) > 0 and float(distillation(teacher, teacher, labels)) < 1e-6
+    # the prompt's logits (no label follows them) do not count; an answer position's do
+    prompt = torch.zeros_like(labels, dtype=torch.bool)
+    prompt[:, : prompt_width(batch) - 1] = True
+    assert torch.allclose(distillation(student.masked_fill(prompt[..., None], 0.0), teacher, labels), kl)
+    changed = student.clone()
+    changed[:, prompt_width(batch)] += torch.randn_like(changed[:, 0])
+    assert not torch.allclose(distillation(changed, teacher, labels), kl)
+
+
 def test_batches_whose_answers_do_not_start_together_are_refused():
     fam = tiny_family("tiny-internvl")
     batch = fam.collate([fam.encode(r, "cot") for r in rows()])  # right-padded: prompts end apart
@@ -103,6 +122,10 @@ def test_cosre_stage_settings_are_checked_when_the_config_loads():
         load_config(TrainConfig, base, ["cosre.keep_w=5"])
     with pytest.raises(ConfigError, match="needs slots > 0"):
         load_config(TrainConfig, base, ["cosre.slots=0"])
+    with pytest.raises(ConfigError, match="distill must be >= 0, got -1"):
+        load_config(TrainConfig, base, ["distill=-1"])
+    with pytest.raises(ConfigError, match="distill: .* stage 'cot' compresses nothing"):
+        load_config(TrainConfig, base, ["stage=cot", "distill=0.5"])
     cfg = load_config(TrainConfig, base, [])
     assert cfg.stage == "cosre" and cfg.cosre.every > 0 and cfg.cosre.slots > 0
 
@@ -115,7 +138,7 @@ def test_cosre_stage_fine_tunes_the_model_under_the_press_and_decodes_with_it(ma
     cfg = load_config(TrainConfig, REPO / "configs/train/cosre-maze.yaml", [
         f"data.path={maze_data}", f"storage={tmp_path / 'runs'}", f"init_from={start}", "run_name=c",
         "optim={lr: 0.001, batch_size: 8, epochs: 1, warmup_steps: 2}", "eval.max_examples=8",
-        "eval.epoch_examples=8", "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 24}}"])
+        "eval.epoch_examples=8", "eval.batch_size=8", "eval.modes={cot: {max_new_tokens: 24}}", "distill=0.5"])
     out = train.run_stage(cfg)
 
     assert out["train"]["steps_per_epoch"] == 5  # 80 rows, 2 workers × 8
@@ -127,3 +150,4 @@ def test_cosre_stage_fine_tunes_the_model_under_the_press_and_decodes_with_it(ma
     assert cot["n"] == 8 and cot["kv_fraction_prefill"] < 0.8 and cot["retained_shared_prefill"] > 0
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.params["stage"] == "cosre" and "cot_kv_fraction_peak" in run.data.metrics
+    assert run.data.metrics["distill_kl"] > 0  # the starting model, reading the whole cache, taught it

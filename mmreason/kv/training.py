@@ -65,3 +65,13 @@ def compressed_forward(family: "Family", batch: dict[str, torch.Tensor], press: 
     logits = torch.cat(parts, dim=1)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     return loss, logits
+
+
+def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions at the answer's positions (those the
+    loss reads), averaged over them — KV-Distill's objective: the student reads a compressed cache,
+    the teacher the whole one. Logits (B, T, V) of the same batch; labels (B, T)."""
+    pick = labels[:, 1:] != IGNORE
+    student = logits[:, :-1][pick].float().log_softmax(-1)
+    teacher = teacher_logits[:, :-1][pick].float().log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

@@ -90,6 +90,9 @@ class TrainConfig:
     cosre: CosrePress = field(default_factory=CosrePress)
     """The cosre stage: the CoSRe press (`mmreason.kv.cosre`) the model is fine-tuned under, its cache
     compressed as decoding compresses it (`mmreason.kv.training`); evaluation decodes under it too."""
+    distill: float = 0.0
+    """dare and cosre stages: weight of KL(starting model ‖ trained model) on the answer's tokens, the
+    starting model reading the whole cache and the trained one the compressed cache (0 = off)."""
     visual_thoughts: VisualThoughts = field(default_factory=VisualThoughts)
     """cot / coconut on an anole-family backbone: MVoT's interleaved visual thoughts."""
     continual_backprop: ContinualBackpropConfig = field(default_factory=ContinualBackpropConfig)
@@ -121,6 +124,11 @@ class TrainConfig:
         if self.stage == "cosre" and self.cosre.keeps_everything():
             raise ConfigError("cosre: these settings keep every cache entry (keep_h = keep_w = block, no "
                               "base_delta, no slots): the cosre stage would be a plain cot stage")
+        if self.distill < 0:
+            raise ConfigError(f"distill must be >= 0, got {self.distill}")
+        if self.distill and self.stage not in ("dare", "cosre"):
+            raise ConfigError(f"distill: the dare and cosre stages distil the model reading the whole cache into "
+                              f"the one reading the compressed cache; stage {self.stage!r} compresses nothing")
         if self.visual_thoughts.enabled and self.stage not in ("cot", "coconut"):
             raise ConfigError(f"visual_thoughts: MVoT's visual thoughts are trained in the cot and coconut stages, "
                               f"not {self.stage}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mmreason.config import from_dict
-from mmreason.kv.training import compressed_forward
+from mmreason.kv.training import compressed_forward, distillation
 from mmreason.latent.coconut import latent_forward
 from mmreason.train.config import TrainConfig
 from mmreason.train.continual_backprop import STATE_FILE as CBP_STATE
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rl = cfg.stage == "rl"
     rewards = Rewards(cfg.rl.rewards) if rl else None
     reference = None
-    if rl and cfg.rl.kl_coef > 0:  # the frozen starting model, for KL(π‖π_ref)
+    if (rl and cfg.rl.kl_coef > 0) or cfg.distill:  # the frozen starting model: KL(π‖π_ref), or the teacher
         reference = load_backbone(cfg.model.backbone, config["model_path"])
         reference.video = cfg.video
         reference.model.eval().requires_grad_(False)
@@ -161,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cfg.stage == "coconut" and cfg.reset_optimizer and epoch > start_epoch and stage != cfg.coconut.stage(epoch - 1):
             _reset_optimizer_state(engine)
         engine.train()
-        t0, seen, losses, rl_steps, ratios, discrepancies = time.perf_counter(), 0, [], [], [], []
+        t0, seen, losses, rl_steps, ratios, discrepancies, kls = time.perf_counter(), 0, [], [], [], [], []
         batches = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=4 * cfg.optim.batch_size, local_shuffle_seed=epoch)
         iterator, waited = iter(batches), 0.0  # seconds blocked on the dataset shard
@@ -192,6 +192,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     loss, logits = compressed_forward(family, batch, cosre, cosre.every)
                 else:
                     loss, logits = latent_forward(family, batch)
+                if cfg.distill:  # the starting model reads the whole cache
+                    with torch.no_grad():
+                        _, teacher_logits = latent_forward(reference, batch)
+                    kl = distillation(logits, teacher_logits, batch["labels"])
+                    loss = loss + cfg.distill * kl
+                    kls.append(kl.item())
                 if cfg.visual_thoughts.enabled:  # MVoT: near-miss image codes cost less than far ones
                     discrepancy = family.visual_token_discrepancy(logits, batch["labels"])
                     loss = loss + cfg.visual_thoughts.discrepancy_weight * discrepancy
@@ -214,6 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for key in rl_steps[0]:
                 total = sum(m[key] for m in rl_steps)
                 metrics[key if key.endswith("seconds") else f"rl_{key}"] = total if key.endswith("seconds") else total / len(rl_steps)
+        if kls:
+            metrics["distill_kl"] = sum(kls) / len(kls)
         if discrepancies:
             metrics["visual_discrepancy"] = sum(discrepancies) / len(discrepancies)
         if cbp:
