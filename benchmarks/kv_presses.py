@@ -100,24 +100,30 @@ def run_bench_stage(config: str, name: str, checkpoint: str, data: str, sizes: l
     return run_stage(cfg)["export"]
 
 
+def name_suffix(overrides: list[str]) -> str:
+    """What a stage's config overrides add to its run name: `dare.ratio_weight=20` → `-ratio_weight20`."""
+    return "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides)
+
+
 def train_router(checkpoint: str, data: str, sizes: list[int], out: Path, backbone: str, rows: int,
                  epochs: int, kept: float, overrides: list[str]) -> str:
     """The dare stage on this model (`dare_targets(kept)`, router from layer 0); returns its export,
     which holds the router (and, with `backbone=full`, the model trained to decode under it)."""
     rho_text, rho_vis = dare_targets(kept)
-    name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + "".join(
-        "-" + o.split(".")[-1].replace("=", "") for o in overrides)
+    name = f"bench-dare-{backbone}-{kept}-r{rows}-e{epochs}-w{DARE_WINDOW}c3knock" + name_suffix(overrides)
     return run_bench_stage("dare-maze.yaml", name, checkpoint, data, sizes, out, rows, epochs, [
         f"dare.rho_text={rho_text}", f"dare.rho_vis={rho_vis}", "dare.layer=0", f"dare.backbone={backbone}",
         "optim.lr=0.001" if backbone == "full" else "optim.lr=0.003", *DARE_RECIPE, *overrides])
 
 
-def train_cosre(checkpoint: str, data: str, sizes: list[int], out: Path, rows: int, epochs: int, kept: float) -> str:
+def train_cosre(checkpoint: str, data: str, sizes: list[int], out: Path, rows: int, epochs: int, kept: float,
+                overrides: list[str]) -> str:
     """The cosre stage on this model under `cosre_settings(kept)`; returns its export."""
     settings = cosre_settings(kept)
-    name = f"bench-cosre-{kept}-r{rows}-e{epochs}-" + "".join(f"{k[0]}{v}" for k, v in settings.items())
+    name = f"bench-cosre-{kept}-r{rows}-e{epochs}-" + "".join(f"{k[0]}{v}" for k, v in settings.items()) + name_suffix(
+        overrides)
     return run_bench_stage("cosre-maze.yaml", name, checkpoint, data, sizes, out, rows, epochs,
-                           [f"cosre={json.dumps(settings)}"])  # the config's lr, epochs and batch
+                           [f"cosre={json.dumps(settings)}", *overrides])  # the config's lr and batch
 
 
 def main() -> None:
@@ -142,6 +148,8 @@ def main() -> None:
     parser.add_argument("--cosre-export", default=None, help="a cosre stage's export (default: train one here)")
     parser.add_argument("--cosre-rows", type=int, default=16000, help="training rows of the cosre stage (per epoch)")
     parser.add_argument("--cosre-epochs", type=int, default=3)
+    parser.add_argument("--cosre-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the cosre stage's config (repeatable), e.g. distill=1.0")
     parser.add_argument("--no-cosre-stage", action="store_true", help="CoSRe on the cot model only (training-free)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/kv_presses.json"))
     args = parser.parse_args()
@@ -166,7 +174,7 @@ def main() -> None:
         for kept in kept_fractions:
             cosre_exports[kept] = args.cosre_export or train_cosre(
                 str(Path(args.checkpoint).resolve()), args.data, sizes, work / "train", args.cosre_rows,
-                args.cosre_epochs, kept)
+                args.cosre_epochs, kept, args.cosre_set)
     cosre_s = time.perf_counter() - t0 - train_s
 
     base = load_config(PressEvalConfig, str(REPO / "configs/eval/press-maze.yaml"), [
