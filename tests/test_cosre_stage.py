@@ -26,13 +26,21 @@ def cot_batch(fam):
     return fam.collate([fam.encode(r, "cot") for r in rows()], align_latents=True)
 
 
-@pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole", "tiny-phi4mm"])
-def test_chunked_teacher_forcing_gives_the_logits_of_decoding_one_token_at_a_time(family_name):
+def chunked(family_name: str):
+    """A tiny family, its cot batch, the test press, and the batch's logits under chunked teacher
+    forcing (no grad)."""
     fam = tiny_family(family_name)
     batch = cot_batch(fam)
     press = CosrePress(**PRESS)
     with torch.no_grad():
         _, logits = compressed_forward(fam, batch, press, chunk=press.every)
+    return fam, batch, press, logits
+
+
+@pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole", "tiny-phi4mm"])
+def test_chunked_teacher_forcing_gives_the_logits_of_decoding_one_token_at_a_time(family_name):
+    fam, batch, press, logits = chunked(family_name)
+    with torch.no_grad():
         # the reference: the prompt, then the answer fed one token per forward, as decoding feeds it
         ids, mask = batch["input_ids"], batch["attention_mask"]
         lead, pos = prompt_width(batch), position_ids(mask)
@@ -59,11 +67,8 @@ def test_chunked_teacher_forcing_gives_the_logits_of_decoding_one_token_at_a_tim
 def test_each_row_of_a_batch_is_compressed_and_folded_as_it_would_be_alone(family_name):
     # rows of different prompt and answer lengths: the batch is padded on both sides, so its rows
     # hold different numbers of entries, slots and generated tokens to fold at each fold point
-    fam = tiny_family(family_name)
-    batch = cot_batch(fam)
-    press = CosrePress(**PRESS)
+    fam, batch, press, logits = chunked(family_name)
     with torch.no_grad():
-        _, logits = compressed_forward(fam, batch, press, chunk=press.every)
         answer = batch["labels"] != IGNORE
         assert len(set(answer.sum(-1).tolist())) > 1, "the answers should differ in length"
         for b, row in enumerate(rows()):
