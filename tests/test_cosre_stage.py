@@ -3,13 +3,15 @@ stage that fine-tunes a cot model that way (Ray Train + DeepSpeed)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from mmreason.config import ConfigError, load_config
-from mmreason.kv import CosrePress
+from mmreason.kv import CosrePress, DarePress
+from mmreason.kv.dare import DareRouter
 from mmreason.kv.training import compressed_forward, distillation, prompt_width
 from mmreason.latent.coconut import latent_forward
 from mmreason.models import build_tiny, load_backbone
@@ -110,6 +112,25 @@ def test_distillation_reads_only_the_answer_and_vanishes_when_the_student_matche
     changed = student.clone()
     changed[:, prompt_width(batch)] += torch.randn_like(changed[:, 0])
     assert not torch.allclose(distillation(changed, teacher, labels), kl)
+
+
+def test_the_distill_teacher_reads_the_whole_cache_while_the_dare_stages_press_is_on():
+    # the dare stage keeps its press's hooks on for the whole loop, so the teacher's forward runs
+    # inside them (the cosre stage's press is on only within compressed_forward): a press on one
+    # model must leave another — here an exact copy — untouched
+    student = tiny_family("tiny-internvl")
+    teacher = copy.deepcopy(student)
+    batch = cot_batch(student)
+    press = DarePress(rho_text=0.5, rho_vis=0.5, layer=1)
+    press.router = DareRouter(student.model.config.get_text_config().hidden_size).train()
+    with torch.no_grad():
+        _, plain = latent_forward(teacher, batch)
+        with press(student):
+            _, pressed = latent_forward(student, batch)
+            _, during = latent_forward(teacher, batch)
+    assert torch.equal(during, plain)
+    answer = batch["labels"][:, 1:] != IGNORE
+    assert not torch.allclose(pressed[:, :-1][answer], plain[:, :-1][answer], atol=1e-4)  # the press acted
 
 
 def test_batches_whose_answers_do_not_start_together_are_refused():
