@@ -103,6 +103,9 @@ def run_bench_stage(config: str, name: str, checkpoint: str, data: str, sizes: l
 def name_suffix(overrides: list[str]) -> str:
     """What a stage's config overrides add to its run name: `dare.ratio_weight=20` → `-ratio_weight20`,
     `distill=1.0` → `-distill1.0`."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"--dare-set / --cosre-set take KEY=VALUE, got {bad}")
     return "".join("-" + key.split(".")[-1] + value for key, value in (o.split("=", 1) for o in overrides))
 
 
