@@ -285,23 +285,15 @@ class CosrePress(Press):
         mass = st.log_mass[:, 0].exp() if st.log_mass is not None else torch.ones_like(st.pos[:, 0])
         weight = mass * (gone | slots)  # a slot is a member of itself, with its mass
         grown = slots & (torch.zeros_like(weight).scatter_add(1, target, gone.to(weight.dtype)) > 0)
-        total = torch.zeros_like(weight).scatter_add(1, target, weight)
-        safe = total.masked_fill(~grown, 1)
-
-        def mean(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, D): slots that took entries in replaced
-            w = weight.to(t.dtype)[:, None, :, None]
-            sums = torch.zeros_like(t).scatter_add(2, target[:, None, :, None].expand_as(t), t * w)
-            return torch.where(grown[:, None, :, None], sums / safe.to(t.dtype)[:, None, :, None], t)
-
-        pos = st.pos[:, 0].double()
-        pos_sum = torch.zeros_like(pos).scatter_add(1, target, pos * weight.double())
-        pos = torch.where(grown, pos_sum / safe.double(), pos).to(st.pos.dtype)
+        pool = _pool(target, weight, col.shape[-1], k_pre, call.values, st.pos[:, 0], col)
+        at = grown[:, None, :, None]  # slots that took entries in are replaced, the rest stay
+        pos = torch.where(grown, pool["pos"], st.pos[:, 0])
         heads = lambda t: t[:, None, :].expand_as(st.valid).contiguous()  # noqa: E731
-        log_mass = heads(torch.where(grown, total, mass).clamp(min=1e-6).log()) if self.proportional else None
-        state = LayerState(col=heads(col.scatter_reduce(1, target, col.masked_fill(~gone, -1), "amax")),
-                           pos=heads(pos), valid=st.valid, mod=st.mod, log_mass=log_mass, extra=st.extra)
-        keys = torch.where(grown[:, None, :, None], call.rope().rotate(mean(k_pre), state.pos), call.keys)
-        call.replace(keys.to(call.keys.dtype), mean(call.values), state)
+        log_mass = heads(torch.where(grown, pool["mass"], mass).clamp(min=1e-6).log()) if self.proportional else None
+        state = LayerState(col=heads(torch.where(grown, pool["col"], col)), pos=heads(pos), valid=st.valid,
+                           mod=st.mod, log_mass=log_mass, extra=st.extra)
+        keys = torch.where(at, call.rope().rotate(pool["k"], state.pos), call.keys)
+        call.replace(keys.to(call.keys.dtype), torch.where(at, pool["v"], call.values), state)
         call.keep(~gone)
 
 
@@ -314,28 +306,40 @@ def _features(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     return kv.permute(0, 2, 1, 3).reshape(b, idx.shape[1], -1).float()
 
 
+def _pool(target: torch.Tensor, weight: torch.Tensor, size: int, k: torch.Tensor, v: torch.Tensor,
+          pos: torch.Tensor, col: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Entries pooled by `target` (B, L) into `size` entries per row, each entry weighing `weight`
+    (B, L; 0 = not pooled): each pooled entry's summed weight ("mass"), the weighted means of the
+    keys and values (B, H, L, D) and positions (B, L) it took in, and the latest column it took in.
+    An entry nothing went into has mass 0 and means 0."""
+    mass = torch.zeros(*target.shape[:-1], size, dtype=weight.dtype, device=weight.device).scatter_add(-1, target, weight)
+    safe = mass.masked_fill(mass == 0, 1)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        w = weight.to(t.dtype)[:, None, :, None]
+        at = target[:, None, :, None].expand_as(t)
+        sums = t.new_zeros(*t.shape[:2], size, t.shape[-1]).scatter_add(2, at, t * w)
+        return sums / safe.to(t.dtype)[:, None, :, None]
+
+    pos_sums = torch.zeros_like(mass, dtype=torch.float64).scatter_add(-1, target, pos.double() * weight.double())
+    latest = torch.full_like(mass, -1, dtype=col.dtype).scatter_reduce(-1, target, col.masked_fill(weight == 0, -1),
+                                                                      "amax")
+    return {"mass": mass, "k": mean(k), "v": mean(v), "pos": (pos_sums / safe.double()).to(pos.dtype), "col": latest}
+
+
 def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch.Tensor,
                 k: int) -> dict[str, torch.Tensor]:
     """One row's entries with `members` replaced by `k` slots: slot s is the mass-weighted mean of
     the members with target s (keys, values, position), stands for their summed mass, and is
     visible from the latest of their columns on; a slot with no member is not made."""
     dev = e["valid"].device
-    weight = e["mass"][members].to(e["v"].dtype)
-    total = torch.zeros(k, dtype=weight.dtype, device=dev).index_add(0, target, weight)
-    made = total > 0
-
-    def mean(t: torch.Tensor) -> torch.Tensor:  # (H, n, D) → (H, made, D)
-        sums = t.new_zeros(t.shape[0], k, t.shape[-1]).index_add(1, target, t[:, members] * weight[:, None].to(t.dtype))
-        return sums[:, made] / total[made][:, None].to(t.dtype)
-
-    pos = torch.zeros(k, dtype=torch.float64, device=dev).index_add(
-        0, target, e["pos"][members].double() * weight.double())
-    col = torch.full((k,), -1, dtype=e["col"].dtype, device=dev).scatter_reduce(0, target, e["col"][members], "amax")
+    pool = _pool(target[None], e["mass"][members][None].to(e["v"].dtype), k, e["k"][:, members][None],
+                 e["v"][:, members][None], e["pos"][members][None], e["col"][members][None])
+    made = pool["mass"][0] > 0
     n = int(made.sum())
-    slots = {"k": mean(e["k"]), "v": mean(e["v"]), "col": col[made],
-             "pos": (pos[made] / total[made].double()).to(e["pos"].dtype),
-             "mod": torch.full((n,), SHARED, dtype=e["mod"].dtype, device=dev),
-             "mass": total[made].to(e["mass"].dtype), "valid": torch.ones(n, dtype=torch.bool, device=dev)}
+    slots = {"k": pool["k"][0][:, made], "v": pool["v"][0][:, made], "col": pool["col"][0][made],
+             "pos": pool["pos"][0][made], "mod": torch.full((n,), SHARED, dtype=e["mod"].dtype, device=dev),
+             "mass": pool["mass"][0][made], "valid": torch.ones(n, dtype=torch.bool, device=dev)}
     keep = torch.ones_like(e["valid"])
     keep[members] = False
     return {key: torch.cat([t[:, keep] if key in KV else t[keep], slots[key].to(t.dtype)], dim=-2 if key in KV else -1)
