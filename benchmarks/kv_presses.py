@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--dare-backbone", choices=("frozen", "full"), default="full",
                         help="the dare stage trains the router only, or the model with it (DARE's way)")
     parser.add_argument("--dare-rows", type=int, default=16000, help="training rows of the dare stage (per epoch)")
-    parser.add_argument("--dare-epochs", type=int, default=3)
+    parser.add_argument("--dare-epochs", type=int, default=5)
     parser.add_argument("--dare-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the dare stage's config (repeatable), e.g. dare.ratio_weight=20")
     parser.add_argument("--dare-kept", type=float, default=None,
