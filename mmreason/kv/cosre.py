@@ -309,9 +309,9 @@ def _features(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 def _pool(target: torch.Tensor, weight: torch.Tensor, size: int, k: torch.Tensor, v: torch.Tensor,
           pos: torch.Tensor, col: torch.Tensor) -> dict[str, torch.Tensor]:
     """Entries pooled by `target` (B, L) into `size` entries per row, each entry weighing `weight`
-    (B, L; 0 = not pooled): each pooled entry's summed weight ("mass"), the weighted means of the
-    keys and values (B, H, L, D) and positions (B, L) it took in, and the latest column it took in.
-    An entry nothing went into has mass 0 and means 0."""
+    (B, L; 0 = not pooled): per pooled entry its summed weight ("mass", (B, size)), the weighted
+    means of the keys and values (B, H, L, D → B, H, size, D) and positions (B, L → B, size) it took
+    in, and the latest column it took in. An entry nothing went into has mass 0 and means 0."""
     mass = torch.zeros(*target.shape[:-1], size, dtype=weight.dtype, device=weight.device).scatter_add(-1, target, weight)
     safe = mass.masked_fill(mass == 0, 1)
 
