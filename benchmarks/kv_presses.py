@@ -5,7 +5,7 @@
         --data runs/quickstart/data/gridworld --sizes 3 --rows 100
 
 For each kept fraction f (default 0.5 and 0.25, i.e. kvpress compression ratios 0.5 and 0.75) the
-cot model is evaluated (`mmreason.kv.evaluation.run_press_eval`, the code `jobs.evaluate` runs) with
+cot model is evaluated (`mmreason.eval.press_eval.run_press_eval`, the code `jobs.evaluate` runs) with
 no press, TOVA (factor f), DARE (per-modality targets `dare_targets(f)`, from layer 0, with the
 router and model of a dare stage run here on this model for that f — DARE's way, backbone trained
 with the router, `DARE_RECIPE` (decode masks, recent window, context router, importance fit;
@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from mmreason.config import load_config  # noqa: E402
 from mmreason.eval.pareto import pareto_front, plot_front  # noqa: E402
-from mmreason.kv.evaluation import PressEvalConfig, results_table, run_press_eval  # noqa: E402
-from mmreason.train.dare_stage import ROUTER_FILE  # noqa: E402
+from mmreason.eval.press_eval import PressEvalConfig, results_table, run_press_eval  # noqa: E402
+from mmreason.train.stages.dare import ROUTER_FILE  # noqa: E402
 
 KVPRESS = ("snapkv", "streaming_llm", "knorm", "expected_attention", "tova")
 DARE_WINDOW = 8

@@ -44,7 +44,7 @@ def plain(data: str, init: str | None, args: argparse.Namespace) -> dict:
 
     from mmreason.data.reader import read_table
     from mmreason.models import build_tiny, load_backbone
-    from mmreason.train.grpo import TorchEngine, grpo_step
+    from mmreason.train.stages.rl import TorchEngine, grpo_step
     from mmreason.train.rewards import Rewards
 
     torch.set_num_threads(2)

@@ -36,7 +36,7 @@ def plain_loop(data: str, backbone: str, batch_size: int, epochs: int) -> list[d
     from mmreason.latent.coconut import latent_forward
     from mmreason.models import build_tiny, load_backbone
     from mmreason.train.config import TrainConfig
-    from mmreason.train.worker import encode_batch
+    from mmreason.train.stages.sft import encode_batch
 
     torch.set_num_threads(2)
     cfg = load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", [f"data.path={data}"])

@@ -31,11 +31,11 @@ from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import ConfigError, load_config
 from mmreason.data.gridworld import GridworldConfig, TaskSizes
 from mmreason.eval.runner import EvalConfig
-from mmreason.kv.evaluation import PressEvalConfig
+from mmreason.eval.press_eval import PressEvalConfig
 from mmreason.latent.coconut import CurriculumSchedule, GenerationSettings
 from mmreason.sweep import SweepConfig
 from mmreason.train.config import DataConfig, OptimConfig, TrainConfig
-from mmreason.train.dare_stage import ROUTER_FILE, DareStageConfig
+from mmreason.train.stages.dare import ROUTER_FILE, DareStageConfig
 from pipelines import gridworld
 
 STEPS = ("cot", "coconut", "dare", "presses", "sweep")
@@ -183,7 +183,7 @@ def check(cfg: QuickstartConfig) -> None:
 
 def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The cot model under each press (`dare` under the router the dare stage trained)."""
-    from mmreason.kv.evaluation import run_press_eval
+    from mmreason.eval.press_eval import run_press_eval
 
     rows = []
     for name, settings in cfg.presses.items():
@@ -206,7 +206,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     """The whole flow under one MLflow pipeline run; returns what each step produced."""
     from jobs import sweep as sweep_job
     from jobs.train import run_stage
-    from mmreason.kv.evaluation import results_table
+    from mmreason.eval.press_eval import results_table
     from mmreason.tracking import pipeline_run
 
     cfg.place()

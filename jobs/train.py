@@ -1,64 +1,94 @@
 """Train one stage on Ray Train + DeepSpeed, then evaluate it.
 
-    python -m jobs.train CONFIG.yaml [key=value ...]
+    python -m jobs.train CONFIG.yaml [key=value ...] [--check]
     python -m jobs.train configs/train/cot-maze.yaml workers=2 optim.epochs=4
+    python -m jobs.train configs/train/cot-maze.yaml use_gpu=true precision=bf16 storage=s3://bucket/runs
 
-Everything a user can get wrong (backbone, stage, dataset without shards, a checkpoint that is not
-one or is another family's, an rl reward path or signature, group size < 2, HiCo on a family without
-it) is checked here or when the config loads, before any worker starts. Re-running with the same
+Everything a user can get wrong (backbone, stage, a path setting that is neither a local path nor an
+s3:// / gs:// URI, dataset without shards, a checkpoint that is not one or is another family's, an rl
+reward path or signature, group size < 2, HiCo on a family without it, use_gpu on a cluster with no
+GPUs) is checked here or when the config loads, before any worker starts; `--check` stops there and
+prints the resolved config and the resources the stage would ask for. Re-running with the same
 `run_name` and `storage` resumes from the last checkpoint (epoch and curriculum stage restored).
+The export is evaluated in a Ray task with one worker's resources (its GPU when `use_gpu`), not in
+the driver, which on a cluster sits on a head node with no CPUs for Ray work.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason import storage
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config
 from mmreason.data.cinepile import matches_filters
 from mmreason.data.reader import shard_entries
 from mmreason.data.schema import EXAMPLE_SCHEMA
+from mmreason.data.selection import held_out_rows
 from mmreason.eval.runner import evaluate
+from mmreason.hardware import local_device, require_gpus, torch_dtype
 from mmreason.kv.accounting import KVMeter
-from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
+from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
-from mmreason.train.dare_stage import ROUTER_FILE
 from mmreason.train.rewards import Rewards
-from mmreason.train.worker import held_out_rows
+from mmreason.train.stages.dare import ROUTER_FILE
 from pipelines import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def resolve_locations(cfg: TrainConfig) -> None:
+    """Every path setting as workers elsewhere (another cwd, another node) can use it: local paths
+    absolute, s3:// / gs:// URIs normalised; anything else is an error naming the setting."""
+    cfg.storage = storage.check_location(cfg.storage, "storage")
+    cfg.data.path = storage.check_location(cfg.data.path, "data.path")
+    if cfg.data.eval_path is not None:
+        cfg.data.eval_path = storage.check_location(cfg.data.eval_path, "data.eval_path")
+    if cfg.init_from is not None:
+        cfg.init_from = storage.check_location(cfg.init_from, "init_from")
+    if cfg.model.checkpoint is not None and "://" in cfg.model.checkpoint:  # else a local path or a hub id
+        cfg.model.checkpoint = storage.check_location(cfg.model.checkpoint, "model.checkpoint")
+
+
 def resolve_model_path(cfg: TrainConfig) -> str:
-    """The checkpoint this stage starts from, checked before any worker starts."""
+    """The checkpoint this stage starts from (a local dir, a URI, or a hub id), checked before any
+    worker starts; a tiny backbone without one is built once into the run's `init`."""
     try:
         spec = get_spec(cfg.model.backbone)
     except ValueError as exc:
         raise ConfigError(f"model.backbone: {exc}") from None
     if cfg.init_from is not None:
         check_checkpoint(cfg.model.backbone, cfg.init_from)
-        return str(Path(cfg.init_from).resolve())
+        return cfg.init_from if storage.is_remote(cfg.init_from) else str(Path(cfg.init_from).resolve())
     if cfg.model.checkpoint is not None:
-        if spec.tiny or Path(cfg.model.checkpoint).exists():
+        if spec.tiny or storage.is_remote(cfg.model.checkpoint) or Path(cfg.model.checkpoint).exists():
             check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
-            return str(Path(cfg.model.checkpoint).resolve())
+            remote = storage.is_remote(cfg.model.checkpoint)
+            return cfg.model.checkpoint if remote else str(Path(cfg.model.checkpoint).resolve())
         return cfg.model.checkpoint  # a hub id for a real backbone
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
     if cfg.video.use_hico and spec.family.name != "phi4mm":
         raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not "
                           f"{cfg.model.backbone} ({spec.family.name})")
-    init = cfg.run_dir / "init"
-    if not (init / "config.json").is_file():
-        build_tiny(cfg.model.backbone, init, seed=cfg.seed)
-    return str(init)
+    init = storage.join(cfg.run_location, "init")
+    if not storage.exists(storage.join(init, "config.json")):
+        with tempfile.TemporaryDirectory() as tmp:  # built whole, then put in place
+            built = build_tiny(cfg.model.backbone, Path(tmp) / "init", seed=cfg.seed)
+            if storage.is_remote(init):
+                storage.upload_dir(built, init)
+            else:
+                Path(init).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(built, init)
+    return init
 
 
 def train_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -81,7 +111,7 @@ def check_visual_thoughts(cfg: TrainConfig) -> None:
     if family.drawn_images is Family.drawn_images:
         raise ConfigError(f"visual_thoughts.enabled: the {family.name} family ({cfg.model.backbone}) cannot write "
                           f"images; MVoT's visual thoughts need an anole-family backbone (tiny-anole, anole-7b)")
-    rows = held_out_rows(cfg, 1)
+    rows = held_out_rows(cfg.data, 1, cfg.video.num_frames)
     if rows and not rows[0].get("step_images"):
         raise ConfigError(f"visual_thoughts.enabled: rows in {cfg.data.path} have no step_images "
                           f"(render the dataset with step_images=true)")
@@ -93,7 +123,8 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     import ray.data
 
     entries = train_shards(cfg)
-    ds = ray.data.read_parquet([str(Path(cfg.data.path) / e["path"]) for e in entries], schema=EXAMPLE_SCHEMA)
+    fs, root = storage.filesystem(cfg.data.path)  # a local dir, or a bucket prefix read through pyarrow
+    ds = ray.data.read_parquet([f"{root}/{e['path']}" for e in entries], filesystem=fs, schema=EXAMPLE_SCHEMA)
     n_rows = sum(e["rows"] for e in entries)
     filtered = cfg.data.hard_split is not None or cfg.data.visual_reliance is not None
     if filtered:
@@ -123,6 +154,35 @@ def batch_blocks(ds: Any, n_rows: int, n_batches: int, batch_size: int) -> Any:
     return (ds.limit(used) if used < n_rows else ds).repartition(n_batches).materialize()
 
 
+def stage_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one worker (and the evaluation task) asks Ray for."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """`use_gpu` on a cluster without enough GPUs fails here, naming it, before any worker starts."""
+    import ray
+
+    require_gpus(cfg.use_gpu, cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0))
+
+
+def deepspeed_file(cfg: TrainConfig) -> Path:
+    path = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else (REPO / cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed: config file not found: {cfg.deepspeed}")
+    return path
+
+
+def epoch_geometry(cfg: TrainConfig, n_rows: int) -> int:
+    """Optimizer steps per epoch: every worker takes the same number of whole windows of
+    grad_accum micro-batches."""
+    steps = n_rows // (cfg.workers * cfg.optim.batch_size * cfg.grad_accum)
+    if steps < 1:
+        raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size × grad_accum "
+                          f"({cfg.workers} × {cfg.optim.batch_size} × {cfg.grad_accum})")
+    return steps
+
+
 def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the stage on Ray Train; returns the final worker metrics. `callbacks`: Ray Train
@@ -131,30 +191,31 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from mmreason.tracking import tracking_uri
+    from mmreason.train.loop import deepspeed_config
     from mmreason.train.worker import train_loop_per_worker
 
     init_ray()
+    check_gpus(cfg)
+    ds_file = deepspeed_file(cfg)
+    deepspeed_config(cfg, ds_file, cfg.workers)  # a file that sets what the stage config owns fails here
     ds, n_rows = train_dataset(cfg)
-    steps_per_epoch = n_rows // (cfg.workers * cfg.optim.batch_size)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"{n_rows} training rows are fewer than workers × optim.batch_size "
-                          f"({cfg.workers} × {cfg.optim.batch_size})")
-    ds = batch_blocks(ds, n_rows, cfg.workers * steps_per_epoch, cfg.optim.batch_size)
+    steps_per_epoch = epoch_geometry(cfg, n_rows)
+    micro_batches = cfg.workers * steps_per_epoch * cfg.grad_accum
+    ds = batch_blocks(ds, n_rows, micro_batches, cfg.optim.batch_size)
     fit_rows = []  # the dare stage's knockout measurement: the first rows of the training set
     if cfg.stage == "dare" and cfg.dare.router_fit == "knockout":
-        fit_rows = ds.take_batch(min(cfg.dare.fit_rows, cfg.workers * steps_per_epoch * cfg.optim.batch_size),
+        fit_rows = ds.take_batch(min(cfg.dare.fit_rows, micro_batches * cfg.optim.batch_size),
                                  batch_format="pyarrow").to_pylist()
-    ds_config = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else (REPO / cfg.deepspeed)
-    if not ds_config.is_file():
-        raise ConfigError(f"deepspeed: config file not found: {cfg.deepspeed}")
+    storage_path, storage_fs = storage.ray_storage(cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
-                           "deepspeed_config": str(ds_config), "mlflow_uri": tracking_uri(),
-                           "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=str(Path(cfg.storage).resolve()),
+                           "deepspeed_config": str(ds_file), "mlflow_uri": tracking_uri(),
+                           "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows,
+                           "run_location": cfg.run_location},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=stage_resources(cfg)),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        callbacks=list(callbacks)),
@@ -164,17 +225,19 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     return dict(result.return_value or {}) | {"train_rows": n_rows, "steps_per_epoch": steps_per_epoch}
 
 
-def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """All configured eval modes on the exported model, with its KV cache measured (and, for the
-    dare stage, pruned by the trained router; for the cosre stage, compressed by its press);
-    predictions to JSONL per mode."""
-    family = load_backbone(cfg.model.backbone, export_dir)
+def evaluate_export(cfg: TrainConfig, export: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
+    """All configured eval modes on the exported model (a local dir or a URI), in `precision` on
+    this process's device, with its KV cache measured (and, for the dare stage, pruned by the
+    trained router; for the cosre stage, compressed by its press). Returns (results, predictions)
+    per mode. `evaluate_on_worker` runs it where the stage's hardware is."""
+    local = storage.local_copy(str(export))
+    family = load_backbone(cfg.model.backbone, local, dtype=torch_dtype(cfg.precision))
+    family.model.to(local_device(cfg.use_gpu))
     family.video = cfg.video
-    press = (cfg.dare.press(str(export_dir / ROUTER_FILE)) if cfg.stage == "dare"
+    press = (cfg.dare.press(str(Path(local) / ROUTER_FILE)) if cfg.stage == "dare"
              else cfg.cosre if cfg.stage == "cosre" else None)
-    rows = held_out_rows(cfg, cfg.eval.max_examples)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    rows = held_out_rows(cfg.data, cfg.eval.max_examples, cfg.video.num_frames)
+    results, predictions = {}, {}
     for mode, settings in cfg.eval.modes.items():
         n_steps = cfg.coconut.max_latent_stage if mode == "coconut" else 0  # rl's coconut mode samples the same
         t0 = time.perf_counter()
@@ -183,13 +246,54 @@ def evaluate_export(cfg: TrainConfig, export_dir: Path, out_dir: Path) -> dict[s
                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
         kv = {k: v for k, v in meter.summary().items() if k.startswith(("kv_fraction", "retained_", "kv_bytes_p"))
               and not isinstance(v, list)}
-        with open(out_dir / f"predictions-{mode}.jsonl", "w") as fh:
-            for p in res.predictions:
-                fh.write(json.dumps(p) + "\n")
+        predictions[mode] = res.predictions
         results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
                          "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
                          "seconds": time.perf_counter() - t0, **kv}
-    return results
+    return results, predictions
+
+
+def evaluate_on_worker(cfg: TrainConfig, export: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
+    """`evaluate_export` in a Ray task with one training worker's resources (its GPU when `use_gpu`)."""
+    import ray
+
+    res = stage_resources(cfg)
+    task = ray.remote(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))(_evaluate_task)
+    return ray.get(task.remote(asdict(cfg), export))
+
+
+def _evaluate_task(cfg_dict: dict[str, Any], export: str) -> tuple[dict, dict]:
+    import torch
+
+    from mmreason.config import from_dict
+
+    cfg = from_dict(TrainConfig, cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    return evaluate_export(cfg, export)
+
+
+def write_eval(results: dict[str, dict[str, Any]], predictions: dict[str, list[dict]], out_dir: Path) -> None:
+    """results.json and predictions-MODE.jsonl into a local directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for mode, preds in predictions.items():
+        (out_dir / f"predictions-{mode}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def prepare_stage(cfg: TrainConfig) -> str:
+    """Every check that needs no Ray: paths and URIs, the starting checkpoint, the shards, visual
+    thoughts, rl rewards on a real row. Returns the starting checkpoint (a tiny one is built)."""
+    resolve_locations(cfg)
+    model_path = resolve_model_path(cfg)
+    train_shards(cfg)
+    deepspeed_file(cfg)
+    if cfg.visual_thoughts.enabled:
+        check_visual_thoughts(cfg)
+    if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
+        rows = held_out_rows(cfg.data, 1, cfg.video.num_frames)
+        if rows:
+            Rewards(cfg.rl.rewards).dry_run(rows[0], cfg.rl.sampling.max_new_tokens)
+    return model_path
 
 
 def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -198,29 +302,58 @@ def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
 
     from mmreason.tracking import stage_run
 
-    # workers run elsewhere (another cwd, another node): hand them absolute paths
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    cfg.storage = str(Path(cfg.storage).resolve())
-    model_path = resolve_model_path(cfg)
-    train_shards(cfg)
-    if cfg.visual_thoughts.enabled:
-        check_visual_thoughts(cfg)
-    if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
-        rows = held_out_rows(cfg, 1)
-        if rows:
-            Rewards(cfg.rl.rewards).dry_run(rows[0], cfg.rl.sampling.max_new_tokens)
+    model_path = prepare_stage(cfg)
     with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
         metrics = fit(cfg, model_path, run.info.run_id, callbacks)
-        export = cfg.run_dir / "export"
-        results = evaluate_export(cfg, export, cfg.run_dir / "eval")
+        export = storage.join(cfg.run_location, "export")
+        results, predictions = evaluate_on_worker(cfg, export)
         for mode, res in results.items():
             mlflow.log_metrics({f"{mode}_{key}": value for key, value in res.items()
                                 if isinstance(value, (int, float)) and key not in ("n", "latents_per_answer")})
-        (cfg.run_dir / "eval" / "results.json").write_text(json.dumps(results, indent=2))
-        mlflow.log_artifacts(str(cfg.run_dir / "eval"), artifact_path="eval")
-        mlflow.log_artifacts(str(export), artifact_path="model")
-        return {"stage": cfg.stage, "run_dir": str(cfg.run_dir), "export": str(export), "train": metrics,
+        eval_dir = storage.join(cfg.run_location, "eval")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_eval(results, predictions, Path(tmp))
+            mlflow.log_artifacts(tmp, artifact_path="eval")
+            if storage.is_remote(eval_dir):
+                storage.upload_dir(Path(tmp), eval_dir)
+            else:
+                shutil.copytree(tmp, eval_dir, dirs_exist_ok=True)
+        if storage.is_remote(export):  # a real model's weights stay in the bucket; the run records where
+            mlflow.set_tag("export", export)
+        else:
+            mlflow.log_artifacts(export, artifact_path="model")
+        return {"stage": cfg.stage, "run_dir": cfg.run_location, "export": export, "train": metrics,
                 "eval": results, "mlflow_run_id": run.info.run_id}
+
+
+def check_stage(cfg: TrainConfig) -> dict[str, Any]:
+    """`--check`: validate the config and inputs, and say what the stage would ask for; starts
+    nothing but a Ray connection (to count the cluster's GPUs). A tiny backbone is not built."""
+    import ray
+
+    resolve_locations(cfg)
+    if cfg.init_from is not None or cfg.model.checkpoint is not None:
+        resolve_model_path(cfg)
+    else:
+        get_spec(cfg.model.backbone)
+    entries = train_shards(cfg)
+    from mmreason.train.loop import deepspeed_config
+
+    ds = deepspeed_config(cfg, deepspeed_file(cfg), cfg.workers)
+    if cfg.visual_thoughts.enabled:
+        check_visual_thoughts(cfg)
+    init_ray()
+    check_gpus(cfg)
+    n_rows = sum(e["rows"] for e in entries)
+    if cfg.data.max_train_rows is not None:
+        n_rows = min(n_rows, cfg.data.max_train_rows)
+    return {"config": asdict(cfg), "run": cfg.run_location,
+            "resources": {"workers": cfg.workers, "per_worker": stage_resources(cfg),
+                          "total": {k: v * cfg.workers for k, v in stage_resources(cfg).items()},
+                          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
+            "deepspeed": ds, "train_rows": n_rows,
+            "global_batch": cfg.optim.batch_size * cfg.grad_accum * cfg.workers,
+            "steps_per_epoch": epoch_geometry(cfg, n_rows)}
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
@@ -236,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         raise ConfigError("give a stage config, e.g. configs/train/cot-maze.yaml")
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check_stage(cfg))
+        return 0
     out = run_stage(cfg)
     print(results_table(out["eval"]))
     print(f"export: {out['export']}   MLflow run: {out['mlflow_run_id']}")

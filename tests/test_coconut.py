@@ -130,7 +130,7 @@ def test_the_last_stage_trains_the_answer_alone_after_max_latent_stage_latents(f
     from mmreason.config import load_config
     from mmreason.tasks import answer_sentence
     from mmreason.train.config import TrainConfig
-    from mmreason.train.worker import encode_batch
+    from mmreason.train.stages.sft import encode_batch
 
     rows = [generate_example(TASKS["maze"], size, "train", i, 0, ALL_TRAIN, RenderOptions(step_images=False))
             for size, i in ((4, 2), (5, 1))]

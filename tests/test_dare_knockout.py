@@ -15,7 +15,7 @@ from mmreason.kv.dare import DareRouter
 from mmreason.kv.modality import TEXT, VISION
 from mmreason.models.base import IGNORE
 from mmreason.train.config import TrainConfig
-from mmreason.train.dare_stage import Knockout, fit_router, freeze_router_input, knockout_importance
+from mmreason.train.stages.dare import Knockout, fit_router, freeze_router_input, knockout_importance
 from tests.kv_helpers import one_thread, rows, tiny_family  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

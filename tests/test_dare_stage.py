@@ -12,7 +12,7 @@ from mmreason.config import ConfigError, load_config
 from mmreason.kv.dare import DarePress
 from mmreason.models import build_tiny, load_backbone
 from mmreason.train.config import TrainConfig
-from mmreason.train.dare_stage import ROUTER_FILE, keep_rates
+from mmreason.train.stages.dare import ROUTER_FILE, keep_rates
 from jobs import train
 
 REPO = Path(__file__).resolve().parents[1]

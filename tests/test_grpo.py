@@ -12,7 +12,7 @@ from mmreason.latent.coconut import GenerationSettings
 from mmreason.models import build_tiny, load_backbone
 from mmreason.models.base import IGNORE
 from mmreason.tasks import RenderOptions, generate_example, get_task
-from mmreason.train.grpo import (RLConfig, TorchEngine, group_advantages, grpo_step, policy_loss, rollout,
+from mmreason.train.stages.rl import (RLConfig, TorchEngine, group_advantages, grpo_step, policy_loss, rollout,
                                  sequence_logprobs, token_logprobs)
 from mmreason.train.rewards import RewardTerm, Rewards
 

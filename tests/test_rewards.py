@@ -123,8 +123,8 @@ def test_a_float_reward_is_one_component_named_after_the_function(tmp_path, monk
     ("rl.rewards=[{fn: no_such_package.rewards.f}]", r"rl.rewards\[0\].fn: cannot import module 'no_such_package.rewards'"),
     ("rl.rewards=[{fn: accuracy}]", r"rl.rewards\[0\].fn: 'accuracy' is not a dotted path"),
     ("rl.rewards=[{fn: mmreason.train.rewards.correctness.LETTERS}]", r"is a str, not a function"),
-    ("rl.rewards=[{fn: mmreason.train.grpo.group_advantages}]",
-     r"reward 'mmreason.train.grpo.group_advantages' has the signature group_advantages\(rewards"),
+    ("rl.rewards=[{fn: mmreason.train.stages.rl.group_advantages}]",
+     r"reward 'mmreason.train.stages.rl.group_advantages' has the signature group_advantages\(rewards"),
     ("rl.rewards=[{fn: mmreason.train.rewards.length.threshold_length_penalty, kwargs: {threshold: 5}}]",
      r"cannot be called as fn\(data_source, solution_str, ground_truth, extra, \*\*kwargs\) with kwargs "
      r"\['threshold'\]: missing a required argument: 'factor'"),

@@ -61,7 +61,7 @@ def test_rl_stage_runs_grpo_on_ray_train_and_deepspeed_and_logs_each_reward(maze
 @pytest.mark.parametrize("override, error, needle", [
     ("rl.group_size=1", ConfigError, "rl.group_size must be >= 2"),
     ("rl.rewards=[{fn: mmreason.train.rewards.nope.f}]", ConfigError, "cannot import module 'mmreason.train.rewards.nope'"),
-    ("rl.rewards=[{fn: mmreason.train.grpo.aggregate}]", ConfigError, "has the signature aggregate"),
+    ("rl.rewards=[{fn: mmreason.train.stages.rl.aggregate}]", ConfigError, "has the signature aggregate"),
 ])
 def test_bad_rl_input_fails_when_the_config_loads(maze_data, tmp_path, override, error, needle):
     with pytest.raises(error, match=needle):
@@ -86,7 +86,7 @@ def _cbp_under_zero(config: dict) -> dict:
     from mmreason.latent.coconut import latent_forward
     from mmreason.models import load_backbone
     from mmreason.train.continual_backprop import ContinualBackprop, ContinualBackpropConfig
-    from mmreason.train.worker import training_deepspeed
+    from mmreason.train.loop import training_deepspeed
 
     deepspeed = training_deepspeed()
     out = {}

@@ -68,7 +68,7 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
     """Its ~45 s compile is not waited for by any worker; ZeRO's collectives stay on torch.distributed."""
     from deepspeed.comm.torch import build_shm_op
 
-    from mmreason.train.worker import training_deepspeed
+    from mmreason.train.loop import training_deepspeed
 
     training_deepspeed()
     assert build_shm_op() is None

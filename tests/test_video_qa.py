@@ -17,6 +17,7 @@ from mmreason.data.cinepile import CinepileConfig, attach_frames, pick_frames
 from mmreason.data.video import write_synthetic_clip
 from mmreason.models import build_tiny, load_backbone
 from mmreason.models.base import VideoInput
+from mmreason.data.selection import held_out_rows
 from mmreason.train.config import TrainConfig
 from jobs import train, video_qa
 from pipelines import cinepile
@@ -116,7 +117,7 @@ def test_video_qa_sft_then_inference_end_to_end(cinepile_data, tmp_path, monkeyp
     hard = load_config(TrainConfig, REPO / "configs/train/cinepile-phi4mm.yaml", [
         f"data.path={cinepile_data['train']}", f"data.eval_path={cinepile_data['test']}", "data.hard_split=true"])
     _, n_hard = train.train_dataset(hard)
-    held_out = train.held_out_rows(hard, None)
+    held_out = held_out_rows(hard.data, None, hard.video.num_frames)
     assert n_hard == 4 and len(held_out) == 2  # questions 1 and 3 of each clip
     assert all(json.loads(r["meta"])["hard_split"] is True and len(r["images"]) == 4 for r in held_out)
 

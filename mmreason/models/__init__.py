@@ -26,6 +26,14 @@ from mmreason.models.phi4mm import tiny_config as tiny_phi4mm_config
 from mmreason.models.tokenizer import END_LATENT, LATENT, START_LATENT, build_word_tokenizer
 
 
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny-internvl"
+    """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl3-1b, anole-7b, phi4-mm."""
+    checkpoint: str | None = None
+    """Local checkpoint dir or hub id; None for a tiny backbone builds a fresh random one."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -99,17 +107,20 @@ def build_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def check_checkpoint(name: str, path: str | Path) -> None:
-    """Fail early (before any worker starts) when `path` is not a checkpoint of `name`'s family."""
-    spec = get_spec(name)
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint: no config.json")
+    """Fail early (before any worker starts) when `path` (a local dir or an s3:// / gs:// prefix) is
+    not a checkpoint of `name`'s family."""
     import json
 
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    from mmreason import storage
+
+    spec = get_spec(name)
+    path = str(path) if storage.is_remote(str(path)) else Path(path)
+    if not storage.exists(str(path)) and not storage.is_dir(str(path)):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    config_file = storage.join(str(path), "config.json")
+    if not storage.exists(config_file):
+        raise CheckpointError(f"{path} is not a checkpoint: no config.json")
+    model_type = json.loads(storage.read_text(config_file)).get("model_type")
     if model_type not in spec.family.model_types:
         raise CheckpointError(
             f"checkpoint {path} holds a {model_type!r} model, but backbone {name!r} is the "
@@ -144,13 +155,19 @@ def ensure_latent_tokens(model: Any, tokenizer: Any) -> list[str]:
 
 
 def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Family:
-    """Load backbone `name` from `path` (a local checkpoint; for real backbones a hub id is allowed)."""
+    """Load backbone `name` from `path` (a local checkpoint or an s3:// / gs:// prefix; for real
+    backbones a hub id is allowed) with parameters in `dtype`."""
     spec = get_spec(name)
     if path is None:
         if spec.tiny:
             raise CheckpointError(f"{name}: give the path build_tiny() saved it to")
         path = spec.hub_id
-    if Path(str(path)).exists() or spec.tiny:
+    from mmreason import storage
+
+    if storage.is_remote(str(path)):  # s3:// or gs://: read from a local copy (downloaded once per machine)
+        check_checkpoint(name, path)
+        path = storage.local_copy(str(path))
+    elif Path(str(path)).exists() or spec.tiny:
         check_checkpoint(name, path)
     model = spec.family.model_class.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -158,5 +175,5 @@ def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype 
     return spec.family(model, tokenizer)
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "CheckpointError", "Family", "build_tiny", "check_checkpoint",
+__all__ = ["BACKBONES", "BackboneSpec", "ModelConfig", "CheckpointError", "Family", "build_tiny", "check_checkpoint",
            "ensure_latent_tokens", "get_spec", "load_backbone"]

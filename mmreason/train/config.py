@@ -8,40 +8,19 @@ from pathlib import Path
 from typing import Literal
 
 from mmreason.config import ConfigError
+from mmreason.data.selection import DataConfig
 from mmreason.eval.runner import EvalConfig
+from mmreason.hardware import torch_dtype
 from mmreason.kv.cosre import CosrePress
 from mmreason.latent.coconut import CurriculumSchedule
+from mmreason.models import ModelConfig
 from mmreason.models.base import VideoInput
 from mmreason.train.continual_backprop import ContinualBackpropConfig
-from mmreason.train.dare_stage import DareStageConfig
-from mmreason.train.grpo import RLConfig
+from mmreason.train.stages.dare import DareStageConfig
+from mmreason.train.stages.rl import RLConfig
 
 STAGES = ("cot", "coconut", "rl", "dare", "cosre")
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "tiny-internvl"
-    """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl3-1b, anole-7b, phi4-mm."""
-    checkpoint: str | None = None
-    """Local checkpoint dir or hub id; None for a tiny backbone builds a fresh random one."""
-
-
-@dataclass
-class DataConfig:
-    path: str = "runs/quickstart/data/gridworld"
-    """A dataset directory written by a mmreason pipeline (it holds manifest.json)."""
-    tasks: list[str] = field(default_factory=lambda: ["maze"])
-    sizes: list[int] | None = field(default_factory=lambda: [3])
-    """Grid sizes to train and evaluate on (None = all)."""
-    eval_split: str = "test"
-    eval_path: str | None = None
-    """Dataset directory of the held-out rows (None = `path`; CinePile writes one split per directory)."""
-    max_train_rows: int | None = None
-    hard_split: bool | None = None
-    """CinePile: train and evaluate on hard (true) or not-hard (false) questions only; null = both."""
-    visual_reliance: bool | None = None
-    """CinePile: only questions that do (true) or do not (false) rely on the visuals; null = both."""
+"""`mmreason.train.stages.RECIPES` holds one recipe per name."""
 
 
 @dataclass
@@ -102,6 +81,20 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     workers: int = 2
     cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    """Each worker takes `gpus_per_worker` GPUs (Ray Train sets CUDA_VISIBLE_DEVICES and NCCL); the model,
+    every batch and the evaluation run there. Refused before any worker starts where the cluster has none."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when `use_gpu` (one per worker is the usual DeepSpeed layout)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter precision: written into the DeepSpeed config (bf16 / fp16 with loss scaling; master weights
+    and optimizer state stay fp32) and used to load the model and to generate in evaluation."""
+    grad_accum: int = 1
+    """Micro-batches (of `optim.batch_size` rows) per optimizer step; the global batch is
+    optim.batch_size × grad_accum × workers (logged as `global_batch`)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (transformers' gradient
+    checkpointing): memory for compute, for the 7B backbones."""
     deepspeed: str = "configs/deepspeed/zero2.json"
     max_failures: int = 0
     """Worker failures after which Ray Train still restarts the workers from the last checkpoint
@@ -121,6 +114,18 @@ class TrainConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        torch_dtype(self.precision)
+        if self.activation_checkpointing and self.stage in ("coconut", "cosre"):
+            raise ConfigError(f"activation_checkpointing: the {self.stage} stage runs its rows over a KV cache in several "
+                              f"forwards (latent passes / the compressed cache), and a recomputed layer would write that "
+                              f"cache a second time; it is supported in the cot, dare and rl stages")
+        if self.grad_accum > 1 and self.stage == "rl" and self.rl.updates_per_batch > 1:
+            raise ConfigError("grad_accum: with rl.updates_per_batch > 1 every PPO update is its own optimizer step; "
+                              "accumulate prompts (grad_accum > 1) only with updates_per_batch = 1")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
         if self.stage == "cosre" and self.cosre.keeps_everything():
             raise ConfigError("cosre: these settings keep every cache entry (keep_h = keep_w = block, no "
                               "base_delta, no slots): the cosre stage would be a plain cot stage")
@@ -134,5 +139,20 @@ class TrainConfig:
                               f"not {self.stage}")
 
     @property
+    def run_location(self) -> str:
+        """Where this run's checkpoints, `best`, `export` and `eval` go: `storage`/`run_name`, a local
+        absolute path or an s3:// / gs:// URI."""
+        from mmreason import storage
+
+        if storage.is_remote(self.storage):
+            return storage.join(self.storage, self.run_name)
+        return str(Path(self.storage).resolve() / self.run_name)
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.storage).resolve() / self.run_name
+        """`run_location` as a local path (storage on a local or mounted file system)."""
+        from mmreason import storage
+
+        if storage.is_remote(self.storage):
+            raise ConfigError(f"storage {self.storage} is not a local path; use run_location")
+        return Path(self.run_location)

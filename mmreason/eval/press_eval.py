@@ -7,6 +7,11 @@ bytes per example after the prompt and at the decoding peak (and what the full c
 retained fraction per modality, prefill latency, decode tokens/s and the press's own time. It is
 written as JSON (with per-layer bytes and the predictions) and appended to a CSV under
 `output_dir`, and logged to MLflow (`mmreason.tracking`).
+
+Three steps, so the measuring can run where the hardware is: `prepare_press_eval` (every check,
+no model), `measure_press` (load the model in `precision` on `local_device(use_gpu)`, evaluate;
+plain data back — `jobs.evaluate` runs it in a Ray task, a sweep trial in its own process) and
+`record_press_eval` (files and MLflow). `run_press_eval` is the three in this process.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmreason.config import ConfigError
+from mmreason.data.selection import DataConfig, held_out_rows
+from mmreason.hardware import torch_dtype
 from mmreason.latent.coconut import GenerationSettings
-from mmreason.train.config import DataConfig, ModelConfig
+from mmreason.models import ModelConfig
 
 CSV_COLUMNS = (
     "run_name", "backbone", "checkpoint", "mode", "press", "press_settings", "n", "accuracy", "tokens_per_answer",
@@ -50,12 +57,18 @@ class PressEvalConfig:
     batch_size: int = 16
     seed: int = 0
     threads: int | None = None
-    """torch threads (None = torch's default)."""
+    """torch threads, and the CPUs `jobs.evaluate`'s evaluation task asks Ray for (None: torch's
+    default threads, 1 CPU)."""
+    use_gpu: bool = False
+    """Evaluate on a GPU: `jobs.evaluate`'s task asks Ray for one (refused where the cluster has none)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype the model is loaded in and generates in."""
     press: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     """`name` (none, tova, dare, cosre, hico, kvpress:<method>) and the press's settings."""
     experiment: str = "mmreason"
 
     def __post_init__(self) -> None:
+        torch_dtype(self.precision)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_examples is not None and self.max_examples < 1:
@@ -92,33 +105,44 @@ def check_inputs(cfg: PressEvalConfig) -> str:
 
 
 def held_out(cfg: PressEvalConfig) -> list[dict[str, Any]]:
-    from mmreason.train.config import TrainConfig
-    from mmreason.train.worker import held_out_rows
-
     if not (Path(cfg.data.path) / "manifest.json").is_file():
         raise FileNotFoundError(f"data.path {cfg.data.path} is not a dataset (no manifest.json)")
-    # the training stages' own reader of held-out rows, given a stage config with our data section
-    rows = held_out_rows(TrainConfig(model=cfg.model, data=cfg.data), cfg.max_examples)
+    rows = held_out_rows(cfg.data, cfg.max_examples)  # the training stages' own reader of held-out rows
     if not rows:
         raise ConfigError(f"data: no {cfg.data.eval_split} rows for tasks {cfg.data.tasks} and sizes {cfg.data.sizes} "
                           f"in {cfg.data.path}")
     return rows
 
 
-def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
-    """Check inputs, evaluate under the press, write JSON + CSV, log to MLflow; returns the row."""
+def prepare_press_eval(cfg: PressEvalConfig) -> str:
+    """Every check that needs no model — the press, the backbone and checkpoint, the held-out rows —
+    with the data paths made absolute for a process elsewhere; returns the checkpoint to load."""
+    build_press(cfg)
+    checkpoint = check_inputs(cfg)
+    held_out(cfg)
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.data.eval_path is not None:
+        cfg.data.eval_path = str(Path(cfg.data.eval_path).resolve())
+    return checkpoint
+
+
+def measure_press(cfg: PressEvalConfig, checkpoint: str) -> dict[str, Any]:
+    """Load the model in `cfg.precision` on `local_device(cfg.use_gpu)`, evaluate the held-out rows
+    under the press with the KV cache metered; returns plain data (`record_press_eval` writes it):
+    the result row, accuracy by size, per-layer bytes and the predictions."""
     import torch
 
     from mmreason.eval.runner import evaluate
+    from mmreason.hardware import local_device
     from mmreason.kv.accounting import KVMeter
     from mmreason.models import load_backbone
 
     press = build_press(cfg)
-    checkpoint = check_inputs(cfg)
     rows = held_out(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    family = load_backbone(cfg.model.backbone, checkpoint)
+    family = load_backbone(cfg.model.backbone, checkpoint, dtype=torch_dtype(cfg.precision))
+    family.model.to(local_device(cfg.use_gpu))
     t0 = time.perf_counter()
     with (press(family) if press is not None else nullcontext()) as session, KVMeter(family.model, session) as meter:
         result = evaluate(family, rows, cfg.mode, cfg.generation, n_latent_steps=cfg.n_latent_steps,
@@ -141,18 +165,36 @@ def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
         "press_fraction_of_decode": stats.get("press_decode_seconds", 0.0) / max(kv.get("decode_seconds", 0.0), 1e-9),
         "seconds": seconds,
     }
+    return {"row": row, "accuracy_by_size": result.by("size"),
+            "kv_bytes_prefill_per_layer": kv.get("kv_bytes_prefill_per_layer"),
+            "kv_bytes_peak_per_layer": kv.get("kv_bytes_peak_per_layer"), "predictions": result.predictions,
+            "device": str(family.model.device), "dtype": str(family.model.dtype)}
+
+
+def record_press_eval(cfg: PressEvalConfig, measured: dict[str, Any]) -> dict[str, Any]:
+    """Write `measure_press`'s result — RUN_NAME/result.json and predictions.jsonl, a row of
+    results.csv under `output_dir` — and log it to MLflow; returns the row."""
+    row = measured["row"]
     out_dir = Path(cfg.output_dir) / cfg.run_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    detail = {"row": row, "accuracy_by_size": result.by("size"), "config": asdict(cfg),
-              "kv_bytes_prefill_per_layer": kv.get("kv_bytes_prefill_per_layer"),
-              "kv_bytes_peak_per_layer": kv.get("kv_bytes_peak_per_layer")}
+    detail = {"row": row, "accuracy_by_size": measured["accuracy_by_size"], "config": asdict(cfg),
+              "device": measured["device"], "dtype": measured["dtype"],
+              "kv_bytes_prefill_per_layer": measured["kv_bytes_prefill_per_layer"],
+              "kv_bytes_peak_per_layer": measured["kv_bytes_peak_per_layer"]}
     (out_dir / "result.json").write_text(json.dumps(detail, indent=2))
     with open(out_dir / "predictions.jsonl", "w") as fh:
-        for p in result.predictions:
+        for p in measured["predictions"]:
             fh.write(json.dumps(p) + "\n")
     append_csv(Path(cfg.output_dir) / "results.csv", row)
     _track(cfg, row, out_dir)
     return row
+
+
+def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
+    """Check inputs, evaluate under the press in this process, write JSON + CSV, log to MLflow;
+    returns the row. (A sweep trial calls this: it already holds its CPUs and GPU.)"""
+    checkpoint = prepare_press_eval(cfg)
+    return record_press_eval(cfg, measure_press(cfg, checkpoint))
 
 
 def append_csv(path: Path, row: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from mmreason.config import ConfigError
 from mmreason.latent.coconut import GenerationSettings, generate, latent_forward
 from mmreason.models.base import IGNORE, Encoded, Family
 from mmreason.train.rewards import RewardTerm, Rewards, check_terms
+from mmreason.train.stages.base import EvalPlan, Recipe
 
 
 def _default_sampling() -> GenerationSettings:
@@ -194,12 +195,14 @@ def rollout(family: Family, rows: list[dict[str, Any]], rl: RLConfig, rewards: R
                      "max_new_tokens": budget, "group_lengths": lengths}
             scores.append(rewards.score(row["task"], text, row["answer"], extra))
     names = sorted({k for s in scores for k in s if k != "total"})
+    batch = family.collate(items, align_latents=coconut)
+    device = batch["input_ids"].device  # the model's (collate puts batches there): advantages meet log-probs
     return Rollout(
-        batch=family.collate(items, align_latents=coconut),
-        rewards=torch.tensor([s["total"] for s in scores]),
-        components={k: torch.tensor([s.get(k, 0.0) for s in scores]) for k in names},
-        lengths=torch.tensor([len(r) for r in replies], dtype=torch.float),
-        truncated=torch.tensor(truncated_flags, dtype=torch.float),
+        batch=batch,
+        rewards=torch.tensor([s["total"] for s in scores], device=device),
+        components={k: torch.tensor([s.get(k, 0.0) for s in scores], device=device) for k in names},
+        lengths=torch.tensor([len(r) for r in replies], dtype=torch.float, device=device),
+        truncated=torch.tensor(truncated_flags, dtype=torch.float, device=device),
         texts=texts,
     )
 
@@ -256,5 +259,36 @@ def grpo_step(engine: Any, family: Family, rows: list[dict[str, Any]], rl: RLCon
     return metrics
 
 
-__all__ = ["RLConfig", "Rollout", "TorchEngine", "aggregate", "group_advantages", "grpo_step", "policy_loss",
+class RL(Recipe):
+    """The `rl` stage's recipe: one `grpo_step` per micro-batch of prompts (metrics averaged over the
+    workers, logged every step as `rl_*`); with `grad_accum` > 1 the window's policy gradients add up
+    to one optimizer step (so `updates_per_batch` must then be 1: see `TrainConfig`)."""
+
+    metric_prefix = "rl_"
+
+    def __init__(self, cfg, family, env, reference=None):
+        super().__init__(cfg, family, env)
+        self.rewards, self.reference = Rewards(cfg.rl.rewards), reference
+        self.n_latent_steps = cfg.coconut.max_latent_stage if cfg.rl.mode == "coconut" else 0
+        # sampling draws on the model's device, so its generator lives there too
+        self.sampler = torch.Generator(device=env.device).manual_seed(cfg.seed * 1000 + env.rank)
+
+    def train_step(self, engine: Any, window: list[list[dict]], step: int, total: int) -> dict[str, float]:
+        from mmreason.train.stages.base import mean_over_workers
+
+        parts = [mean_over_workers(grpo_step(engine, self.family, rows, self.cfg.rl, self.rewards, self.sampler,
+                                             self.reference, self.n_latent_steps, self.cfg.coconut.c_thought))
+                 for rows in window]
+        return {k: sum(p[k] for p in parts) / (1 if k.endswith("seconds") else len(parts)) for k in parts[0]}
+
+    def rows_per_prompt(self) -> int:
+        return self.cfg.rl.group_size
+
+    def eval_plan(self, epoch: int) -> EvalPlan:
+        cfg = self.cfg
+        settings = cfg.eval.modes.get(cfg.rl.mode) or cfg.eval.modes.get("cot") or next(iter(cfg.eval.modes.values()))
+        return EvalPlan(cfg.rl.mode, self.n_latent_steps, settings)
+
+
+__all__ = ["RL", "RLConfig", "Rollout", "TorchEngine", "aggregate", "group_advantages", "grpo_step", "policy_loss",
            "rollout", "sequence_logprobs", "token_logprobs"]

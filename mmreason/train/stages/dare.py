@@ -1,4 +1,4 @@
-"""The `dare` stage: train DARE's per-modality routers (seed 002; `mmreason.kv.dare`) on a `cot` or
+"""The `dare` stage (recipe `Dare`): train DARE's per-modality routers (seed 002; `mmreason.kv.dare`) on a `cot` or
 `coconut` checkpoint, with the backbone frozen (default) or trained along.
 
 Each training step runs the usual (latent) forward under a `DarePress` whose router is in training
@@ -16,7 +16,9 @@ backbone frozen or in full (Dynamic-LLaVA); `backbone: full` covers the second.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,6 +28,7 @@ from mmreason.config import ConfigError
 from mmreason.kv.dare import DarePress, DareRouter, anneal_temperature, save_router
 from mmreason.kv.modality import TEXT, VISION
 from mmreason.models.base import IGNORE
+from mmreason.train.stages.sft import SFT
 
 ROUTER_FILE = "dare_router.pt"
 """Saved next to the stage's exported backbone; `DarePress(router_path=...)` loads it."""
@@ -192,20 +195,21 @@ def knockout_importance(family: Any, rows: list[dict], layer: int, window: int, 
             base_nll = answer_nll(base)[0]
             hidden, modality, _ = probe.inputs
             modality = modality[0].long()
-            q = torch.arange(t)
+            device = base["input_ids"].device  # the model's: collate puts batches there
+            q = torch.arange(t, device=device)
             first_hidden = torch.clamp(q + max(window, 1), min=prompt)  # first query that loses key j
             measured = ((modality == TEXT) | (modality == VISION)) & (first_hidden <= t - 2)
-            rise = torch.zeros(t)
+            rise = torch.zeros(t, device=device)
             keys = measured.nonzero().flatten()
             for i in range(0, len(keys), chunk):
                 part = keys[i : i + chunk]
                 batch = family.collate([encoded] * len(part))
-                visible = torch.ones(len(part), t, t)
+                visible = torch.ones(len(part), t, t, device=device)
                 hide = q[None, :] >= first_hidden[part][:, None]  # (n, query)
-                visible[torch.arange(len(part))[:, None], q[None, :], part[:, None]] = (~hide).float()
+                visible[torch.arange(len(part), device=device)[:, None], q[None, :], part[:, None]] = (~hide).float()
                 probe.visible = visible
                 rise[part] = (answer_nll(batch) - base_nll).clamp(min=0).float()
-            out.append(Knockout(hidden[0].float().cpu().clone(), modality.cpu(), measured.cpu(), rise))
+            out.append(Knockout(hidden[0].float().cpu().clone(), modality.cpu(), measured.cpu(), rise.cpu()))
     probe.visible = None
     return out
 
@@ -231,12 +235,15 @@ def fit_router(router: DareRouter, records: list[Knockout], epochs: int, lr: flo
         hidden[i, :k], modality[i, :k], measured[i, :k] = r.hidden, r.modality, r.measured
         target[i, :k] = (r.rise + IMPORTANCE_FLOOR).log()
     valid = modality >= 0
+    device = next(router.parameters()).device  # measurements are gathered on the CPU; the router may sit on a GPU
+    hidden, modality, valid, measured, target = (x.to(device) for x in (hidden, modality, valid, measured, target))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     router.train()
     for _ in range(epochs):
         total, batches = 0.0, 0
         for idx in torch.randperm(n, generator=generator).split(batch_size):
+            idx = idx.to(device)
             logits = router(hidden[idx], modality[idx].clamp(min=0), valid[idx])
             loss = ((logits.float() - target[idx]) ** 2)[measured[idx]].mean()
             optimizer.zero_grad()
@@ -332,6 +339,63 @@ def held_out_keep_rates(family: Any, press: DarePress, batches: list[dict]) -> d
     return keep_rates(masks if press.train_masks == "gumbel" else applied)
 
 
-__all__ = ["DareStageConfig", "DareTrainee", "Knockout", "ROUTER_FILE", "build_trainee", "dare_loss", "fit_router",
+class Dare(SFT):
+    """The stage's recipe: the SFT step under the router's `DarePress` (its hooks on for the whole
+    stage), the ratio (and importance) loss added, the temperature annealed per optimizer step."""
+
+    def __init__(self, cfg, family, env, reference=None):
+        super().__init__(cfg, family, env, reference)
+        # before the optimizer exists: it decides what is frozen (a knockout-fitted router's input)
+        self.trainee, self.press = build_trainee(family, cfg.dare)
+        self.trainee.router.to(env.device)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.trainee
+
+    def prepare(self, resumed: bool, fit_rows: list[dict]) -> dict[str, float]:
+        cfg, router = self.cfg, self.trainee.router
+        if cfg.dare.router_fit != "knockout":
+            return {}
+        metrics = {}
+        if not resumed:  # a resumed run loads the fitted router with its state
+            metrics = fit_router_by_knockout(self.family, router, fit_rows, cfg.dare, self.env.rank, self.env.world,
+                                             cfg.seed)
+        router.requires_grad_(False)
+        return metrics
+
+    def session(self):
+        return self.press(self.family)
+
+    def before_forward(self, batch: dict[str, torch.Tensor], step: int, total: int) -> None:
+        self.press.pop_masks()  # a recomputed (activation-checkpointed) forward records its masks again
+        self.press.importance = []
+        set_temperature(self.press, self.cfg.dare, step, total)
+        set_batch(self.press, batch)
+
+    def auxiliary(self, loss: torch.Tensor, metrics: dict[str, list[float]]) -> torch.Tensor:
+        loss, parts = dare_loss(self.press, loss, self.cfg.dare)
+        for key, value in parts.items():  # ratio, importance
+            metrics[f"dare_{key}_loss"].append(value)
+        return loss
+
+    def epoch_metrics(self, eval_rows: list[dict]) -> dict[str, float]:
+        size = self.cfg.eval.batch_size
+        batches = [self.family.collate([self.family.encode(r) for r in eval_rows[i : i + size]])
+                   for i in range(0, len(eval_rows), size)]
+        rates = held_out_keep_rates(self.family, self.press, batches)
+        self.trainee.router.eval()  # evaluation decodes with the cache pruned by top-k
+        return {"dare_keep_text": rates["text"], "dare_keep_vision": rates["vision"]}
+
+    def eval_session(self, family: Any, export_dir: Path | None = None):
+        if family is self.family:
+            return nullcontext()  # the stage's press is on, its router in eval mode
+        return self.cfg.dare.press(str(export_dir / ROUTER_FILE))(family)
+
+    def export_extras(self, out_dir: Path) -> None:
+        save_router(self.trainee.router, out_dir / ROUTER_FILE)
+
+
+__all__ = ["Dare", "DareStageConfig", "DareTrainee", "Knockout", "ROUTER_FILE", "build_trainee", "dare_loss", "fit_router",
            "fit_router_by_knockout", "freeze_router_input", "held_out_keep_rates", "keep_rates", "knockout_importance",
            "save_router", "set_batch", "set_temperature"]
