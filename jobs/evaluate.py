@@ -3,21 +3,31 @@
     python -m jobs.evaluate CONFIG.yaml [press=NAME] [press.key=value ...] [key=value ...]
     python -m jobs.evaluate configs/eval/press-maze.yaml press=tova press.factor=0.25
     python -m jobs.evaluate configs/eval/press-maze.yaml press=kvpress:snapkv press.compression_ratio=0.5
+    python -m jobs.evaluate configs/eval/press-maze.yaml use_gpu=true precision=bf16
 
 `press=NAME` replaces the config file's press (its settings too); `press.key=value` then sets one
-setting. The press, its settings, the backbone, the checkpoint and the data are checked before the
-model loads. Results: OUTPUT_DIR/results.csv (a row per run), OUTPUT_DIR/RUN_NAME/result.json and
-predictions.jsonl, and an MLflow run (see mmreason.kv.evaluation).
+setting. The press, its settings, the backbone, the checkpoint, the data and `use_gpu` against the
+cluster's GPUs are checked before the model loads. The evaluation runs in a Ray task that asks for
+`threads` CPUs (1 by default) and, with `use_gpu`, one GPU — not in this driver, which on a cluster
+sits on a head node with no CPUs for Ray work. Results: OUTPUT_DIR/results.csv (a row per run),
+OUTPUT_DIR/RUN_NAME/result.json and predictions.jsonl, written here, and an MLflow run (see
+mmreason.eval.press_eval).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
-from mmreason.config import ConfigError, apply_override, load_config
-from mmreason.kv.evaluation import PressEvalConfig, results_table, run_press_eval
+from mmreason.config import ConfigError, apply_override, from_dict, load_config, to_dict
+from mmreason.eval.press_eval import (
+    PressEvalConfig,
+    measure_press,
+    prepare_press_eval,
+    record_press_eval,
+    results_table,
+)
 
 
 def split_press_overrides(overrides: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
@@ -46,11 +56,31 @@ def load(config: str | None, overrides: Sequence[str]) -> PressEvalConfig:
     return cfg
 
 
+def run(cfg: PressEvalConfig) -> dict[str, Any]:
+    """Check everything, evaluate in a Ray task where the hardware is, write and log the result
+    here; returns the result row."""
+    import ray
+
+    from mmreason.hardware import require_gpus
+    from pipelines import cluster_gpus
+
+    checkpoint = prepare_press_eval(cfg)
+    now, scalable = cluster_gpus()  # starts or joins Ray
+    require_gpus(cfg.use_gpu, 1, now, scalable=scalable)
+    task = ray.remote(num_cpus=cfg.threads or 1, num_gpus=1 if cfg.use_gpu else 0)(_measure_task)
+    measured = ray.get(task.remote(to_dict(cfg), checkpoint))
+    return record_press_eval(cfg, measured)
+
+
+def _measure_task(cfg_dict: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    return measure_press(from_dict(PressEvalConfig, cfg_dict), checkpoint)
+
+
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m jobs.evaluate", __doc__, argv)
     cfg = load(args.config, args.overrides)
-    row = run_press_eval(cfg)
+    row = run(cfg)
     print(results_table(row))
     print(f"results: {cfg.output_dir}/results.csv and {cfg.output_dir}/{cfg.run_name}/result.json")
     return 0

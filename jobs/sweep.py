@@ -6,8 +6,9 @@ Pareto front.
     mmreason sweep configs/sweep/cosre-optuna-maze.yaml search.num_samples=40
     mmreason sweep configs/sweep/stage-asha-maze.yaml                    # a stage sweep, ASHA
 
-Press trials run `jobs.evaluate`'s code (`run_press_eval`) on the configured checkpoint under the
-trial's press setting; stage trials run `jobs.train`'s `run_stage` and report every epoch to Tune
+Press trials run `jobs.evaluate`'s code (`run_press_eval`, in the trial's own process, which holds
+`cpus_per_trial` CPUs and, with `use_gpu`, `gpus_per_trial` GPUs; the model in `precision`) on the
+configured checkpoint under the trial's press setting; stage trials run `jobs.train`'s `run_stage` and report every epoch to Tune
 (so ASHA can stop them), then optionally evaluate their export under a press. Each trial is an
 MLflow child run of the sweep's run (`<experiment>-sweep`); at the end the Pareto front over the
 objectives is printed and written — `pareto.csv`, `pareto.txt`, `pareto.png`, `pareto.html`,
@@ -15,7 +16,8 @@ objectives is printed and written — `pareto.csv`, `pareto.txt`, `pareto.png`, 
 
 Everything a user can get wrong — an unknown press or setting, an empty search space, a bad value,
 a continuous range under grid search, an objective no trial reports, a tracking URI that cannot be
-reached, a checkpoint or dataset that is not there, trials larger than the cluster — fails before
+reached, a checkpoint or dataset that is not there, trials larger than the cluster, `use_gpu` where
+the cluster has no GPU — fails before
 any trial starts. Concurrency: as many trials as the free Ray resources hold (`search.max_concurrent`
 caps it).
 """
@@ -34,6 +36,7 @@ from typing import Any, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import ConfigError, from_dict, load_config, to_dict
+from mmreason.hardware import require_gpus
 from mmreason.sweep import LATENCY, SearchSpace, SweepConfig, build_space, check_points
 
 TUNE_BOOKKEEPING = {"done", "date", "pid", "hostname", "node_ip", "timestamp", "iterations_since_restore",
@@ -50,7 +53,7 @@ def load(config: str | None, overrides: Sequence[str]) -> SweepConfig:
 
 
 def _eval_metrics() -> set[str]:
-    from mmreason.kv.evaluation import CSV_COLUMNS
+    from mmreason.eval.press_eval import CSV_COLUMNS
 
     text = {"run_name", "backbone", "checkpoint", "mode", "press", "press_settings"}
     return {c for c in CSV_COLUMNS if c not in text} | {LATENCY}
@@ -68,7 +71,7 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     """Check everything and return the search space and the plan every trial gets (plain data)."""
     from jobs import evaluate as eval_job
     from mmreason.kv import make_press
-    from mmreason.kv.evaluation import check_inputs, held_out
+    from mmreason.eval.press_eval import check_inputs, held_out
     from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.tracking import check_tracking_uri, git_state
 
@@ -91,6 +94,7 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         held_out(eval_cfg)  # the data: there, and with held-out rows
         if not cfg.is_stage_sweep:
             eval_cfg.model.checkpoint = check_inputs(eval_cfg)
+        eval_cfg.use_gpu, eval_cfg.precision = _trial_hardware(cfg, eval_cfg)
         plan["evaluate"] = to_dict(eval_cfg)
         known |= _eval_metrics()
 
@@ -127,9 +131,11 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
             make_press(name, {k: v for k, v in settings.items() if not (isinstance(v, str) and "{export}" in v)})
         need_cpu = cfg.cpus_per_trial + base.workers * base.cpus_per_worker
         plan["trial_cpus"] = need_cpu
+        plan["trial_gpus"] = cfg.trial_gpus + (base.workers * base.gpus_per_worker if base.use_gpu else 0.0)
     else:
         check_points(space, lambda group, values: make_press(group, values))
         plan["trial_cpus"] = cfg.cpus_per_trial
+        plan["trial_gpus"] = cfg.trial_gpus
     for metric, _ in cfg.objective_pairs:
         if metric not in known:
             raise ConfigError(f"objectives: no trial reports {metric!r} (known: {', '.join(sorted(known))})")
@@ -137,15 +143,42 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     return space, plan
 
 
-def concurrency(cfg: SweepConfig, plan: dict[str, Any]) -> int:
-    """Trials at once: what the free Ray resources hold, capped by search.max_concurrent."""
+def _trial_hardware(cfg: SweepConfig, eval_cfg: Any) -> tuple[bool, str]:
+    """The device and precision of every trial's evaluation: the sweep's (it sizes the trials). An
+    evaluation config that asks for others is refused rather than silently overridden."""
+    from mmreason.eval.press_eval import PressEvalConfig
+
+    default = PressEvalConfig()
+    for key in ("use_gpu", "precision"):
+        asked = getattr(eval_cfg, key)
+        if asked != getattr(default, key) and asked != getattr(cfg, key):
+            raise ConfigError(f"{key}: the evaluation config ({cfg.evaluate} with evaluate_overrides) asks for "
+                              f"{key}={asked}, the sweep for {key}={getattr(cfg, key)}; set it on the sweep (it sizes "
+                              f"the trials)")
+    return cfg.use_gpu, cfg.precision
+
+
+def check_trial_gpus(plan: dict[str, Any]) -> float:
+    """`use_gpu` (the sweep's, or a stage trial's training) on a cluster with fewer GPUs than one
+    trial needs — now and on any node its autoscaler can add — fails here, naming use_gpu, before
+    any trial starts. Returns the GPUs of the largest node the autoscaler can add."""
+    from pipelines import cluster_gpus
+
+    now, scalable = cluster_gpus()
+    require_gpus(plan["trial_gpus"] > 0, plan["trial_gpus"], now, scalable=scalable)
+    return scalable
+
+
+def concurrency(cfg: SweepConfig, plan: dict[str, Any], scalable_gpus: float = 0.0) -> int:
+    """Trials at once: what the free Ray resources hold, capped by search.max_concurrent (at least
+    one: GPUs an autoscaler adds once a trial asks for them count as there)."""
     import ray
 
     free = ray.available_resources()
-    need = {"CPU": plan["trial_cpus"], "GPU": cfg.gpus_per_trial}
+    need = {"CPU": plan["trial_cpus"], "GPU": plan["trial_gpus"]}
     fits = [math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
     total = ray.cluster_resources()
-    if any(total.get(k, 0.0) < v for k, v in need.items() if v > 0):
+    if any(total.get(k, 0.0) < v and not (k == "GPU" and scalable_gpus >= v) for k, v in need.items() if v > 0):
         what = ", ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
         have = ", ".join(f"{total.get(k, 0.0):g} {k}" for k, v in need.items() if v > 0)
         raise ConfigError(f"a trial needs {what} (trial + its Ray Train workers) but the cluster has {have}; "
@@ -180,7 +213,7 @@ def _numeric(data: dict[str, Any]) -> dict[str, float]:
 
 
 def _press_eval(plan: dict[str, Any], press: dict[str, Any], run_name: str, **model: Any) -> dict[str, float]:
-    from mmreason.kv.evaluation import PressEvalConfig, run_press_eval
+    from mmreason.eval.press_eval import PressEvalConfig, run_press_eval
 
     cfg = from_dict(PressEvalConfig, plan["evaluate"])
     cfg.press, cfg.run_name, cfg.output_dir, cfg.threads = press, run_name, plan["trials_dir"], plan["threads"]
@@ -257,7 +290,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
 
     space, plan = prepare(cfg)
     init_ray()
-    n_parallel = concurrency(cfg, plan)
+    n_parallel = concurrency(cfg, plan, check_trial_gpus(plan))
     objectives = cfg.objective_pairs
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +302,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     with pipeline_run(cfg.experiment, cfg.name, family="sweep", params=to_dict(cfg)) as parent_id:
         plan["parent_run_id"] = parent_id
         trainable = stage_trial if cfg.is_stage_sweep else press_trial
-        resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+        # the trial's own share; a stage trial's Ray Train workers ask for theirs when they start
+        resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.trial_gpus}
         tune_config: dict[str, Any] = {"max_concurrent_trials": n_parallel, "reuse_actors": not cfg.is_stage_sweep}
         if cfg.search.algorithm == "grid":
             param_space = {"point": ray.tune.grid_search(space.grid_points())}
@@ -320,7 +354,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
 
 def _csv_header(trials_dir: Path) -> None:
     """Concurrent trials append to one results.csv: write its header once, first."""
-    from mmreason.kv.evaluation import CSV_COLUMNS
+    from mmreason.eval.press_eval import CSV_COLUMNS
 
     trials_dir.mkdir(parents=True, exist_ok=True)
     with open(trials_dir / "results.csv", "w", newline="") as fh:

@@ -9,6 +9,11 @@ The JSON (`output_file`) holds the accuracy (CinePile's official scoring), accur
 category and hard split, tokens per answer, the config, and per question: id, question, right
 letter and option, predicted letter, full output, correct. `mode: coconut` with `n_latent_steps`
 puts latent thoughts after the frames. Logged to MLflow as a run with the JSON as an artifact.
+
+The questions are picked and every setting checked here (`use_gpu` against the cluster's GPUs
+too); the model is loaded in `precision` and answers in a Ray task that asks for `threads` CPUs
+(1 by default) and, with `use_gpu`, one GPU — not in this driver, which on a cluster sits on a
+head node with no CPUs for Ray work. The JSON is written and logged here.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args
-from mmreason.config import ConfigError, load_config
+from mmreason.config import ConfigError, from_dict, load_config
+from mmreason.hardware import torch_dtype
 from mmreason.latent.coconut import GenerationSettings
 from mmreason.models.base import VideoInput
 
@@ -48,9 +54,16 @@ class VideoQAConfig:
     """At most this many clips (their questions), in shard order."""
     batch_size: int = 8
     seed: int = 0
+    threads: int | None = None
+    """torch threads, and the CPUs the answering task asks Ray for (None: torch's default threads, 1 CPU)."""
+    use_gpu: bool = False
+    """Answer on a GPU: the task asks Ray for one (refused where the cluster has none)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype the model is loaded in and generates in."""
     experiment: str = "mmreason"
 
     def __post_init__(self) -> None:
+        torch_dtype(self.precision)
         if self.mode == "coconut" and self.n_latent_steps < 1:
             raise ConfigError("n_latent_steps must be >= 1 in coconut mode")
         if self.max_videos is not None and self.max_videos < 1:
@@ -58,13 +71,17 @@ class VideoQAConfig:
 
 
 def run(cfg: VideoQAConfig) -> dict:
+    """Check, pick the questions, answer them in a Ray task where the hardware is, write and log
+    the JSON here; returns the results."""
     import mlflow
+    import ray
 
-    from mmreason.data.cinepile import video_rows
     from mmreason.data.shards import write_json_atomic
-    from mmreason.eval.video_qa import answer_questions, select_questions
-    from mmreason.models import get_spec, load_backbone
+    from mmreason.eval.video_qa import select_questions
+    from mmreason.hardware import require_gpus
+    from mmreason.models import get_spec
     from mmreason.tracking import stage_run
+    from pipelines import cluster_gpus
 
     try:
         spec = get_spec(cfg.backbone)
@@ -78,11 +95,14 @@ def run(cfg: VideoQAConfig) -> dict:
     if not rows:
         raise ConfigError(f"no {cfg.split} questions in {cfg.dataset_path} pass hard_split={cfg.hard_split}, "
                           f"visual_reliance={cfg.visual_reliance}")
-    family = load_backbone(cfg.backbone, cfg.model_path)
-    family.video = cfg.video
-    rows = video_rows(rows, cfg.dataset_path, cfg.video.num_frames)
-    results = answer_questions(family, rows, cfg.mode, cfg.generation, cfg.n_latent_steps, cfg.c_thought,
-                               cfg.batch_size, cfg.seed)
+    # the task may run in another directory (or on another node): paths as this process sees them
+    local = {"dataset_path": str(Path(cfg.dataset_path).resolve())}
+    if Path(cfg.model_path).exists():
+        local["model_path"] = str(Path(cfg.model_path).resolve())
+    now, scalable = cluster_gpus()  # starts or joins Ray
+    require_gpus(cfg.use_gpu, 1, now, scalable=scalable)
+    task = ray.remote(num_cpus=cfg.threads or 1, num_gpus=1 if cfg.use_gpu else 0)(_answer_task)
+    results = ray.get(task.remote({**asdict(cfg), **local}, rows))
     results = {"accuracy": results.pop("accuracy"), "n": results.pop("n"), **results, "config": asdict(cfg)}
     out = Path(cfg.output_file)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +112,31 @@ def run(cfg: VideoQAConfig) -> dict:
         mlflow.log_metrics({"accuracy": results["accuracy"], "tokens_per_answer": results["tokens_per_answer"]})
         mlflow.log_artifact(str(out))
     return results
+
+
+def answer(cfg: VideoQAConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load the model in `precision` on `local_device(use_gpu)`, join the questions' frames and
+    answer them (`mmreason.eval.video_qa.answer_questions`)."""
+    import torch
+
+    from mmreason.data.cinepile import video_rows
+    from mmreason.eval.video_qa import answer_questions
+    from mmreason.hardware import local_device
+    from mmreason.models import load_backbone
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    family = load_backbone(cfg.backbone, cfg.model_path, dtype=torch_dtype(cfg.precision))
+    family.model.to(local_device(cfg.use_gpu))
+    family.video = cfg.video
+    rows = video_rows(rows, cfg.dataset_path, cfg.video.num_frames)
+    results = answer_questions(family, rows, cfg.mode, cfg.generation, cfg.n_latent_steps, cfg.c_thought,
+                               cfg.batch_size, cfg.seed)
+    return {**results, "device": str(family.model.device), "dtype": str(family.model.dtype)}
+
+
+def _answer_task(cfg_dict: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return answer(from_dict(VideoQAConfig, cfg_dict), rows)
 
 
 @job_main

@@ -4,7 +4,7 @@ starts, with no Ray here (`jobs.sweep` runs it on Ray Tune).
 Two kinds, told apart by whether the config names a `stage`:
 
 - **press sweeps** (`presses:`): each trial evaluates one checkpoint under one press setting
-  through `jobs.evaluate`'s code (`mmreason.kv.evaluation.run_press_eval`). Knobs are the press's
+  through `jobs.evaluate`'s code (`mmreason.eval.press_eval.run_press_eval`). Knobs are the press's
   own fields: `rho_text`, `rho_vis` (dare), `block`, `keep_h`, `keep_w`, `slots`, `base_delta`
   (cosre), `cache_size` / `factor` (the TOVA budget), `compression_ratio` (kvpress:*), …
 - **stage sweeps** (`stage:` + `stage_space:`): each trial trains a stage through `jobs.train`
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mmreason.config import ConfigError
+from mmreason.hardware import torch_dtype
 
 DISTRIBUTIONS = ("grid", "uniform", "loguniform", "int")
 LATENCY = "latency_ms_per_example"
@@ -88,7 +89,14 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     """Press trials: CPUs each (also its torch threads). Stage trials: the trial's own share (its
     Ray Train workers take `workers × cpus_per_worker` more)."""
-    gpus_per_trial: float = 0.0
+    use_gpu: bool = False
+    """Each trial's press evaluation runs on a GPU (`gpus_per_trial` of one, asked of Ray for the
+    trial); refused before any trial starts where the cluster has none. A stage trial's training
+    takes its own GPUs from the stage config (`use_gpu`, `gpus_per_worker` in stage_overrides)."""
+    gpus_per_trial: float = 1.0
+    """With use_gpu: GPUs each trial asks Ray for (a fraction packs several trials onto one GPU)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype each trial's evaluation loads the model in (replaces the evaluation config's)."""
     output_dir: str = "runs/sweep"
     experiment: str = "mmreason"
     """MLflow experiment prefix: the sweep goes to `<experiment>-sweep`."""
@@ -98,8 +106,12 @@ class SweepConfig:
             raise ConfigError(f"search.num_samples must be >= 1, got {self.search.num_samples}")
         if self.search.max_concurrent is not None and self.search.max_concurrent < 1:
             raise ConfigError(f"search.max_concurrent must be >= 1 or null, got {self.search.max_concurrent}")
-        if self.cpus_per_trial < 0 or self.gpus_per_trial < 0 or self.cpus_per_trial + self.gpus_per_trial == 0:
-            raise ConfigError("cpus_per_trial and gpus_per_trial must be >= 0, and not both 0")
+        if self.cpus_per_trial < 0 or self.gpus_per_trial < 0 or self.cpus_per_trial + self.trial_gpus == 0:
+            raise ConfigError("cpus_per_trial and gpus_per_trial must be >= 0, and a trial must ask for some "
+                              "CPU (or, with use_gpu, GPU)")
+        if self.use_gpu and self.gpus_per_trial <= 0:
+            raise ConfigError(f"gpus_per_trial must be > 0 with use_gpu, got {self.gpus_per_trial}")
+        torch_dtype(self.precision)
         if not self.objectives:
             raise ConfigError("objectives: give at least one (metric, mode)")
         if self.asha.enabled and self.stage is None:
@@ -111,6 +123,11 @@ class SweepConfig:
     @property
     def is_stage_sweep(self) -> bool:
         return self.stage is not None
+
+    @property
+    def trial_gpus(self) -> float:
+        """GPUs a trial itself asks Ray for: `gpus_per_trial` with use_gpu, else none."""
+        return self.gpus_per_trial if self.use_gpu else 0.0
 
     @property
     def objective_pairs(self) -> list[tuple[str, str]]:

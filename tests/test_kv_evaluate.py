@@ -1,5 +1,6 @@
-"""`python -m jobs.evaluate` end to end on a tiny model saved to disk and a few generated maze rows;
-bad input fails before any model loads, naming the input."""
+"""`python -m jobs.evaluate` end to end on a tiny model saved to disk and a few generated maze rows,
+the evaluation in a Ray task in the configured precision; bad input (use_gpu on a cluster without
+GPUs too) fails before any model loads or task starts, naming the input."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from jobs import evaluate as job
 from mmreason.config import load_config
@@ -93,3 +95,49 @@ def test_bad_input_is_named_before_any_model_loads(maze_dir, model_dir, tmp_path
 def test_a_checkpoint_of_another_family_is_named(maze_dir, model_dir, tmp_path, capsys):
     assert job.main(args(maze_dir, model_dir, tmp_path / "eval", "model.backbone=tiny-anole")) == 2
     assert "tiny-anole" in capsys.readouterr().err
+
+
+def test_the_evaluation_runs_in_a_ray_task_in_the_configured_precision(maze_dir, model_dir, tmp_path, monkeypatch,
+                                                                      mlflow_store):
+    """The job's driver only checks, writes and logs: `measure_press` runs in the Ray task (a patch
+    of it here cannot fire), which loads the model in `precision` — bf16 halves every KV byte."""
+    def not_here(*a, **k):
+        raise AssertionError("the evaluation ran in the job's driver")
+
+    monkeypatch.setattr(job, "measure_press", not_here)
+    out = tmp_path / "eval"
+    for precision in ("fp32", "bf16"):
+        assert job.main(args(maze_dir, model_dir, out, f"run_name={precision}", f"precision={precision}")) == 0
+    fp32, bf16 = (json.loads((out / p / "result.json").read_text()) for p in ("fp32", "bf16"))
+    assert (fp32["device"], fp32["dtype"]) == ("cpu", "torch.float32")
+    assert (bf16["device"], bf16["dtype"]) == ("cpu", "torch.bfloat16") and bf16["config"]["precision"] == "bf16"
+    assert bf16["row"]["n"] == fp32["row"]["n"] == 2
+    assert bf16["row"]["kv_bytes_full_prefill"] == fp32["row"]["kv_bytes_full_prefill"] / 2
+    with open(out / "results.csv") as fh:
+        assert [r["run_name"] for r in csv.DictReader(fh)] == ["fp32", "bf16"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: use_gpu is not refused here")
+def test_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_task_starts(maze_dir, model_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    import ray
+
+    def no_task(*a, **k):
+        raise AssertionError("an evaluation task was started")
+
+    monkeypatch.setattr(ray, "remote", no_task)
+    assert job.main(args(maze_dir, model_dir, tmp_path / "eval", "use_gpu=true")) == 2
+    err = capsys.readouterr().err
+    assert "use_gpu" in err and "0 GPU" in err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_on_the_gpu_in_bf16(maze_dir, model_dir, tmp_path, mlflow_store):
+    out = tmp_path / "eval"
+    assert job.main(args(maze_dir, model_dir, out, "run_name=gpu", "use_gpu=true", "precision=bf16", "press=tova",
+                         "press.cache_size=20", "press.min_size=1")) == 0
+    detail = json.loads((out / "gpu" / "result.json").read_text())
+    assert detail["device"].startswith("cuda") and detail["dtype"] == "torch.bfloat16"
+    assert detail["row"]["n"] == 2 and detail["row"]["kv_fraction_prefill"] < 1.0

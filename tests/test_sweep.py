@@ -12,6 +12,7 @@ import socket
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from jobs import sweep as job
 from mmreason.config import ConfigError, load_config
@@ -184,7 +185,43 @@ def test_bad_sweep_input_fails_before_any_trial(eval_inputs, monkeypatch, capsys
     assert needle in capsys.readouterr().err
 
 
+def test_use_gpu_and_precision_reach_each_trials_resources_and_evaluation(eval_inputs, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{eval_inputs['root'] / 'mlflow.db'}")
+    args = sweep_args(eval_inputs, "use_gpu=true", "gpus_per_trial=0.5", "precision=bf16")
+    _, plan = job.prepare(job.load(args[0], args[1:]))
+    assert plan["trial_gpus"] == 0.5
+    assert plan["evaluate"]["use_gpu"] is True and plan["evaluate"]["precision"] == "bf16"
+    _, plan = job.prepare(job.load(args[0], args[1:-3]))  # the defaults: CPU trials in fp32
+    assert plan["trial_gpus"] == 0.0
+    assert plan["evaluate"]["use_gpu"] is False and plan["evaluate"]["precision"] == "fp32"
+    # a stage trial also holds its Ray Train workers' GPUs while it trains
+    stage = ["presses={}", "stage=configs/train/cot-maze.yaml", "stage_space={optim.lr: {grid: [0.01, 0.02]}}",
+             f"stage_overrides=[data.path={eval_inputs['data']}, workers=2, use_gpu=true, gpus_per_worker=1]",
+             "objectives=[{metric: cot_accuracy, mode: max}]"]
+    _, plan = job.prepare(job.load(args[0], args[1:-3] + stage + ["use_gpu=true", "gpus_per_trial=0.5"]))
+    assert plan["trial_gpus"] == 2.5
+    # the evaluation config asking for another precision is named, not silently replaced
+    conflicting = args[:2] + [args[2][:-1] + ", precision=fp16]"]
+    with pytest.raises(ConfigError, match="precision: the evaluation config .* asks for precision=fp16, the sweep "
+                                          "for precision=fp32"):
+        job.prepare(job.load(conflicting[0], conflicting[1:]))
+    with pytest.raises(ConfigError, match="gpus_per_trial must be > 0 with use_gpu"):
+        job.load(args[0], args[1:] + ["gpus_per_trial=0"])
+
+
 # ------------------------------------------------------------- real sweeps on Ray Tune
+
+@pytest.mark.integration
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: use_gpu is not refused")
+def test_a_gpu_sweep_on_a_cluster_without_gpus_is_refused_before_any_trial(eval_inputs, ray_session, monkeypatch):
+    import ray.tune
+
+    monkeypatch.setattr(ray.tune, "Tuner", lambda *a, **k: pytest.fail("a trial started"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{eval_inputs['root'] / 'mlflow.db'}")
+    args = sweep_args(eval_inputs, "use_gpu=true")
+    with pytest.raises(ConfigError, match=r"use_gpu: true asks for 1 GPU.*the cluster has 0 GPU"):
+        job.run_sweep(job.load(args[0], args[1:]))
+
 
 @pytest.mark.integration
 def test_a_trial_bigger_than_the_cluster_is_refused_before_it_starts(maze_data, ray_session, monkeypatch, tmp_path):
@@ -247,11 +284,12 @@ def test_optuna_multi_objective_sweep(eval_inputs, ray_session, mlflow_store):
     import mlflow
 
     args = sweep_args(eval_inputs, "name=opt", "search={algorithm: optuna, num_samples: 2, seed: 3}",
-                      "presses={tova: {factor: {uniform: [0.2, 1.0]}, min_size: 1}}",
+                      "presses={tova: {factor: {uniform: [0.2, 1.0]}, min_size: 1}}", "precision=bf16",
                       "objectives=[{metric: accuracy, mode: max}, {metric: kv_bytes_peak, mode: min}]")
     out = job.run_sweep(job.load(args[0], args[1:]))
     assert [r["status"] for r in out["rows"]] == ["done", "done"]
     children = _children(mlflow.MlflowClient(mlflow_store), out["parent_run_id"])
+    assert {r.data.params["precision"] for r in children} == {"bf16"}  # each trial evaluated in the sweep's dtype
     factors = sorted(float(r.data.params["press.factor"]) for r in children)
     assert len(factors) == 2 and factors[0] != factors[1] and 0.2 <= factors[0] and factors[1] <= 1.0
 

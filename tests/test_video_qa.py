@@ -133,10 +133,28 @@ def test_video_qa_sft_then_inference_end_to_end(cinepile_data, tmp_path, monkeyp
     assert {"question", "answer", "answer_key", "prediction", "output", "correct", "question_category"} <= set(samples[0])
     assert samples[0]["question"] == "What happens in question 0?" and samples[0]["answer"] == "A"
     assert results["by_hard_split"]["hard"]["n"] == 2 and results["config"]["video"]["use_hico"] is True
+    assert (results["device"], results["dtype"]) == ("cpu", "torch.float32")  # answered in the Ray task
 
-    # CoCoNuT on video: two latent thoughts after the frames, only the hard questions
-    assert video_qa.main(args + ["mode=coconut", "n_latent_steps=2", "hard_split=true"]) == 0
+    # CoCoNuT on video: two latent thoughts after the frames, only the hard questions; in bf16
+    assert video_qa.main(args + ["mode=coconut", "n_latent_steps=2", "hard_split=true", "precision=bf16"]) == 0
     latent = json.loads(results_file.read_text())
-    assert latent["n"] == 2 and latent["latents_per_answer"] == 2
+    assert latent["n"] == 2 and latent["latents_per_answer"] == 2 and latent["dtype"] == "torch.bfloat16"
     assert all(s["hard_split"] is True for s in latent["samples"])
     assert video_qa.main(args + ["mode=coconut"]) == 2  # no latent steps: a config error, exit 2
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: use_gpu is not refused here")
+def test_video_qa_with_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_task_starts(cinepile_data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import ray
+
+    def no_task(*a, **k):
+        raise AssertionError("an answering task was started")
+
+    monkeypatch.setattr(ray, "remote", no_task)
+    out = tmp_path / "results.json"
+    assert video_qa.main([f"model_path={tmp_path / 'model'}", f"dataset_path={cinepile_data['test']}",
+                          f"output_file={out}", "use_gpu=true"]) == 2
+    err = capsys.readouterr().err
+    assert "use_gpu" in err and "0 GPU" in err and not out.exists()

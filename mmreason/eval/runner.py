@@ -75,7 +75,8 @@ def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings
     rows = list(rows)
     n_latents = n_latent_steps * c_thought if mode == "coconut" else 0
     target = {"vanilla": "vanilla", "cot": "cot", "coconut": "latent"}[mode]
-    generator = torch.Generator().manual_seed(seed)
+    # on the model's device: `torch.multinomial` draws with a generator of the probabilities' device
+    generator = torch.Generator(device=family.model.device).manual_seed(seed)
     was_training = family.model.training
     family.model.eval()
     predictions = []

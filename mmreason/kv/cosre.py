@@ -58,10 +58,10 @@ def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
     return m
 
 
-def quant_steps(keep_h: int, keep_w: int, base_delta: float) -> torch.Tensor:
+def quant_steps(keep_h: int, keep_w: int, base_delta: float, device: torch.device | None = None) -> torch.Tensor:
     """(keep_h, keep_w) quantisation steps base_delta · (1 + u + v)."""
-    u = torch.arange(keep_h, dtype=torch.float64)[:, None]
-    v = torch.arange(keep_w, dtype=torch.float64)[None, :]
+    u = torch.arange(keep_h, dtype=torch.float64, device=device)[:, None]
+    v = torch.arange(keep_w, dtype=torch.float64, device=device)[None, :]
     return base_delta * (1 + u + v)
 
 
@@ -88,7 +88,7 @@ def compress_grid(x: torch.Tensor, block: int, keep_h: int, keep_w: int, base_de
     dh, dw = dct_matrix(bh, x.device), dct_matrix(bw, x.device)
     coef = torch.einsum("ui,...aibjc,vj->...aubvc", dh, tiles, dw)[..., :kh, :, :kw, :]
     if base_delta > 0:
-        step = quant_steps(kh, kw, base_delta).to(x.device)[:, None, :, None]
+        step = quant_steps(kh, kw, base_delta, x.device)[:, None, :, None]
         coef = torch.round(coef / step) * step
     ih, iw = dct_matrix(kh, x.device), dct_matrix(kw, x.device)
     out = torch.einsum("ui,...aubvc,vj->...aibjc", ih, coef, iw) * math.sqrt(kh * kw / (bh * bw))
@@ -97,13 +97,16 @@ def compress_grid(x: torch.Tensor, block: int, keep_h: int, keep_w: int, base_de
     return out[..., : -(-h * kh // bh), : -(-w * kw // bw), :].to(x.dtype)
 
 
-def reduced_coords(h: int, w: int, block: int, keep_h: int, keep_w: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def reduced_coords(h: int, w: int, block: int, keep_h: int, keep_w: int,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Fractional (row, col) in the original grid of each entry `compress_grid` makes, and how many
     tokens each stands for."""
     bh, kh, nh = _axis(h, block, keep_h)
     bw, kw, nw = _axis(w, block, keep_w)
-    rows = torch.cat([a * bh + (torch.arange(kh) + 0.5) * bh / kh - 0.5 for a in range(nh)]).double()
-    cols = torch.cat([a * bw + (torch.arange(kw) + 0.5) * bw / kw - 0.5 for a in range(nw)]).double()
+    step_h = torch.arange(kh, dtype=torch.float64, device=device)
+    step_w = torch.arange(kw, dtype=torch.float64, device=device)
+    rows = torch.cat([a * bh + (step_h + 0.5) * bh / kh - 0.5 for a in range(nh)])
+    cols = torch.cat([a * bw + (step_w + 0.5) * bw / kw - 0.5 for a in range(nw)])
     rows, cols = rows[: -(-h * kh // bh)], cols[: -(-w * kw // bw)]
     return rows.clamp(0, h - 1), cols.clamp(0, w - 1), (bh * bw) / (kh * kw)
 
@@ -123,7 +126,7 @@ def bilinear(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torc
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, d) → (centroids (k, d), assignment (n,)); deterministic init at evenly spaced points."""
-    init = torch.linspace(0, x.shape[0] - 1, k).round().long()
+    init = torch.linspace(0, x.shape[0] - 1, k, device=x.device).round().long()
     centroids = x[init].clone()
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(-1)
@@ -207,8 +210,7 @@ class CosrePress(Press):
                 grid = lambda t: t[:, idx.flatten()].view(t.shape[0], h, w, -1)  # noqa: E731
                 kr = compress_grid(grid(k_pre), self.block, self.keep_h, self.keep_w, self.base_delta)
                 vr = compress_grid(grid(v), self.block, self.keep_h, self.keep_w, self.base_delta)
-                rr, cc, mass = reduced_coords(h, w, self.block, self.keep_h, self.keep_w)
-                rr, cc = rr.to(dev), cc.to(dev)
+                rr, cc, mass = reduced_coords(h, w, self.block, self.keep_h, self.keep_w, dev)
                 p = bilinear(pos[idx].double(), rr, cc).flatten()
                 near = col[idx][rr.round().long()][:, cc.round().long()].flatten()
                 n = p.numel()
@@ -333,7 +335,8 @@ def _into_slots(e: dict[str, torch.Tensor], members: torch.Tensor, target: torch
     the members with target s (keys, values, position), stands for their summed mass, and is
     visible from the latest of their columns on; a slot with no member is not made."""
     dev = e["valid"].device
-    pool = _pool(target[None], e["mass"][members][None].to(e["v"].dtype), k, e["k"][:, members][None],
+    # masses stay float32 (a bf16 one is exact only up to 256 tokens); `_pool` casts them for k and v
+    pool = _pool(target[None], e["mass"][members][None].float(), k, e["k"][:, members][None],
                  e["v"][:, members][None], e["pos"][members][None], e["col"][members][None])
     made = pool["mass"][0] > 0
     n = int(made.sum())

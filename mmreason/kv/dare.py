@@ -55,9 +55,10 @@ class DareRouter(nn.Module):
     """Per-modality importance predictors: LayerNorm → Linear → GELU → Linear → keep logit, over a
     token's hidden state — and, with `context` c > 1, the c − 1 tokens' before it (a causal window:
     at the first layer a hidden state is the token alone, and "6" after "A" is a letter's cell
-    where "6" after "Go up" is a step's). Padding contributes zeros."""
+    where "6" after "Go up" is a step's). Padding contributes zeros. Parameters are made on
+    `device` (None: torch's default device)."""
 
-    def __init__(self, hidden_size: int, width: int = 64, context: int = 1):
+    def __init__(self, hidden_size: int, width: int = 64, context: int = 1, device: torch.device | str | None = None):
         super().__init__()
         if context < 1:
             raise ConfigError(f"router_context must be >= 1, got {context}")
@@ -65,7 +66,8 @@ class DareRouter(nn.Module):
         features = hidden_size * context
 
         def mlp() -> nn.Sequential:
-            return nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width), nn.GELU(), nn.Linear(width, 1))
+            return nn.Sequential(nn.LayerNorm(features, device=device), nn.Linear(features, width, device=device),
+                                 nn.GELU(), nn.Linear(width, 1, device=device))
 
         self.predictors = nn.ModuleDict({"text": mlp(), "vision": mlp()})
 
@@ -246,7 +248,8 @@ def load_router(path: str | Path) -> DareRouter:
     if not path.is_file():
         raise ConfigError(f"router_path: no router file at {path}")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    router = DareRouter(data["hidden_size"], data["width"], data.get("context", 1))
+    # on the CPU with its state; the press moves it to the model's device when applied
+    router = DareRouter(data["hidden_size"], data["width"], data.get("context", 1), device="cpu")
     router.load_state_dict(data["state_dict"])
     return router.eval()  # a saved router prunes (top-k); `.train()` it to train further
 
@@ -319,12 +322,12 @@ class DarePress(Press):
         if self.layer >= n_layers:
             raise ConfigError(f"layer {self.layer} is past the model's last decoder layer ({n_layers - 1})")
         hidden = session.config.hidden_size
+        device = next(session.model.parameters()).device
         if self.router is None:
-            self.router = DareRouter(hidden, self.router_width, self.router_context).eval()
+            self.router = DareRouter(hidden, self.router_width, self.router_context, device=device).eval()
         elif self.router.hidden_size != hidden:
             raise ConfigError(f"router_path: router was trained for hidden size {self.router.hidden_size}, "
                               f"the model has {hidden}")
-        device = next(session.model.parameters()).device
         self.router.to(device)
 
     def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
@@ -392,8 +395,9 @@ class DarePress(Press):
         importance = call.scratch.get("dare_importance")
         if importance is None or call.layer_idx < self.layer:
             return
-        prompt = self.prompt_lengths if self.prompt_lengths is not None else torch.zeros(probs.shape[0], dtype=torch.long)
-        found = future_importance(probs, prompt.to(probs.device), self.window, call.session.fwd_valid)
+        prompt = (self.prompt_lengths.to(probs.device) if self.prompt_lengths is not None
+                  else torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device))
+        found = future_importance(probs, prompt, self.window, call.session.fwd_valid)
         importance.copy_(torch.maximum(importance, found))
 
     def importance_loss(self) -> torch.Tensor:

@@ -27,10 +27,10 @@ from mmreason.kv.base import KV, LayerCall, Press, check_fraction, keep_top
 from mmreason.kv.modality import VISION
 
 
-def pooling_matrix(h: int, w: int, gh: int, gw: int) -> torch.Tensor:
-    """(gh·gw, h·w) weights of adaptive average pooling from an h × w grid to gh × gw."""
+def pooling_matrix(h: int, w: int, gh: int, gw: int, device: torch.device | None = None) -> torch.Tensor:
+    """(gh·gw, h·w) float64 weights of adaptive average pooling from an h × w grid to gh × gw."""
     def axis(n: int, g: int) -> torch.Tensor:
-        m = torch.zeros(g, n, dtype=torch.float64)
+        m = torch.zeros(g, n, dtype=torch.float64, device=device)
         for i in range(g):
             lo, hi = (i * n) // g, -(-(i + 1) * n // g)
             m[i, lo:hi] = 1.0
@@ -114,7 +114,7 @@ class HicoPress(Press):
                     gh, gw = min(side, h), min(side, w)
                 if gh * gw == h * w and len(clip) == 1:
                     continue
-                pool = pooling_matrix(h, w, gh, gw).to(dev)
+                pool = pooling_matrix(h, w, gh, gw, dev)
                 ks, vs, ps, cs = [], [], [], []
                 for (start, _), lay in zip(clip, layouts):
                     idx = (start + lay[g]).flatten().to(dev)

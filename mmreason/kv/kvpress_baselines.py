@@ -19,7 +19,9 @@ transformers). What breaks on these and our models, and the shim for each:
   rotary that kvpress's own query reconstruction does not handle.
 - `ExpectedAttentionPress` rebuilds pre-RoPE queries itself: its query helper is replaced by one
   that knows Chameleon (q_norm) and Phi-4 (fused qkv_proj), its RoPE average by one that rotates
-  only the rotary channels, and attention layers get `rotary_emb` while the press is applied.
+  only the rotary channels (and makes its tensors on the queries' device, where kvpress's own
+  makes some on the default device), and attention layers get `rotary_emb` while the press is
+  applied.
 
 Like kvpress, these presses compress once, after the prompt.
 """
@@ -91,22 +93,21 @@ def prerope_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> tor
 def _patch_expected_attention(kvpress: types.ModuleType) -> None:
     ea = importlib.import_module("kvpress.presses.expected_attention_press")
     ea.get_prerope_query_states = prerope_queries
-    original = ea.ExpectedAttentionPress.apply_avg_rope
-    if getattr(original, "_mmreason_shim", False):
+    if getattr(ea.ExpectedAttentionPress.apply_avg_rope, "_mmreason_shim", False):
         return
 
     def apply_avg_rope(self, module, mu, cov, q_len):
+        # kvpress's own: the average rotation over the next positions, for every head channel; this
+        # one rotates only the first rd channels under partial rotary (Phi-4) and builds its index
+        # tensors on mu's device (kvpress's are made on the default device, then moved or copied)
         position_ids = torch.arange(q_len, q_len + self.n_future_positions, device=mu.device).unsqueeze(0)
         cos, sin = module.rotary_emb(mu, position_ids)
         dim, rd = module.head_dim, cos.shape[-1]
-        if rd == dim:
-            return original(self, module, mu, cov, q_len)
-        # partial rotary (Phi-4): rotate the first rd channels, leave the rest
         cos, sin = cos[0], sin[0]
         eye = torch.eye(rd, device=cos.device, dtype=cos.dtype)
         half = torch.zeros(rd, rd, device=cos.device, dtype=cos.dtype)
-        half[rd // 2 :, : rd // 2] = torch.eye(rd // 2)
-        half[: rd // 2, rd // 2 :] = -torch.eye(rd // 2)
+        half[rd // 2 :, : rd // 2] = torch.eye(rd // 2, device=cos.device, dtype=cos.dtype)
+        half[: rd // 2, rd // 2 :] = -torch.eye(rd // 2, device=cos.device, dtype=cos.dtype)
         block = (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * half).mean(0)
         rot = torch.eye(dim, device=cos.device, dtype=cos.dtype)
         rot[:rd, :rd] = block

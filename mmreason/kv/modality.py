@@ -30,7 +30,7 @@ MODALITY_NAMES = {TEXT: "text", VISION: "vision", SHARED: "shared"}
 @dataclass
 class ModalitySpec:
     image_ids: torch.Tensor
-    """(vocab,) bool: token id → is an image token."""
+    """(vocab,) bool: token id → is an image token; on the model's device (a lookup per forward)."""
     tokens_per_image: int | None = None
     """Image tokens one image contributes (None: unknown, each run is one image)."""
     grids: list[torch.Tensor] = field(default_factory=list)
@@ -67,25 +67,24 @@ class ModalitySpec:
         return out
 
     def image_grids(self, length: int) -> list[torch.Tensor]:
-        """Grids (offsets) of one image of `length` tokens; a run of unknown layout is one 1×n row."""
+        """Grids (offsets, on the lookup's device) of one image of `length` tokens; a run of unknown
+        layout is one 1×n row."""
         if self.tokens_per_image == length and self.grids:
             return self.grids
-        side = math.isqrt(length)
-        if side * side == length:
-            return [torch.arange(length).view(side, side)]
-        return [torch.arange(length).view(1, length)]
+        return _square(length, self.image_ids.device)
 
 
-def _square(n: int) -> list[torch.Tensor]:
+def _square(n: int, device: torch.device) -> list[torch.Tensor]:
     side = math.isqrt(n)
-    return [torch.arange(n).view(side, side)] if side * side == n else [torch.arange(n).view(1, n)]
+    offsets = torch.arange(n, device=device)
+    return [offsets.view(side, side)] if side * side == n else [offsets.view(1, n)]
 
 
-def _lookup(vocab: int, ids: list[int]) -> torch.Tensor:
-    table = torch.zeros(vocab, dtype=torch.bool)
+def _lookup(vocab: int, ids: list[int], device: torch.device) -> torch.Tensor:
+    table = torch.zeros(vocab, dtype=torch.bool, device=device)
     ids = [i for i in ids if i is not None and 0 <= i < vocab]
     if ids:
-        table[torch.tensor(ids)] = True
+        table[torch.tensor(ids, device=device)] = True
     return table
 
 
@@ -93,25 +92,27 @@ def modality_spec(model: torch.nn.Module) -> ModalitySpec:
     """The image-token layout of `model` (one of the three families, or any model whose config
     names an `image_token_id`)."""
     config = model.config
-    vocab = model.get_input_embeddings().num_embeddings
+    embeddings = model.get_input_embeddings()
+    vocab, device = embeddings.num_embeddings, embeddings.weight.device
     name = type(model).__name__
     if "InternVL" in name:
         n = config.image_seq_length
-        return ModalitySpec(_lookup(vocab, [config.image_token_id]), n, _square(n))
+        return ModalitySpec(_lookup(vocab, [config.image_token_id], device), n, _square(n, device))
     if "Chameleon" in name or "Anole" in name:
         mapping = model.model.vocabulary_mapping
         vq = config.vq_config
         side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
         ids = list(mapping.image_tokens) + [mapping.image_token_id]
-        return ModalitySpec(_lookup(vocab, ids), side * side, _square(side * side))
+        return ModalitySpec(_lookup(vocab, ids, device), side * side, _square(side * side, device))
     if "Phi4Multimodal" in name:
         vision = config.vision_config
         patches = vision.image_size // vision.patch_size
         b = (patches + patches % 2) // 2
-        row = torch.arange(b).view(b, 1) * (b + 1) + torch.arange(b).view(1, b)
+        side = torch.arange(b, device=device)
+        row = side.view(b, 1) * (b + 1) + side.view(1, b)
         crop, glb = row, row + b * (b + 1) + 1
-        return ModalitySpec(_lookup(vocab, [vision.image_token_id]), 2 * b * (b + 1) + 1, [crop, glb])
+        return ModalitySpec(_lookup(vocab, [vision.image_token_id], device), 2 * b * (b + 1) + 1, [crop, glb])
     token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     if token is None:
         raise ValueError(f"{name}: cannot tell image tokens from text (no image_token_id in its config)")
-    return ModalitySpec(_lookup(vocab, [token]))
+    return ModalitySpec(_lookup(vocab, [token], device))

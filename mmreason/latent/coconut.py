@@ -133,11 +133,16 @@ class GenerationSettings:
 def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
     if not settings.do_sample:
         return logits.argmax(-1)
+    # sampling in float32 whatever the model's dtype: bf16 probabilities sum off 1 by ~1e-2
     probs = torch.softmax(logits.float() / settings.temperature, -1)
     if settings.top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < settings.top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    if generator is not None and generator.device != probs.device:
+        # a generator draws on its own device only: sample there (a CPU generator seeds the same
+        # draws whatever device the model is on), then bring the tokens back
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -168,19 +173,19 @@ def generate(family: Family, batch: dict[str, torch.Tensor], n_latents: int, set
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
     logits = out.logits[:, -1]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    done = [False] * ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(ids.shape[0])]
     next_pos = pos[:, -1:] + 1
     embed_tokens = model.get_input_embeddings()
     for _ in range(settings.max_new_tokens):
         token = _pick(logits, settings, generator)
-        for b in range(len(generated)):
+        for b, t in enumerate(token.tolist()):  # one device-to-host copy per step
             if not done[b]:
-                if int(token[b]) == eos:
+                if t == eos:
                     done[b] = True
                 else:
-                    generated[b].append(int(token[b]))
-        if bool(done.all()):
+                    generated[b].append(t)
+        if all(done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(inputs_embeds=embed_tokens(token[:, None]), attention_mask=mask, position_ids=next_pos,

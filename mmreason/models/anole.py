@@ -165,12 +165,12 @@ class AnoleFamily(Family):
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         if self.image_processor is not None:  # a real checkpoint's own preprocessing
-            return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+            return self.place({"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]})
         size = (self.image_size, self.image_size)
         # ChameleonImageProcessor: shortest edge to size, centre crop, LANCZOS
         arr = np.stack([np.asarray(ImageOps.fit(im.convert("RGB"), size, Image.LANCZOS)) for im in images])
         pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().mul(PIXEL_SCALE).sub(1.0)
-        return {"pixel_values": pixels}
+        return self.place({"pixel_values": pixels})
 
     @torch.no_grad()
     def _codes_as_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ class AnoleFamily(Family):
         bytes, e.g. a row's `step_images`): what goes between `<racm3:break>` and `<eoss>` in ids and labels."""
         images = [as_pil(im) for im in images]
         if not images:
-            return torch.empty(0, self.codes_per_image, dtype=torch.long)
+            return torch.empty(0, self.codes_per_image, dtype=torch.long, device=self.model.device)
         return self._codes_as_tokens(self.image_inputs(images)["pixel_values"])
 
     def drawn_images(self, images: list[Any]) -> list[list[int]]:

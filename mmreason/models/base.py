@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from PIL import Image
 
+from mmreason.hardware import to_device
 from mmreason.models.tokenizer import END_LATENT, IMAGE, LATENT, START_LATENT
 from mmreason.tasks.base import after_answer, answer_sentence
 
@@ -102,7 +103,8 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model inputs for the batch's images (e.g. `pixel_values`)."""
+        """Model inputs for the batch's images (e.g. `pixel_values`), on the model's device, floating
+        ones in its dtype (`place`)."""
 
     @abc.abstractmethod
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,6 +122,11 @@ class Family(abc.ABC):
         return list(frames)
 
     # --- shared -------------------------------------------------------------------------------
+    def place(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` where the model is: on its device, floating ones in its dtype (pixels of a bf16
+        model are bf16), ids and masks keeping theirs — so a batch follows the model wherever it is."""
+        return to_device(tensors, self.model.device, self.model.dtype)
+
     def input_only_ids(self) -> set[int]:
         """Ids that only ever stand for model input (image slots `embed` fills, latents, bos, pad):
         a sampled reply holding one cannot be fed back through `embed` as text."""
@@ -206,8 +213,8 @@ class Family(abc.ABC):
 
     def collate(self, items: list[Encoded], pad_side: Literal["left", "right"] = "right",
                 align_latents: bool = False) -> dict[str, torch.Tensor]:
-        """Pad a batch. `align_latents` left-pads so every row's first latent sits at one index
-        (CoCoNuT's multi-pass forward relies on it)."""
+        """Pad a batch, on the model's device (`place`). `align_latents` left-pads so every row's
+        first latent sits at one index (CoCoNuT's multi-pass forward relies on it)."""
         pad_id = self.tokenizer.pad_token_id
         if align_latents:
             lead = max(item.prompt_len for item in items)
@@ -223,10 +230,11 @@ class Family(abc.ABC):
             ids.append([pad_id] * left + item.input_ids + [pad_id] * right)
             labels.append([IGNORE] * left + item.labels + [IGNORE] * right)
             mask.append([0] * left + [1] * n + [0] * right)
+        device = self.model.device
         batch = {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "attention_mask": torch.tensor(mask),
+            "input_ids": torch.tensor(ids, device=device),
+            "labels": torch.tensor(labels, device=device),
+            "attention_mask": torch.tensor(mask, device=device),
         }
         images = [im for item in items for im in item.images]
         if images:

@@ -54,10 +54,11 @@ class InternVLFamily(Family):
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         if self.image_processor is not None:  # a real checkpoint's own preprocessing
             out = self.image_processor(images=images, crop_to_patches=False, return_tensors="pt")
-            return {"pixel_values": out["pixel_values"]}
+            return self.place({"pixel_values": out["pixel_values"]})
         arr = np.stack([np.asarray(im.resize((self.image_size, self.image_size))) for im in images])
+        # normalised in float32, then cast once to the model's dtype
         pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        return {"pixel_values": pixels}
+        return self.place({"pixel_values": pixels})
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"]

@@ -146,19 +146,23 @@ class Phi4MMFamily(Family):
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # processor: mean .5, std .5
 
     def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        device = self.model.device
         if any(isinstance(entry, FrameClip) for entry in images):
             frames = [f for e in images for f in (e.frames if isinstance(e, FrameClip) else (e,))]
-            return {"frame_pixel_values": self._pixels(frames),
-                    "entry_frames": torch.tensor([len(e.frames) if isinstance(e, FrameClip) else 1 for e in images]),
-                    "entry_is_clip": torch.tensor([isinstance(e, FrameClip) for e in images])}
+            return self.place({
+                "frame_pixel_values": self._pixels(frames),
+                "entry_frames": torch.tensor([len(e.frames) if isinstance(e, FrameClip) else 1 for e in images],
+                                             device=device),
+                "entry_is_clip": torch.tensor([isinstance(e, FrameClip) for e in images], device=device)})
         pixels = self._pixels(images)
         n = len(images)
         # crop 0 is the global view, crop 1 the single HD crop; for a one-crop image both are the image
-        return {
+        return self.place({
             "image_pixel_values": pixels.unsqueeze(1).repeat(1, 2, 1, 1, 1),
-            "image_sizes": torch.tensor([[self.crop_size, self.crop_size]] * n),
-            "image_attention_mask": torch.ones(n, 2, self.patches_per_side, self.patches_per_side, dtype=torch.bool),
-        }
+            "image_sizes": torch.tensor([[self.crop_size, self.crop_size]] * n, device=device),
+            "image_attention_mask": torch.ones(n, 2, self.patches_per_side, self.patches_per_side, dtype=torch.bool,
+                                               device=device),
+        })
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -195,7 +199,7 @@ class Phi4MMFamily(Family):
         feats = embedder.get_img_features(pixels, attention_mask=mask)  # (frames, b², d)
         b = math.isqrt(feats.shape[1])
         g = self.hico_side()
-        pool = pooling_matrix(b, b, g, g).to(feats.device, feats.dtype)
+        pool = pooling_matrix(b, b, g, g, device=feats.device).to(feats.dtype)
         sep = embedder.sub_img_feature_extensor.reshape(1, 1, -1).expand(b, 1, -1)
         pieces, i = [], 0
         for count, is_clip in zip(batch["entry_frames"].tolist(), batch["entry_is_clip"].tolist()):
