@@ -55,7 +55,7 @@ class VideoQAConfig:
     batch_size: int = 8
     seed: int = 0
     threads: int | None = None
-    """torch threads, and the CPUs the answering task asks Ray for (None: torch's default threads, 1 CPU)."""
+    """torch threads, and the CPUs the answering task asks Ray for (None: 1 CPU, hence 1 thread)."""
     use_gpu: bool = False
     """Answer on a GPU: the task asks Ray for one (refused where the cluster has none)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -312,7 +312,7 @@ def test_dare_decode_training_masks_replay_what_inference_keeps(window, context)
     window and a router that reads the tokens before each one too."""
     from mmreason.latent.coconut import latent_forward
     from mmreason.models.base import IGNORE
-    from mmreason.train.dare_stage import set_batch
+    from mmreason.train.stages.dare import set_batch
 
     fam = tiny_family("tiny-internvl")
     row = rows()[0]
@@ -396,7 +396,7 @@ def test_future_importance_counts_only_queries_that_come_after_the_prompt_and_th
 
 def test_dare_importance_loss_fits_the_router_to_what_later_queries_attend():
     from mmreason.latent.coconut import latent_forward
-    from mmreason.train.dare_stage import set_batch
+    from mmreason.train.stages.dare import set_batch
 
     fam = tiny_family("tiny-internvl")
     batch = fam.collate([fam.encode(r, "cot") for r in rows()])

@@ -57,8 +57,8 @@ class PressEvalConfig:
     batch_size: int = 16
     seed: int = 0
     threads: int | None = None
-    """torch threads, and the CPUs `jobs.evaluate`'s evaluation task asks Ray for (None: torch's
-    default threads, 1 CPU)."""
+    """torch threads, and the CPUs `jobs.evaluate`'s evaluation task asks Ray for (None: 1 CPU, and
+    Ray sets a 1-CPU task's OMP_NUM_THREADS, hence torch's threads, to 1)."""
     use_gpu: bool = False
     """Evaluate on a GPU: `jobs.evaluate`'s task asks Ray for one (refused where the cluster has none)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
