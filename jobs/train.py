@@ -160,10 +160,12 @@ def stage_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 def check_gpus(cfg: TrainConfig) -> None:
-    """`use_gpu` on a cluster without enough GPUs fails here, naming it, before any worker starts."""
-    import ray
+    """`use_gpu` on a cluster without enough GPUs (now, or on a node type its autoscaler can add)
+    fails here, naming it, before any worker starts."""
+    from pipelines import cluster_gpus
 
-    require_gpus(cfg.use_gpu, cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0))
+    now, scalable = cluster_gpus()
+    require_gpus(cfg.use_gpu, cfg.gpus_per_worker, now, scalable=scalable)
 
 
 def deepspeed_file(cfg: TrainConfig) -> Path:

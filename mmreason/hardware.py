@@ -46,12 +46,15 @@ def local_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def require_gpus(use_gpu: bool, wanted: float, available: float, setting: str = "use_gpu") -> None:
-    """Refuse `use_gpu` before anything starts when the cluster has fewer GPUs than one worker (or
-    trial) needs; `available` is what Ray reports for the cluster (0 on a CPU machine)."""
-    if use_gpu and available < wanted:
+def require_gpus(use_gpu: bool, wanted: float, available: float, setting: str = "use_gpu",
+                 scalable: float = 0.0) -> None:
+    """Refuse `use_gpu` before anything starts when one worker (or trial) needs more GPUs than the
+    cluster has (`available`, what Ray reports: 0 on a CPU machine) and than any node its autoscaler
+    can still start has (`scalable`)."""
+    if use_gpu and available < wanted and scalable < wanted:
+        hint = " (this machine has no GPU: set use_gpu=false)" if not available and not scalable else ""
         raise ConfigError(f"{setting}: true asks for {wanted:g} GPU(s) per worker, but the cluster has "
-                          f"{available:g} GPU(s)" + (" (this machine has no GPU: set use_gpu=false)" if not available else ""))
+                          f"{available:g} GPU(s) and its autoscaler can add nodes of at most {scalable:g}{hint}")
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:

@@ -22,6 +22,29 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, configure_logging=True, logging_level="warning")
 
 
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` leaves the cluster's launcher config on the head node (the job drivers' node)."""
+
+
+def cluster_gpus() -> tuple[float, float]:
+    """(GPUs the running cluster has, GPUs of the largest GPU node type its autoscaler can still
+    start). A cluster launched from cluster.yaml starts with no GPU node; a stage that asks for GPUs
+    makes the autoscaler add them, so both numbers decide whether `use_gpu` can be served."""
+    import ray
+    import yaml
+
+    init_ray()
+    now = float(ray.cluster_resources().get("GPU", 0.0))
+    path = os.path.expanduser(os.environ.get("MMREASON_AUTOSCALER_CONFIG", AUTOSCALER_CONFIG))
+    scalable = 0.0
+    if os.path.isfile(path):
+        with open(path) as fh:
+            types = (yaml.safe_load(fh) or {}).get("available_node_types", {})
+        scalable = max([float((t.get("resources") or {}).get("GPU", 0)) for t in types.values()
+                        if t.get("max_workers", 0) > 0] or [0.0])
+    return now, scalable
+
+
 def map_shards(
     items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
     concurrency: int | None = None,

@@ -12,6 +12,7 @@ from mmreason.config import ConfigError, load_config
 from mmreason.models import CheckpointError, build_tiny, load_backbone
 from mmreason.train.config import TrainConfig
 from jobs import train
+from tests.s3 import s3, s3_server  # noqa: F401  (pytest fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -81,6 +82,9 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
         ("stage=rlhf", ConfigError, "config key 'stage' must be one of \\['cot', 'coconut', 'rl', 'dare', 'cosre'\\], got 'rlhf'"),
         ("init_from=/nonexistent/ckpt", CheckpointError, "checkpoint /nonexistent/ckpt does not exist"),
         ("visual_thoughts.enabled=true", ConfigError, "the internvl family \\(tiny-internvl\\) cannot write images"),
+        ("use_gpu=true", ConfigError, "use_gpu: true asks for 1 GPU\\(s\\) per worker, but the cluster has 0 GPU\\(s\\)"),
+        ("storage=hdfs://nn/runs", ConfigError, "storage: 'hdfs://nn/runs' is not a supported location"),
+        ("deepspeed=configs/deepspeed/nope.json", ConfigError, "deepspeed: config file not found"),
     ],
 )
 def test_bad_stage_inputs_fail_before_any_worker_starts(maze_data, tmp_path, override, error, needle):
@@ -106,17 +110,34 @@ def test_dataset_without_shards_and_foreign_checkpoints_are_named(maze_data, tmp
         train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"init_from={internvl}"))
 
 
+def test_check_validates_and_prints_resources_without_starting_a_stage(maze_data, tmp_path, capsys):
+    args = [str(REPO / "configs/train/cot-maze.yaml"), f"data.path={maze_data}", f"storage={tmp_path / 'runs'}",
+            "run_name=c", "grad_accum=2", "optim.batch_size=4", "precision=bf16", "--check"]
+    assert train.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "per_worker: {CPU: 1.0}" in printed and "global_batch: 16" in printed and "bf16: {enabled: true}" in printed
+    assert printed.rstrip().endswith("nothing was started")
+    assert not (tmp_path / "runs").exists()  # no run dir, no tiny backbone built
+    assert train.main([*args, "use_gpu=true"]) == 2
+    assert "use_gpu: true asks for 1 GPU(s) per worker, but the cluster has 0 GPU(s)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backbone, extra", [("tiny-anole", "visual_thoughts.enabled=true"),
-                                             ("tiny-phi4mm", "visual_thoughts.enabled=false")])
+                                             ("tiny-phi4mm", "deepspeed=configs/deepspeed/zero3.json")])
 def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone,
                                                                       extra):
     """tiny-internvl: test_cot_stage_…; tiny-anole with MVoT's visual thoughts (drawn step images in
-    the targets, the discrepancy loss logged)."""
+    the targets, the discrepancy loss logged); tiny-phi4mm under ZeRO-3 on two workers, whose
+    per-epoch evaluation needs both ranks to gather the weights, with 2 micro-batches per step."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    zero3 = extra.startswith("deepspeed")
     out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}", extra,
-                                    "eval.modes={cot: {max_new_tokens: 8}}"))
+                                    "eval.modes={cot: {max_new_tokens: 8}}", "eval.epoch_examples=4",
+                                    *(["grad_accum=2", "optim.batch_size=4"] if zero3 else [])))
     assert out["train"]["steps_per_epoch"] == 5 and out["train"]["loss"] > 0
-    assert ("visual_discrepancy" in out["train"]) == extra.endswith("true")
+    assert out["train"]["global_batch"] == 16 and "eval_accuracy" in out["train"]
+    assert (tmp_path / "runs/t/best/model.safetensors").is_file()
+    assert ("visual_discrepancy" in out["train"]) == (extra == "visual_thoughts.enabled=true")
     if extra.endswith("true"):
         assert out["train"]["visual_discrepancy"] > 0
     family = load_backbone(backbone, out["export"])
@@ -124,67 +145,98 @@ def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data,
     assert out["eval"]["cot"]["n"] == 6
 
 
-def test_sigkill_mid_run_then_rerun_resumes_at_the_right_epoch_and_stage(maze_data, tmp_path):
-    """Kill the driver (and the local Ray it started) once a checkpoint exists; the same command
-    run again continues from that checkpoint's epoch and curriculum stage."""
+def test_on_s3_a_sigkilled_stage_resumes_at_the_right_epoch_and_stage_and_its_export_evaluates(s3, tmp_path):
+    """Storage URIs end to end, against a real S3-API server: the grid-world job writes its shards to
+    the bucket; a coconut stage reads them (data.path=s3://…), keeps its Ray Train checkpoints,
+    `init`, `best`, `export` and `eval` there (storage=s3://…); its driver and local Ray are
+    SIGKILLed once a checkpoint exists, and the same command continues from that checkpoint's
+    epoch and curriculum stage; `jobs.evaluate` then reads the export from the bucket. Every
+    command runs in an empty working directory, which stays empty."""
     import os
-    import signal
     import subprocess
     import sys
     import time
 
     import mlflow
-    import psutil
 
-    init = build_tiny("tiny-internvl", tmp_path / "init")
-    storage = tmp_path / "runs"
-    args = [str(REPO / "configs/train/coconut-maze.yaml"), f"data.path={maze_data}", f"storage={storage}",
-            "run_name=k", f"init_from={init}", "optim.batch_size=8", "optim.epochs=4", "eval.epoch_examples=0",
-            "eval.max_examples=4", "eval.modes={coconut: {max_new_tokens: 8}}",
-            "coconut={c_thought: 1, epochs_per_stage: 1, max_latent_stage: 2, uniform_prob: 0.0}"]
+    from mmreason import storage
+    from tests.test_storage import kill_session
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    data, runs = f"{s3.uri}/data", f"{s3.uri}/runs"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO, env=env,
+    made = subprocess.run([sys.executable, "-m", "mmreason.cli", "data", "gridworld", f"output_dir={data}",
+                           "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    args = [str(REPO / "configs/train/coconut-maze.yaml"), f"data.path={data}", f"storage={runs}", "run_name=k",
+            "init_from=null",  # a fresh tiny backbone, built once into the bucket (runs/k/init)
+            "optim.batch_size=8", "optim.epochs=4", "eval.epoch_examples=4", "eval.max_examples=4",
+            "eval.modes={coconut: {max_new_tokens: 8}}",
+            "coconut={c_thought: 1, epochs_per_stage: 1, max_latent_stage: 2, uniform_prob: 0.0}"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    run_dir = storage / "k"
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if _latest_checkpoint_epoch(run_dir) is not None:  # registered by Ray Train, not just uploaded
+            if _latest_checkpoint_epoch(f"{runs}/k") is not None:  # registered by Ray Train, not just uploaded
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == proc.pid:
-                    p.send_signal(signal.SIGKILL)
-            except (ProcessLookupError, psutil.Error):
-                pass
-        proc.wait(timeout=30)
-    done = _latest_checkpoint_epoch(run_dir)  # what Ray Train resumes from
+        kill_session(proc)
+    done = _latest_checkpoint_epoch(f"{runs}/k")  # what Ray Train resumes from
     assert done is not None and done < 3
 
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
-        from mmreason.config import load_config as load
-
-        out = train.run_stage(load(TrainConfig, args[0], args[1:]))
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    # epochs 0..3 are stages 0, 1, 2 and 3 — the last, past max_latent_stage 2, with every step latent
-    assert out["train"]["epoch"] == 3 and out["train"]["stage"] == 3
+    again = subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"export: {runs}/k/export" in again.stdout
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    epochs = [m.value for m in client.get_metric_history(out["mlflow_run_id"], "epoch")]
-    stages = [m.value for m in client.get_metric_history(out["mlflow_run_id"], "stage")]
-    assert epochs == [float(e) for e in range(done + 1, 4)]
-    assert stages == [float(e) for e in range(done + 1, 4)]
+    run_id = again.stdout.split("MLflow run: ")[1].split()[0]
+    # epochs 0..3 are stages 0, 1, 2 and 3 — the last, past max_latent_stage 2, with every step latent
+    assert [m.value for m in client.get_metric_history(run_id, "epoch")] == [float(e) for e in range(done + 1, 4)]
+    assert [m.value for m in client.get_metric_history(run_id, "stage")] == [float(e) for e in range(done + 1, 4)]
+    keys = s3.keys()
+    for name in ("init", "export", "best"):
+        assert f"runs/k/{name}/config.json" in keys and f"runs/k/{name}/model.safetensors" in keys
+    assert "runs/k/eval/results.json" in keys and "runs/k/eval/predictions-coconut.jsonl" in keys
+    assert json.loads(storage.read_text(f"{runs}/k/eval/results.json"))["coconut"]["n"] == 4
+
+    evaluated = subprocess.run([sys.executable, "-m", "jobs.evaluate", str(REPO / "configs/eval/press-maze.yaml"),
+                                f"model.checkpoint={runs}/k/export", f"data.path={data}", "max_examples=4",
+                                f"output_dir={tmp_path / 'eval'}", "generation.max_new_tokens=8", "press=none"],
+                               cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert (tmp_path / "eval" / "results.csv").is_file()
+    assert sorted(cwd.rglob("*")) == []  # nothing under the working directory (no ./s3:/…)
 
 
-def _latest_checkpoint_epoch(run_dir: Path) -> int | None:
+def _latest_checkpoint_epoch(run_location: str) -> int | None:
     """The epoch of the checkpoint Ray Train has recorded as latest (its snapshot), if any."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    from mmreason import storage
+
     try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        latest = json.loads(storage.read_text(f"{run_location}/checkpoint_manager_snapshot.json"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    latest = latest.get("latest_checkpoint_result")
     return int(latest["metrics"]["epoch"]) if latest else None
+
+
+def test_gpus_the_autoscaler_can_add_count_for_use_gpu(ray_session, monkeypatch):
+    """A cluster from cluster.yaml starts without GPU nodes: `ray up` leaves its launcher config on
+    the head, whose p4d node types (8 GPUs) the autoscaler adds when a stage asks for GPUs."""
+    from mmreason.hardware import require_gpus
+    from pipelines import cluster_gpus
+
+    monkeypatch.setenv("MMREASON_AUTOSCALER_CONFIG", str(REPO / "cluster.yaml"))
+    now, scalable = cluster_gpus()
+    assert (now, scalable) == (0.0, 8.0)
+    require_gpus(True, 1, now, scalable=scalable)  # served once a p4d node is up
+    with pytest.raises(ConfigError, match="asks for 16 GPU\\(s\\) per worker, but the cluster has 0 GPU\\(s\\) and "
+                                          "its autoscaler can add nodes of at most 8"):
+        require_gpus(True, 16, now, scalable=scalable)
+    monkeypatch.setenv("MMREASON_AUTOSCALER_CONFIG", str(REPO / "no-such-file.yaml"))
+    assert cluster_gpus() == (0.0, 0.0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from mmreason.config import ConfigError
 from mmreason.models.anole import AnoleFamily
 from mmreason.models.anole import tiny_config as tiny_anole_config
 from mmreason.models.base import Family
@@ -61,7 +62,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint path is missing, not a checkpoint, or holds another family's model."""
 
 
