@@ -126,10 +126,10 @@ def prepare_press_eval(cfg: PressEvalConfig) -> str:
     return checkpoint
 
 
-def measure_press(cfg: PressEvalConfig, checkpoint: str) -> dict[str, Any]:
+def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Load the model in `cfg.precision` on `local_device(cfg.use_gpu)`, evaluate the held-out rows
-    under the press with the KV cache metered; returns plain data (`record_press_eval` writes it):
-    the result row, accuracy by size, per-layer bytes and the predictions."""
+    (`rows`, else `data`'s) under the press with the KV cache metered; returns plain data
+    (`record_press_eval` writes it): the result row, accuracy by size, per-layer bytes and the predictions."""
     import torch
 
     from mmreason.eval.runner import evaluate
@@ -138,7 +138,7 @@ def measure_press(cfg: PressEvalConfig, checkpoint: str) -> dict[str, Any]:
     from mmreason.models import load_backbone
 
     press = build_press(cfg)
-    rows = held_out(cfg)
+    rows = held_out(cfg) if rows is None else rows
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     family = load_backbone(cfg.model.backbone, checkpoint, dtype=torch_dtype(cfg.precision))
