@@ -5,7 +5,8 @@
 
 The driver reads the annotation files and checks every record (text only); one Ray task per shard
 then reads and verifies the shard's images and writes it. `source` and `coco_dir` must be readable
-from every node. A record that breaks the format or whose image is missing or unreadable is listed
+from every node (shared storage, or s3:// / gs://); `output_dir` is a local folder or an s3:// / gs://
+prefix. A record that breaks the format or whose image is missing or unreadable is listed
 (id, file and row) under `errors` in the manifest and printed; the rest import. Resume works as in
 the grid-world job: finished shards are skipped, a shard with failed records is retried, a corrupt
 or foreign shard stops the job naming the file unless `--overwrite`.
@@ -19,9 +20,9 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import storage
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import load_config, to_dict
 from mmreason.data.aokvqa import DATASET_NAME, AokvqaConfig, AokvqaShard, build_shard, plan_import, shard_info
@@ -45,9 +46,9 @@ def _import_shard(item: dict[str, Any], cfg: AokvqaConfig, root: str) -> dict[st
     spec = AokvqaShard.from_json(item["spec"])
     t0 = time.perf_counter()
     rows, errors = build_shard(cfg, spec)
-    path = Path(root) / spec.relpath
+    path = storage.join(root, spec.relpath)
     write_shard(path, rows, {**shard_info(cfg, spec), "errors": errors})
-    return _entry(spec, len(rows), path.stat().st_size, time.perf_counter() - t0, errors)
+    return _entry(spec, len(rows), storage.size(path), time.perf_counter() - t0, errors)
 
 
 def _entry(spec: AokvqaShard, rows: int, size_bytes: int, seconds: float, errors: list[dict]) -> dict[str, Any]:
@@ -57,18 +58,20 @@ def _entry(spec: AokvqaShard, rows: int, size_bytes: int, seconds: float, errors
 
 def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
     """Import the A-OKVQA data `cfg` names; returns the manifest (also written to output_dir)."""
-    cfg = dataclasses.replace(cfg, source=str(Path(cfg.source).resolve()) if cfg.source else "",
-                              coco_dir=str(Path(cfg.coco_dir).resolve()) if cfg.coco_dir else "")
+    root = storage.check_location(cfg.output_dir, "output_dir")
+    cfg = dataclasses.replace(cfg, source=storage.check_location(cfg.source, "source") if cfg.source else "",
+                              coco_dir=storage.check_location(cfg.coco_dir, "coco_dir") if cfg.coco_dir else "")
     specs, plan_errors, files = plan_import(cfg)  # a missing or unreadable source stops here
-    if not Path(cfg.coco_dir or "/nonexistent").is_dir():
+    if not cfg.coco_dir or not storage.is_dir(cfg.coco_dir):
         raise FileNotFoundError(f"coco_dir {cfg.coco_dir or '(none)'} is not a folder (set coco_dir=PATH to the "
                                 f"COCO 2017 root holding train2017/, val2017/, test2017/)")
-    root = ensure_writable_dir(Path(cfg.output_dir).resolve())
+    ensure_writable_dir(root)
     remove_temp_files(root)
+    manifest_path = storage.join(root, MANIFEST_NAME)
     by_path = {spec.relpath: spec for spec in specs}
     finished, todo = check_existing(root, {rel: shard_info(cfg, spec) for rel, spec in by_path.items()},
                                     cfg.overwrite, differs="other annotations, images or image size")
-    entries = [_entry(by_path[rel], info["rows"], (root / rel).stat().st_size, 0.0, [])
+    entries = [_entry(by_path[rel], info["rows"], storage.size(storage.join(root, rel)), 0.0, [])
                for rel, info in finished.items()]
 
     def manifest() -> dict[str, Any]:
@@ -76,20 +79,20 @@ def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
         out["sources"] = {split: str(path) for split, path in files.items()}
         return out
 
-    write_json_atomic(root / MANIFEST_NAME, manifest())
+    write_json_atomic(manifest_path, manifest())
     log(f"aokvqa: {sum(len(s.drafts) for s in specs)} records pass the checks, {len(plan_errors)} fail; "
         f"{len(specs)} shards planned, {len(finished)} already done, {len(todo)} to write → {root}")
     t0 = time.perf_counter()
     imported = 0
     if todo:
         items = [{"spec": by_path[rel].to_json()} for rel in todo]
-        for entry in map_shards(items, _import_shard, {"cfg": cfg, "root": str(root)}):
+        for entry in map_shards(items, _import_shard, {"cfg": cfg, "root": root}):
             entries = [e for e in entries if e["path"] != entry["path"]] + [entry]
             imported += entry["rows"]
-            write_json_atomic(root / MANIFEST_NAME, manifest())
+            write_json_atomic(manifest_path, manifest())
     out = manifest()
     out["last_run"] = {"imported_rows": imported, "seconds": round(time.perf_counter() - t0, 3)}
-    write_json_atomic(root / MANIFEST_NAME, out)
+    write_json_atomic(manifest_path, out)
     return out
 
 

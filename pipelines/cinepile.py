@@ -22,11 +22,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import storage
 from mmreason.cli_args import job_main, parse_job_args
-from mmreason.config import load_config, to_dict
+from mmreason.config import ConfigError, load_config, to_dict
 from mmreason.data.cinepile import (
     DATASET_NAME,
     CinepileConfig,
@@ -56,7 +56,7 @@ PENDING = "pending"
 
 def _process(item: dict[str, Any], cfg: CinepileConfig, root: str) -> dict[str, Any]:
     """Ray Data map function: one clip, start to finish."""
-    return process_clip(ClipPlan.from_json(item["plan"]), cfg, Path(root))
+    return process_clip(ClipPlan.from_json(item["plan"]), cfg, root)
 
 
 def _manifest(cfg: CinepileConfig, plans: list[ClipPlan], outcomes: dict[str, dict], plan_errors: list[dict],
@@ -85,10 +85,16 @@ def _manifest(cfg: CinepileConfig, plans: list[ClipPlan], outcomes: dict[str, di
 
 def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
     """Build the CinePile dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
+    root = storage.check_location(cfg.output_dir, "output_dir")
+    if cfg.download.video_dir and storage.is_remote(storage.check_location(cfg.download.video_dir,
+                                                                           "download.video_dir")):
+        raise ConfigError(f"download.video_dir: {cfg.download.video_dir!r} must be a local folder (yt-dlp "
+                          f"writes the videos there); leave it empty to use this machine's cache")
     table = read_source(cfg.source, cfg.split, cfg.hub_config)  # missing source or columns stop here
     plans, plan_errors = plan_clips(table, cfg)
-    root = ensure_writable_dir(Path(cfg.output_dir).resolve())
+    ensure_writable_dir(root)
     remove_temp_files(root)
+    manifest_path = storage.join(root, MANIFEST_NAME)
     planned = {}
     for plan in plans:
         planned[plan.relpath] = question_info(cfg, plan)
@@ -98,31 +104,31 @@ def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
     todo = []
     for plan in plans:
         if plan.relpath in finished and plan.clip_relpath in finished:
-            path = root / plan.clip_relpath
             outcomes[plan.clip_id] = outcome(plan, OK, path=plan.relpath, clip_path=plan.clip_relpath,
-                                             rows=finished[plan.relpath]["rows"], frame_bytes=path.stat().st_size,
+                                             rows=finished[plan.relpath]["rows"],
+                                             frame_bytes=storage.size(storage.join(root, plan.clip_relpath)),
                                              frames=finished[plan.clip_relpath].get("frames", 0),
-                                             bytes=(root / plan.relpath).stat().st_size)
+                                             bytes=storage.size(storage.join(root, plan.relpath)))
         else:
             outcomes[plan.clip_id] = outcome(plan, PENDING)
             todo.append(plan)
-    write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
+    write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
     log(f"cinepile: {table.num_rows} rows in {cfg.source} ({cfg.split}), {len(plan_errors)} rejected; "
         f"{sum(len(p.questions) for p in plans)} questions over {len(plans)} clips, {len(plans) - len(todo)} "
         f"clips already done, {len(todo)} to fetch → {root}")
     t0 = time.perf_counter()
     if todo:
         items = [{"plan": plan.to_json()} for plan in todo]
-        kwargs = {"cfg": cfg, "root": str(root)}
+        kwargs = {"cfg": cfg, "root": root}
         for result in map_shards(items, _process, kwargs, concurrency=cfg.download.concurrency):
             outcomes[result["clip_id"]] = result
-            write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
+            write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
     manifest = _manifest(cfg, plans, outcomes, plan_errors, table.num_rows)
     fresh = [outcomes[p.clip_id] for p in todo]
     manifest["last_run"] = {"clips_tried": len(todo), "clips_ok": sum(o["status"] == OK for o in fresh),
                             "downloaded": sum(o["downloaded"] for o in fresh),
                             "seconds": round(time.perf_counter() - t0, 3)}
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 

@@ -3,10 +3,12 @@
     python -m pipelines.gridworld [CONFIG.yaml] [key=value ...] [--overwrite]
     mmreason data gridworld [CONFIG.yaml] [key=value ...] [--overwrite]
 
-One Ray task per shard. A shard already on disk that this config wrote is skipped; a shard another
-config wrote, a corrupt shard, or a shard this config does not produce stops the job before any
-work (naming the file) unless `--overwrite`. The manifest is rewritten after every finished shard,
-so a job killed at any moment and re-run ends with exactly the requested rows.
+One Ray task per shard. `output_dir` is a local folder or an s3:// / gs:// prefix (`mmreason.storage`;
+anything else stops the job before Ray starts). A shard already written by this config is skipped; a
+shard another config wrote, a corrupt shard, or a shard this config does not produce stops the job
+before any work (naming the file) unless `--overwrite`. Each shard is written atomically and the
+manifest is rewritten after every finished shard, so a job killed at any moment and re-run ends with
+exactly the requested rows.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import storage
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import load_config
 from mmreason.data.gridworld import (
@@ -48,24 +50,24 @@ def _render_shard(item: dict[str, Any], cfg: GridworldConfig, root: str) -> dict
     spec = ShardSpec(**{k: item[k] for k in ("task", "size", "split", "part", "start", "stop")})
     t0 = time.perf_counter()
     rows, errors = build_shard(cfg, spec)
-    path = Path(root) / spec.relpath
+    path = storage.join(root, spec.relpath)
     write_shard(path, rows, {**shard_info(cfg, spec), "errors": errors})
     return {
         **asdict(spec),
         "path": spec.relpath,
         "rows": len(rows),
-        "bytes": path.stat().st_size,
+        "bytes": storage.size(path),
         "seconds": time.perf_counter() - t0,
         "errors": json.dumps(errors),
     }
 
 
-def _check_existing(cfg: GridworldConfig, root: Path, specs: list[ShardSpec]) -> tuple[list[dict], list[ShardSpec]]:
+def _check_existing(cfg: GridworldConfig, root: str, specs: list[ShardSpec]) -> tuple[list[dict], list[ShardSpec]]:
     """Split the plan into shards already done (skipped) and shards to (re)build."""
     planned = {spec.relpath: shard_info(cfg, spec) for spec in specs}
     finished, todo = check_existing(root, planned, cfg.overwrite, differs="seed, sizes, counts, image size, …")
     done = [{**asdict(spec), "path": spec.relpath, "rows": finished[spec.relpath]["rows"],
-             "bytes": (root / spec.relpath).stat().st_size, "seconds": 0.0, "errors": "[]"}
+             "bytes": storage.size(storage.join(root, spec.relpath)), "seconds": 0.0, "errors": "[]"}
             for spec in specs if spec.relpath in finished]
     return done, [spec for spec in specs if spec.relpath in todo]
 
@@ -76,25 +78,26 @@ def _manifest(cfg: GridworldConfig, entries: list[dict], n_planned: int) -> dict
 
 def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
     """Render the dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
-    root = ensure_writable_dir(Path(cfg.output_dir).resolve())
+    root = ensure_writable_dir(storage.check_location(cfg.output_dir, "output_dir"))
     remove_temp_files(root)
+    manifest_path = storage.join(root, MANIFEST_NAME)
     specs = plan_shards(cfg)
     done, todo = _check_existing(cfg, root, specs)
     entries = list(done)
-    write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, entries, len(specs)))
+    write_json_atomic(manifest_path, _manifest(cfg, entries, len(specs)))
     log(f"gridworld: {len(specs)} shards planned, {len(done)} already done, {len(todo)} to render → {root}")
     t0 = time.perf_counter()
     rendered = 0
     if todo:
-        for entry in map_shards([asdict(s) for s in todo], _render_shard, {"cfg": cfg, "root": str(root)}):
+        for entry in map_shards([asdict(s) for s in todo], _render_shard, {"cfg": cfg, "root": root}):
             entries = [e for e in entries if e["path"] != entry["path"]] + [entry]
             rendered += entry["rows"]
-            write_json_atomic(root / MANIFEST_NAME, _manifest(cfg, entries, len(specs)))
+            write_json_atomic(manifest_path, _manifest(cfg, entries, len(specs)))
     seconds = time.perf_counter() - t0
     manifest = _manifest(cfg, entries, len(specs))
     manifest["last_run"] = {"rendered_rows": rendered, "seconds": round(seconds, 3),
                             "examples_per_s": round(rendered / seconds, 1) if rendered else None}
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 

@@ -7,7 +7,8 @@ of the example schema, next to and alike the grid-world job's.
 The driver reads the json files and checks every record (walls, actions, candidates, gymnasium's
 own steps) — cheap, text only — and groups the good ones into shards by task, grid size and split;
 one Ray task per shard then reads and verifies its frames and writes the shard. PATH must be
-readable from every node (shared storage on a cluster), like `output_dir`. Records that fail a
+readable from every node (shared storage on a cluster, or an s3:// / gs:// URI, which each node copies
+to its cache once), like `output_dir` (a local folder or an s3:// / gs:// prefix). Records that fail a
 check are listed under `errors` in the manifest and printed; the rest import. Resume works as in
 the grid-world job: a shard this input already wrote is skipped, a shard with failed records is
 retried, a corrupt or foreign shard stops the job naming the file unless `--overwrite`.
@@ -22,9 +23,9 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import storage
 from mmreason.cli_args import job_main, parse_job_args
 from mmreason.config import load_config, to_dict
 from mmreason.data.mvot import (
@@ -57,9 +58,9 @@ def _import_shard(item: dict[str, Any], source: str, root: str) -> dict[str, Any
     t0 = time.perf_counter()
     with MvotSource(source) as src:
         rows, errors = build_shard(src, spec)
-    path = Path(root) / spec.relpath
+    path = storage.join(root, spec.relpath)
     write_shard(path, rows, {**shard_info(spec), "errors": errors})
-    return _entry(spec, len(rows), path.stat().st_size, time.perf_counter() - t0, errors)
+    return _entry(spec, len(rows), storage.size(path), time.perf_counter() - t0, errors)
 
 
 def _entry(spec: ImportShard, rows: int, size_bytes: int, seconds: float, errors: list[dict]) -> dict[str, Any]:
@@ -71,16 +72,18 @@ def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
     """Import the MVoT data at `cfg.source`; returns the manifest (also written to output_dir)."""
     if not cfg.source:
         raise FileNotFoundError("no MVoT source given: pass PATH (a folder or .zip of MVoT data)")
-    source_path = Path(cfg.source).resolve()
+    root = storage.check_location(cfg.output_dir, "output_dir")
+    source_path = storage.check_location(cfg.source, "source")
     with MvotSource(source_path) as source:  # a missing PATH or one with no MVoT files stops here
         specs, plan_errors, files = plan_import(source, cfg.splits.as_dict(), cfg.rows_per_shard)
-    cfg = dataclasses.replace(cfg, source=str(source_path))
-    root = ensure_writable_dir(Path(cfg.output_dir).resolve())
+    cfg = dataclasses.replace(cfg, source=source_path)
+    ensure_writable_dir(root)
     remove_temp_files(root)
+    manifest_path = storage.join(root, MANIFEST_NAME)
     by_path = {spec.relpath: spec for spec in specs}
     finished, todo = check_existing(root, {rel: shard_info(spec) for rel, spec in by_path.items()}, cfg.overwrite,
                                     differs="other MVoT input or split fractions")
-    entries = [_entry(by_path[rel], info["rows"], (root / rel).stat().st_size, 0.0, [])
+    entries = [_entry(by_path[rel], info["rows"], storage.size(storage.join(root, rel)), 0.0, [])
                for rel, info in finished.items()]
 
     def manifest() -> dict[str, Any]:
@@ -88,7 +91,7 @@ def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
         out["sources"] = [f.name for f in files]
         return out
 
-    write_json_atomic(root / MANIFEST_NAME, manifest())
+    write_json_atomic(manifest_path, manifest())
     log(f"mvot import: {len(files)} files in {source_path}, {sum(len(s.drafts) for s in specs)} records pass the "
         f"checks, {len(plan_errors)} fail; {len(specs)} shards planned, {len(finished)} already done, "
         f"{len(todo)} to write → {root}")
@@ -96,14 +99,14 @@ def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
     imported = 0
     if todo:
         items = [{"spec": by_path[rel].to_json()} for rel in todo]
-        for entry in map_shards(items, _import_shard, {"source": str(source_path), "root": str(root)}):
+        for entry in map_shards(items, _import_shard, {"source": source_path, "root": root}):
             entries = [e for e in entries if e["path"] != entry["path"]] + [entry]
             imported += entry["rows"]
-            write_json_atomic(root / MANIFEST_NAME, manifest())
+            write_json_atomic(manifest_path, manifest())
     seconds = time.perf_counter() - t0
     out = manifest()
     out["last_run"] = {"imported_rows": imported, "seconds": round(seconds, 3)}
-    write_json_atomic(root / MANIFEST_NAME, out)
+    write_json_atomic(manifest_path, out)
     return out
 
 

@@ -6,7 +6,8 @@ Knowledge", ECCV 2022; allenai/aokvqa) → the example schema, rationales as `st
 
 The annotations are the official `aokvqa_v1p0_{split}.json` files (a list of records with
 `question_id, question, choices, correct_choice_idx, direct_answers, rationales, image_id`); the
-images are COCO 2017's, found as A-OKVQA's own loader does: `{coco_dir}/{split}2017/{image_id:012d}.jpg`.
+images are COCO 2017's, found as A-OKVQA's own loader does: `{coco_dir}/{split}2017/{image_id:012d}.jpg`
+(both may be local or on an object store, `s3://…` / `gs://…`).
 Images are stored as the original JPEG bytes (or resized, with `max_side`). The test split has no
 answers or rationales: its rows have an empty `answer` and no steps. A record that breaks the format
 or whose image is missing or unreadable is reported (its id and row) and skipped.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from mmreason import storage
 from mmreason.config import ConfigError, config_hash
 from mmreason.data.shards import SourceError
 from mmreason.data.video import encode_jpeg
@@ -37,13 +40,13 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class AokvqaConfig:
     source: str = ""
-    """An `aokvqa_v1p0_{split}.json` file, or a folder holding them."""
+    """An `aokvqa_v1p0_{split}.json` file, or a folder holding them (local, s3:// or gs://)."""
     coco_dir: str = ""
-    """The COCO 2017 root holding train2017/, val2017/, test2017/."""
+    """The COCO 2017 root holding train2017/, val2017/, test2017/ (local, s3:// or gs://)."""
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     """Which A-OKVQA splits to import (test has no answers)."""
     output_dir: str = "runs/data/aokvqa"
-    """Where shards and manifest.json go (shared storage on a cluster)."""
+    """Where shards and manifest.json go: a local folder (shared storage on a cluster) or an s3:// / gs:// prefix."""
     rows_per_shard: int = 256
     """Rows per Parquet shard; a shard is one Ray task and the unit of resume."""
     max_side: int = 0
@@ -66,15 +69,16 @@ class RecordError(ValueError):
     """One A-OKVQA record is wrong; the message says how."""
 
 
-def annotation_files(source: str | Path, splits: list[str]) -> dict[str, Path]:
-    """split → its annotation file in `source` (a file or a folder)."""
-    path = Path(source)
-    if not str(source) or not path.exists():
+def annotation_files(source: str | Path, splits: list[str]) -> dict[str, str]:
+    """split → the location of its annotation file in `source` (a file or a folder)."""
+    path = str(source)
+    if not path or not storage.exists(path):
         raise FileNotFoundError(f"A-OKVQA source {source or '(none)'} does not exist (set source=PATH to an "
                                 f"aokvqa_v1p0_<split>.json file or its folder)")
-    candidates = [path] if path.is_file() else sorted(path.glob("*.json"))
-    found = {m.group(1): p for p in candidates if (m := ANNOTATION_FILE.fullmatch(p.name))}
-    if path.is_file() and not found:
+    is_file = not storage.is_dir(path)
+    candidates = [path] if is_file else [storage.join(path, name) for name in storage.list_files(path, recursive=False)]
+    found = {m.group(1): p for p in candidates if (m := ANNOTATION_FILE.fullmatch(posixpath.basename(p)))}
+    if is_file and not found:
         raise SourceError(f"A-OKVQA source {path}: the file name must be aokvqa_v1p0_<split>.json "
                           f"(train, val or test) so its split is known")
     wanted = {s: found[s] for s in splits if s in found}
@@ -84,9 +88,11 @@ def annotation_files(source: str | Path, splits: list[str]) -> dict[str, Path]:
     return wanted
 
 
-def image_path(coco_dir: str | Path, split: str, image_id: int) -> Path:
-    """Where A-OKVQA's loader finds an image: `{coco_dir}/{split}2017/{image_id:012d}.jpg`."""
-    return Path(coco_dir) / f"{split}2017" / f"{image_id:012d}.jpg"
+def image_path(coco_dir: str | Path, split: str, image_id: int) -> Path | str:
+    """Where A-OKVQA's loader finds an image: `{coco_dir}/{split}2017/{image_id:012d}.jpg` (a str URI when
+    `coco_dir` is on an object store)."""
+    name = f"{split}2017/{image_id:012d}.jpg"
+    return storage.join(coco_dir, name) if storage.is_remote(coco_dir) else Path(coco_dir) / name
 
 
 def _strings(record: dict, name: str, length: int | None = None) -> list[str]:
@@ -135,7 +141,7 @@ def record_draft(record: Any, split: str, coco_dir: str) -> dict[str, Any]:
 def read_image(path: str, max_side: int, quality: int) -> bytes:
     """The image's JPEG bytes (resized when `max_side`), once they decode; else `RecordError`."""
     try:
-        data = Path(path).read_bytes()
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise RecordError(f"image {path} not found") from None
     except OSError as exc:
@@ -174,14 +180,15 @@ class AokvqaShard:
         return cls(data["split"], data["part"], tuple(data["drafts"]))
 
 
-def plan_import(cfg: AokvqaConfig) -> tuple[list[AokvqaShard], list[dict[str, str]], dict[str, Path]]:
+def plan_import(cfg: AokvqaConfig) -> tuple[list[AokvqaShard], list[dict[str, str]], dict[str, str]]:
     """Every record checked and grouped into shards, the records that failed (`{"id", "error"}`, naming
     file and row), and the annotation files read."""
     files = annotation_files(cfg.source, cfg.splits)
     shards, errors = [], []
     for split, path in files.items():
+        name = posixpath.basename(path)
         try:
-            records = json.loads(path.read_text())
+            records = json.loads(storage.read_text(path))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"A-OKVQA annotations {path} cannot be read: {exc}") from None
         if not isinstance(records, list):
@@ -189,7 +196,7 @@ def plan_import(cfg: AokvqaConfig) -> tuple[list[AokvqaShard], list[dict[str, st
         drafts, seen = [], set()
         for row, record in enumerate(records):
             qid = record.get("question_id") if isinstance(record, dict) else None
-            rid = f"aokvqa-{split}-{qid}" if isinstance(qid, str) and qid else f"{path.name}[{row}]"
+            rid = f"aokvqa-{split}-{qid}" if isinstance(qid, str) and qid else f"{name}[{row}]"
             try:
                 if not isinstance(qid, str) or not qid:
                     raise RecordError(f"question_id must be a string, got {qid!r}")
@@ -198,7 +205,7 @@ def plan_import(cfg: AokvqaConfig) -> tuple[list[AokvqaShard], list[dict[str, st
                 drafts.append(record_draft(record, split, cfg.coco_dir))
                 seen.add(rid)
             except RecordError as exc:
-                errors.append({"id": rid, "error": f"{path.name} row {row}: {exc}"})
+                errors.append({"id": rid, "error": f"{name} row {row}: {exc}"})
         for part, start in enumerate(range(0, len(drafts), cfg.rows_per_shard)):
             shards.append(AokvqaShard(split, part, tuple(drafts[start : start + cfg.rows_per_shard])))
     return shards, errors, files
@@ -219,7 +226,7 @@ def build_shard(cfg: AokvqaConfig, spec: AokvqaShard) -> tuple[list[dict[str, An
         except RecordError as exc:
             errors.append({"id": draft["id"], "error": f"image_id {draft['meta']['image_id']}: {exc}"})
             continue
-        meta = {**draft["meta"], "image_file": Path(draft["image"]).name}
+        meta = {**draft["meta"], "image_file": posixpath.basename(draft["image"])}
         rows.append({**{k: draft[k] for k in ("id", "task", "split", "prompt", "steps", "choices", "answer")},
                      "images": [image], "step_images": [], "meta": json.dumps(meta, sort_keys=True)})
     return rows, errors

@@ -18,6 +18,7 @@ names the clip. `attach_frames` joins them. Scoring lives in `mmreason.eval.cine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,10 +29,11 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmreason import storage
 from mmreason.config import ConfigError, config_hash
 from mmreason.data.download import CORRUPT, OK, TOO_LONG, DownloadConfig, clip_id_for_url, download_clip
-from mmreason.data.schema import EXAMPLE_SCHEMA, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Example, decode_row
-from mmreason.data.shards import SourceError, read_manifest, read_shard_info, write_shard
+from mmreason.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Example, decode_row
+from mmreason.data.shards import SourceError, read_manifest, read_shard, read_shard_info, write_shard
 from mmreason.data.video import CorruptVideoError, FrameSampling, SampledClip, sample_frames
 
 DATASET_NAME = "cinepile"
@@ -40,7 +42,7 @@ HUB_ID = "tomg-group-umd/cinepile"
 COLUMNS = ("movie_name", "year", "genre", "yt_clip_title", "yt_clip_link", "movie_scene", "subtitles", "question",
            "choices", "answer_key", "answer_key_position", "question_category", "hard_split", "visual_reliance")
 OPTION_LETTERS = "ABCDE"
-ARCHIVE_NAME = "download-archive.txt"  # yt-dlp's record of finished downloads, in output_dir
+ARCHIVE_NAME = "download-archive.txt"  # yt-dlp's record of finished downloads, in output_dir (if local)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -53,7 +55,7 @@ class CinepileConfig:
     split: Literal["train", "test"] = "test"
     """Which CinePile split to read; rows keep its name."""
     output_dir: str = "runs/data/cinepile"
-    """Where shards, videos and manifest.json go (shared storage on a cluster)."""
+    """Where shards and manifest.json go (videos too when local): a local folder or an s3:// / gs:// prefix."""
     hard_split: bool | None = None
     """Keep only hard (true) or only not-hard (false) questions; null keeps both."""
     visual_reliance: bool | None = None
@@ -95,8 +97,11 @@ def _read_json(path: Path) -> pa.Table:
 
 
 def read_source(source: str, split: str, hub_config: str = "default") -> pa.Table:
-    """The rows of `split` in `source` as an Arrow table, columns checked against `COLUMNS`."""
-    path = Path(source)
+    """The rows of `split` in `source` as an Arrow table, columns checked against `COLUMNS`. A source
+    on an object store (s3://, gs://) is copied to the local cache first."""
+    if ":" in source:  # a URI (a hub id never has a colon): `http://…` or `s3:/x` stop here, naming it
+        source = storage.check_location(source, "source")
+    path = storage.local_copy(source) if storage.is_remote(source) else Path(source)
     if path.is_dir() and any((path / name).exists() for name in ("dataset_dict.json", "state.json")):
         import datasets
 
@@ -315,11 +320,19 @@ def question_rows(plan: ClipPlan, clip_meta: dict[str, Any]) -> list[dict[str, A
 
 def read_clip_meta(path: str | Path) -> dict[str, Any]:
     """The meta of a written clip shard's row (frame times, …) without reading its frames."""
-    return json.loads(pq.read_table(path, columns=["meta"]).column("meta")[0].as_py())
+    return json.loads(read_shard(path, columns=["meta"]).column("meta")[0].as_py())
 
 
-def video_dir(cfg: CinepileConfig, root: Path) -> Path:
-    return Path(cfg.download.video_dir) if cfg.download.video_dir else root / "videos"
+def work_dir(root: str | Path) -> Path:
+    """The local folder for a dataset's videos and yt-dlp's download archive: `root` itself when local;
+    for a dataset on an object store, a folder of this machine's cache named after it."""
+    if not storage.is_remote(root):
+        return Path(root)
+    return storage.cache_root() / DATASET_NAME / hashlib.sha256(str(root).encode()).hexdigest()[:24]
+
+
+def video_dir(cfg: CinepileConfig, root: str | Path) -> Path:
+    return Path(cfg.download.video_dir) if cfg.download.video_dir else work_dir(root) / "videos"
 
 
 def outcome(plan: ClipPlan, status: str, reason: str = "", **done: Any) -> dict[str, Any]:
@@ -330,7 +343,7 @@ def outcome(plan: ClipPlan, status: str, reason: str = "", **done: Any) -> dict[
             **done}
 
 
-def process_clip(plan: ClipPlan, cfg: CinepileConfig, root: Path) -> dict[str, Any]:
+def process_clip(plan: ClipPlan, cfg: CinepileConfig, root: str | Path) -> dict[str, Any]:
     """Fetch, sample and write one clip and its questions; a failure comes back as its outcome.
 
     The clip shard is written first, then the question shard, each atomically, so a clip counts as
@@ -338,15 +351,15 @@ def process_clip(plan: ClipPlan, cfg: CinepileConfig, root: Path) -> dict[str, A
     reused unless `overwrite`, and a video already downloaded is not fetched again. A video that does not decode is
     deleted, so a re-run fetches it afresh.
     """
-    clip_path, question_path = root / plan.clip_relpath, root / plan.relpath
+    clip_path, question_path = storage.join(root, plan.clip_relpath), storage.join(root, plan.relpath)
     videos = video_dir(cfg, root)
     started, attempts, downloaded = time.perf_counter(), 0, False
     want = clip_info(cfg, plan)
-    reuse = not cfg.overwrite and clip_path.exists()
+    reuse = not cfg.overwrite and storage.exists(clip_path)
     if reuse and read_shard_info(clip_path).get("config_hash") == want["config_hash"]:
         clip_meta = read_clip_meta(clip_path)
     else:
-        got = download_clip(plan.url, plan.clip_id, videos, cfg.download, archive=root / ARCHIVE_NAME)
+        got = download_clip(plan.url, plan.clip_id, videos, cfg.download, archive=work_dir(root) / ARCHIVE_NAME)
         attempts, downloaded = got.attempts, got.downloaded
         if got.status != OK:
             return outcome(plan, got.status, got.reason, attempts=attempts)
@@ -365,21 +378,20 @@ def process_clip(plan: ClipPlan, cfg: CinepileConfig, root: Path) -> dict[str, A
     if not cfg.download.keep_videos:
         for leftover in videos.glob(f"{plan.clip_id}.*"):
             leftover.unlink(missing_ok=True)
-    frame_bytes = clip_path.stat().st_size
+    frame_bytes = storage.size(clip_path)
     return outcome(plan, OK, attempts=attempts, downloaded=downloaded, path=plan.relpath,
                    clip_path=plan.clip_relpath, rows=len(rows), frames=len(clip_meta["frame_times"]),
-                   frame_bytes=frame_bytes, bytes=question_path.stat().st_size,
+                   frame_bytes=frame_bytes, bytes=storage.size(question_path),
                    seconds=time.perf_counter() - started)
 
 
 def read_clips(root: str | Path, clip_ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """clip id → its clip row (frames as bytes, meta as a dict), from the clip shards the manifest lists."""
-    root = Path(root)
     clips = {}
     for entry in read_manifest(root).get("clip_shards", []):
         if clip_ids is not None and entry["clip_id"] not in clip_ids:
             continue
-        (row,) = pq.read_table(root / entry["path"], schema=EXAMPLE_SCHEMA).to_pylist()
+        (row,) = read_shard(storage.join(root, entry["path"])).to_pylist()
         clips[row["id"]] = {"images": row["images"], "meta": json.loads(row["meta"])}
     return clips
 
@@ -412,7 +424,7 @@ class ClipCache:
     the dict `read_clips` returns."""
 
     def __init__(self, root: str | Path, max_clips: int = 64):
-        self.root, self.max_clips = Path(root), max_clips
+        self.root, self.max_clips = root, max_clips
         self.paths = {e["clip_id"]: e["path"] for e in read_manifest(self.root).get("clip_shards", [])}
         self._rows: dict[str, dict[str, Any]] = {}
 
@@ -420,7 +432,7 @@ class ClipCache:
         if clip_id not in self.paths:
             return None
         if clip_id not in self._rows:
-            (row,) = pq.read_table(self.root / self.paths[clip_id], schema=EXAMPLE_SCHEMA).to_pylist()
+            (row,) = read_shard(storage.join(self.root, self.paths[clip_id])).to_pylist()
             if len(self._rows) >= self.max_clips:
                 self._rows.pop(next(iter(self._rows)))
             self._rows[clip_id] = {"images": row["images"], "meta": json.loads(row["meta"])}

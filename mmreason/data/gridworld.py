@@ -57,7 +57,7 @@ def _default_tasks() -> dict[str, TaskSizes]:
 @dataclass
 class GridworldConfig:
     output_dir: str = "runs/data/gridworld"
-    """Where shards and manifest.json go (local path; shared storage on a cluster)."""
+    """Where shards and manifest.json go: a local folder (shared storage on a cluster) or an s3:// / gs:// prefix."""
     seed: int = 0
     """Every example is a pure function of (seed, task, size, split, index)."""
     examples: int = 200

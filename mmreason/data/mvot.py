@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from mmreason import storage
 from mmreason.config import ConfigError, config_hash
 from mmreason.data.gridworld import SplitFractions
 from mmreason.data.shards import SourceError
@@ -70,7 +71,7 @@ class MvotImportConfig:
     source: str = ""
     """The MVoT folder or .zip to import (the PATH argument sets it)."""
     output_dir: str = "runs/data/mvot"
-    """Where shards and manifest.json go (local path; shared storage on a cluster)."""
+    """Where shards and manifest.json go: a local folder (shared storage on a cluster) or an s3:// / gs:// prefix."""
     splits: SplitFractions = field(default_factory=SplitFractions)
     """Split fractions; keep the grid-world job's so a layout lands in the same split in both."""
     rows_per_shard: int = 256
@@ -96,8 +97,12 @@ class MvotSource:
     """An MVoT folder or .zip: its files by POSIX path relative to the root, and their bytes."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
+        if storage.is_remote(path):  # s3:// or gs://: read from this machine's copy
+            if not storage.exists(path):
+                raise FileNotFoundError(f"MVoT source {path} does not exist")
+            path = storage.local_copy(path)
+        self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"MVoT source {self.path} does not exist")
         if not self.path.is_dir():

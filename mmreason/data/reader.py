@@ -1,5 +1,6 @@
 """Read example shards back: by split and task, as decoded `Example`s (no Ray needed), as an Arrow
-table, or as a Ray Dataset for training workers. Only shards the manifest lists are read."""
+table, or as a Ray Dataset for training workers. Only shards the manifest lists are read. A dataset
+root is a location (`mmreason.storage`): a local folder or an `s3://` / `gs://` prefix."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from mmreason import storage
 from mmreason.data.schema import EXAMPLE_SCHEMA, SPLITS, TASK_NAMES, Example, decode_row
-from mmreason.data.shards import read_manifest
+from mmreason.data.shards import read_manifest, read_shard
 
 
 def shard_entries(root: str | Path, split: str | None = None, task: str | None = None,
@@ -30,9 +31,9 @@ def shard_entries(root: str | Path, split: str | None = None, task: str | None =
 
 
 def shard_paths(root: str | Path, split: str | None = None, task: str | None = None,
-                sizes: Sequence[int] | None = None) -> list[Path]:
-    """Paths of the manifest's shards for `split` / `task` / grid `sizes` (None = all)."""
-    return [Path(root) / shard["path"] for shard in shard_entries(root, split, task, sizes)]
+                sizes: Sequence[int] | None = None) -> list[str]:
+    """Locations of the manifest's shards for `split` / `task` / grid `sizes` (None = all)."""
+    return [storage.join(root, shard["path"]) for shard in shard_entries(root, split, task, sizes)]
 
 
 def read_table(
@@ -43,13 +44,13 @@ def read_table(
     schema = EXAMPLE_SCHEMA if columns is None else pa.schema([EXAMPLE_SCHEMA.field(c) for c in columns])
     if not paths:
         return schema.empty_table()
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=EXAMPLE_SCHEMA) for p in paths)
+    return pa.concat_tables(read_shard(p, columns) for p in paths)
 
 
 def iter_examples(root: str | Path, split: str | None = None, task: str | None = None) -> Iterator[Example]:
     """Decoded examples, one shard in memory at a time."""
     for path in shard_paths(root, split, task):
-        for row in pq.read_table(path, schema=EXAMPLE_SCHEMA).to_pylist():
+        for row in read_shard(path).to_pylist():
             yield decode_row(row)
 
 
@@ -59,10 +60,15 @@ def load_examples(root: str | Path, split: str | None = None, task: str | None =
 
 def ray_dataset(root: str | Path, split: str | None = None, task: str | None = None,
                 sizes: Sequence[int] | None = None, **read_kwargs: Any):
-    """A Ray Dataset of encoded rows (images stay bytes; collators decode them in the workers)."""
+    """A Ray Dataset of encoded rows (images stay bytes; collators decode them in the workers). On an
+    object store the read tasks get this process's filesystem (endpoint and credentials included)."""
     import ray.data
 
     paths = shard_paths(root, split, task, sizes)
     if not paths:
         raise FileNotFoundError(f"no shards in {root} for split={split} task={task} sizes={sizes}")
-    return ray.data.read_parquet([str(p) for p in paths], schema=EXAMPLE_SCHEMA, **read_kwargs)
+    fs = storage.filesystem(root)[0] if storage.is_remote(root) else None
+    if fs is not None:
+        paths = [storage.filesystem(p)[1] for p in paths]
+        read_kwargs.setdefault("filesystem", fs)
+    return ray.data.read_parquet(paths, schema=EXAMPLE_SCHEMA, **read_kwargs)

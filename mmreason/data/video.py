@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 from PIL import Image
 
+from mmreason import storage
 from mmreason.config import ConfigError
 
 SEEK_GAP_S = 1.0  # decode forward instead of seeking when the next target is this close
@@ -323,11 +324,11 @@ def _scene_cuts(video: _PyAV | _OpenCV, cfg: FrameSampling) -> list[float]:
 
 def sample_frames(path: str | Path, cfg: FrameSampling | None = None,
                   pick: Callable[..., list[tuple[float, Any]]] | None = None) -> SampledClip:
-    """Decode the frames `cfg` asks for from the video at `path`; an unreadable file raises
-    `CorruptVideoError` naming it. `pick` replaces the seeking decoder (benchmarks pass
-    `by_full_decode` to compare)."""
+    """Decode the frames `cfg` asks for from the video at `path` (a local file, or an s3:// / gs:// URI,
+    copied to the local cache first); an unreadable file raises `CorruptVideoError` naming it. `pick`
+    replaces the seeking decoder (benchmarks pass `by_full_decode` to compare)."""
     cfg = cfg or FrameSampling()
-    path = Path(path)
+    path = storage.local_copy(path)
     video = _open(path, cfg.decoder)
     try:
         duration = _duration(video)
