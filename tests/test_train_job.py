@@ -150,7 +150,8 @@ def test_on_s3_a_sigkilled_stage_resumes_at_the_right_epoch_and_stage_and_its_ex
     the bucket; a coconut stage reads them (data.path=s3://…), keeps its Ray Train checkpoints,
     `init`, `best`, `export` and `eval` there (storage=s3://…); its driver and local Ray are
     SIGKILLed once a checkpoint exists, and the same command continues from that checkpoint's
-    epoch and curriculum stage; `jobs.evaluate` then reads the export from the bucket. Every
+    epoch and curriculum stage; `jobs.evaluate` then reads the export from the bucket and writes its
+    results there. Every
     command runs in an empty working directory, which stays empty."""
     import os
     import subprocess
@@ -206,10 +207,12 @@ def test_on_s3_a_sigkilled_stage_resumes_at_the_right_epoch_and_stage_and_its_ex
 
     evaluated = subprocess.run([sys.executable, "-m", "jobs.evaluate", str(REPO / "configs/eval/press-maze.yaml"),
                                 f"model.checkpoint={runs}/k/export", f"data.path={data}", "max_examples=4",
-                                f"output_dir={tmp_path / 'eval'}", "generation.max_new_tokens=8", "press=none"],
+                                f"output_dir={s3.uri}/eval", "generation.max_new_tokens=8", "press=none"],
                                cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert (tmp_path / "eval" / "results.csv").is_file()
+    assert storage.read_text(f"{s3.uri}/eval/results.csv").count("\n") == 2  # the header and this run's row
+    results = [k for k in s3.keys() if k.startswith("eval/") and k.endswith("/result.json")]
+    assert len(results) == 1 and json.loads(storage.read_text(f"{s3.uri}/{results[0]}"))["row"]["n"] == 4
     assert sorted(cwd.rglob("*")) == []  # nothing under the working directory (no ./s3:/…)
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmreason import storage
 from mmreason.config import ConfigError
 from mmreason.data.selection import DataConfig, held_out_rows
 from mmreason.hardware import torch_dtype
@@ -95,17 +96,20 @@ def check_inputs(cfg: PressEvalConfig) -> str:
         raise ConfigError(f"model.backbone: {exc}") from None
     if cfg.model.checkpoint is None:
         raise ConfigError("model.checkpoint: give the checkpoint to evaluate (a stage's export/ or best/ folder)")
-    if spec.tiny or Path(cfg.model.checkpoint).exists():
+    remote = "://" in cfg.model.checkpoint  # s3:// or gs:// (anything else is refused, naming the setting)
+    if remote:
+        cfg.model.checkpoint = storage.check_location(cfg.model.checkpoint, "model.checkpoint")
+    if spec.tiny or remote or Path(cfg.model.checkpoint).exists():
         try:
             check_checkpoint(cfg.model.backbone, cfg.model.checkpoint)
         except CheckpointError as exc:
             raise ConfigError(f"model.checkpoint: {exc}") from None
-        return str(Path(cfg.model.checkpoint).resolve())
+        return cfg.model.checkpoint if remote else str(Path(cfg.model.checkpoint).resolve())
     return cfg.model.checkpoint
 
 
 def held_out(cfg: PressEvalConfig) -> list[dict[str, Any]]:
-    if not (Path(cfg.data.path) / "manifest.json").is_file():
+    if not storage.exists(storage.join(cfg.data.path, "manifest.json")):
         raise FileNotFoundError(f"data.path {cfg.data.path} is not a dataset (no manifest.json)")
     rows = held_out_rows(cfg.data, cfg.max_examples)  # the training stages' own reader of held-out rows
     if not rows:
@@ -118,11 +122,12 @@ def prepare_press_eval(cfg: PressEvalConfig) -> str:
     """Every check that needs no model — the press, the backbone and checkpoint, the held-out rows —
     with the data paths made absolute for a process elsewhere; returns the checkpoint to load."""
     build_press(cfg)
+    cfg.output_dir = storage.check_location(cfg.output_dir, "output_dir")
+    cfg.data.path = storage.check_location(cfg.data.path, "data.path")
+    if cfg.data.eval_path is not None:
+        cfg.data.eval_path = storage.check_location(cfg.data.eval_path, "data.eval_path")
     checkpoint = check_inputs(cfg)
     held_out(cfg)
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    if cfg.data.eval_path is not None:
-        cfg.data.eval_path = str(Path(cfg.data.eval_path).resolve())
     return checkpoint
 
 
@@ -174,19 +179,22 @@ def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, An
 def record_press_eval(cfg: PressEvalConfig, measured: dict[str, Any]) -> dict[str, Any]:
     """Write `measure_press`'s result — RUN_NAME/result.json and predictions.jsonl, a row of
     results.csv under `output_dir` — and log it to MLflow; returns the row."""
+    import tempfile
+
     row = measured["row"]
-    out_dir = Path(cfg.output_dir) / cfg.run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
     detail = {"row": row, "accuracy_by_size": measured["accuracy_by_size"], "config": asdict(cfg),
               "device": measured["device"], "dtype": measured["dtype"],
               "kv_bytes_prefill_per_layer": measured["kv_bytes_prefill_per_layer"],
               "kv_bytes_peak_per_layer": measured["kv_bytes_peak_per_layer"]}
-    (out_dir / "result.json").write_text(json.dumps(detail, indent=2))
-    with open(out_dir / "predictions.jsonl", "w") as fh:
-        for p in measured["predictions"]:
-            fh.write(json.dumps(p) + "\n")
-    append_csv(Path(cfg.output_dir) / "results.csv", row)
-    _track(cfg, row, out_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # written whole, then put in place (a local dir or a bucket)
+        out_dir = Path(tmp) / cfg.run_name
+        out_dir.mkdir()
+        (out_dir / "result.json").write_text(json.dumps(detail, indent=2))
+        (out_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in measured["predictions"]))
+        for name in ("result.json", "predictions.jsonl"):
+            storage.write_bytes_atomic(storage.join(cfg.output_dir, cfg.run_name, name), (out_dir / name).read_bytes())
+        append_csv(storage.join(cfg.output_dir, "results.csv"), row)
+        _track(cfg, row, out_dir)
     return row
 
 
@@ -197,13 +205,27 @@ def run_press_eval(cfg: PressEvalConfig, log=print) -> dict[str, Any]:
     return record_press_eval(cfg, measure_press(cfg, checkpoint))
 
 
-def append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
+def append_csv(location: str | Path, row: dict[str, Any]) -> None:
+    """One row more in the CSV at `location` (header first when new). A local file is appended to
+    (concurrent sweep trials share one); an object has no append, so it is rewritten whole, atomically."""
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    if storage.is_remote(location):
+        old = storage.read_text(location) if storage.exists(location) else ""
+        if not old:
             writer.writeheader()
         writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+        storage.write_text_atomic(location, old + buffer.getvalue())
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        writer.writeheader()
+    writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+    with open(path, "a", newline="") as fh:
+        fh.write(buffer.getvalue())
 
 
 def _track(cfg: PressEvalConfig, row: dict[str, Any], out_dir: Path) -> None:
