@@ -1,7 +1,7 @@
 """Sweep KV-compression settings (or a training stage's settings) with Ray Tune; print and log the
 Pareto front.
 
-    python -m jobs.sweep CONFIG.yaml [key=value ...]
+    python -m jobs.sweep CONFIG.yaml [key=value ...] [--check]
     mmreason sweep configs/sweep/presses-maze.yaml                       # grid over several presses
     mmreason sweep configs/sweep/cosre-optuna-maze.yaml search.num_samples=40
     mmreason sweep configs/sweep/stage-asha-maze.yaml                    # a stage sweep, ASHA
@@ -19,7 +19,8 @@ a continuous range under grid search, an objective no trial reports, a tracking 
 reached, a checkpoint or dataset that is not there, trials larger than the cluster, `use_gpu` where
 the cluster has no GPU — fails before
 any trial starts. Concurrency: as many trials as the free Ray resources hold (`search.max_concurrent`
-caps it).
+caps it). `--check` runs every check, prints the resolved config, the trials, the resources per
+trial and in total, and starts no trial, MLflow run or output folder.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, from_dict, load_config, to_dict
 from mmreason.hardware import require_gpus
 from mmreason.sweep import LATENCY, SearchSpace, SweepConfig, build_space, check_points
@@ -75,6 +76,11 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.tracking import check_tracking_uri, git_state
 
+    from mmreason import storage
+
+    if storage.is_remote(storage.check_location(cfg.output_dir, "output_dir")):
+        raise ConfigError(f"output_dir: {cfg.output_dir} — a sweep writes its trials, Tune state and plots to a "
+                          f"local or mounted path (e.g. /mnt/shared on the cluster), not to object storage yet")
     space = build_space(cfg)
     uri = check_tracking_uri()
     run_dir = Path(cfg.output_dir).resolve() / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -187,6 +193,40 @@ def concurrency(cfg: SweepConfig, plan: dict[str, Any], scalable_gpus: float = 0
     return min(n, cfg.search.max_concurrent) if cfg.search.max_concurrent else n
 
 
+def prepare_on_cluster(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any], int]:
+    """`prepare`, then the cluster (starts or joins Ray): `use_gpu` against its GPUs, and how many
+    trials fit at once. Returns the search space, the plan and the trials at once."""
+    from pipelines import init_ray
+
+    space, plan = prepare(cfg)
+    init_ray()
+    return space, plan, concurrency(cfg, plan, check_trial_gpus(plan))
+
+
+def n_trials(cfg: SweepConfig, space: SearchSpace) -> int:
+    """Trials the sweep runs: the grid `search.num_samples` times over, or `num_samples` Optuna draws."""
+    if cfg.search.algorithm == "grid":
+        return int(space.size()) * cfg.search.num_samples
+    return cfg.search.num_samples
+
+
+def check(cfg: SweepConfig) -> dict[str, Any]:
+    """`--check`: `prepare_on_cluster`, and the trials and what they ask Ray for."""
+    import ray
+
+    from mmreason.tracking import family_experiment
+
+    space, plan, n_parallel = prepare_on_cluster(cfg)
+    per_trial = {"CPU": plan["trial_cpus"], "GPU": plan["trial_gpus"]}
+    return {"config": to_dict(cfg), "trials": n_trials(cfg, space), "search": cfg.search.algorithm,
+            # a stage trial's CPUs and GPUs include its Ray Train workers'; total: what the sweep holds at once
+            "resources": {"per_trial": per_trial, "concurrent_trials": n_parallel,
+                          "total": {k: v * n_parallel for k, v in per_trial.items()},
+                          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
+            "evaluate": plan["evaluate"], "stage": plan["stage"], "run_dir": plan["run_dir"],
+            "mlflow": {"tracking_uri": plan["tracking_uri"], "experiment": family_experiment(cfg.experiment, "sweep")}}
+
+
 # ---------------------------------------------------------------- inside a trial (a Ray Tune actor)
 
 def _enter_trial(plan: dict[str, Any]) -> str:
@@ -286,11 +326,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     from ray.tune.search import ConcurrencyLimiter
 
     from mmreason.tracking import pipeline_run
-    from pipelines import init_ray
 
-    space, plan = prepare(cfg)
-    init_ray()
-    n_parallel = concurrency(cfg, plan, check_trial_gpus(plan))
+    space, plan, n_parallel = prepare_on_cluster(cfg)
     objectives = cfg.objective_pairs
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +456,11 @@ def _write_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], 
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m jobs.sweep", __doc__, argv)
-    run_sweep(load(args.config, args.overrides))
+    cfg = load(args.config, args.overrides)
+    if args.check:
+        print_check(check(cfg))
+        return 0
+    run_sweep(cfg)
     return 0
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import socket
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
@@ -366,3 +367,14 @@ def test_a_training_run_that_tune_stops_gives_its_cpus_back(ray_session, tmp_pat
         time.sleep(1)
     live = [pg for pg in ray_session.util.placement_group_table().values() if pg["state"] != "REMOVED"]
     assert not live and ray_session.available_resources().get("CPU", 0) == 2
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("s3://bucket/sweeps", "a sweep writes its trials, Tune state and plots to a local or mounted path"),
+    ("hdfs://nn/sweeps", "output_dir: 'hdfs://nn/sweeps' is not a supported location"),
+])
+def test_a_sweep_output_dir_on_object_storage_or_an_unknown_scheme_is_refused_naming_it(where, needle):
+    cfg = load_config(SweepConfig, Path(__file__).resolve().parents[1] / "configs/sweep/presses-maze.yaml",
+                      [f"output_dir={where}"])
+    with pytest.raises(ConfigError, match=needle):
+        job.prepare(cfg)
