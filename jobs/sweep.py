@@ -8,11 +8,12 @@ Pareto front.
 
 Press trials run `jobs.evaluate`'s code (`run_press_eval`, in the trial's own process, which holds
 `cpus_per_trial` CPUs and, with `use_gpu`, `gpus_per_trial` GPUs; the model in `precision`) on the
-configured checkpoint under the trial's press setting; stage trials run `jobs.train`'s `run_stage` and report every epoch to Tune
-(so ASHA can stop them), then optionally evaluate their export under a press. Each trial is an
-MLflow child run of the sweep's run (`<experiment>-sweep`); at the end the Pareto front over the
-objectives is printed and written — `pareto.csv`, `pareto.txt`, `pareto.png`, `pareto.html`,
-`trials.csv` — to `output_dir/<name>-<time>/` and logged to the sweep's run under `pareto/`.
+configured checkpoint under the trial's press setting; stage trials run `jobs.train`'s `run_stage`
+and report every epoch to Tune (so ASHA can stop them), then optionally evaluate their export under
+a press. Each trial is an MLflow child run of the sweep's run (`<experiment>-sweep`); at the end the
+Pareto front over the objectives is printed and written — `pareto.csv`, `pareto.txt`, `pareto.png`,
+`pareto.html`, `trials.csv` — to `output_dir/<name>-<time>/` and logged to the sweep's run under
+`pareto/`.
 
 Everything a user can get wrong — an unknown press or setting, an empty search space, a bad value,
 a continuous range under grid search, an objective no trial reports, a tracking URI that cannot be

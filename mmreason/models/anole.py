@@ -165,7 +165,8 @@ class AnoleFamily(Family):
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         if self.image_processor is not None:  # a real checkpoint's own preprocessing
-            return self.place({"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]})
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            return self.place({"pixel_values": pixels})
         size = (self.image_size, self.image_size)
         # ChameleonImageProcessor: shortest edge to size, centre crop, LANCZOS
         arr = np.stack([np.asarray(ImageOps.fit(im.convert("RGB"), size, Image.LANCZOS)) for im in images])
