@@ -259,8 +259,13 @@ def evaluate_on_worker(cfg: TrainConfig, export: str) -> tuple[dict[str, dict[st
     """`evaluate_export` in a Ray task with one training worker's resources (its GPU when `use_gpu`)."""
     import ray
 
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     res = stage_resources(cfg)
-    task = ray.remote(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))(_evaluate_task)
+    # outside any placement group: inside a Tune trial (a stage sweep) the task would otherwise be
+    # placed in the trial's own, which holds a fraction of a CPU, and never start
+    task = ray.remote(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))(_evaluate_task).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(asdict(cfg), export))
 
 
