@@ -193,13 +193,14 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from mmreason.tracking import tracking_uri
-    from mmreason.train.loop import deepspeed_config
+    from mmreason.train.loop import check_zero_stage, deepspeed_config
     from mmreason.train.worker import train_loop_per_worker
 
     init_ray()
     check_gpus(cfg)
     ds_file = deepspeed_file(cfg)
-    deepspeed_config(cfg, ds_file, cfg.workers)  # a file that sets what the stage config owns fails here
+    ds = deepspeed_config(cfg, ds_file, cfg.workers)  # a file that sets what the stage config owns fails here
+    check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     ds, n_rows = train_dataset(cfg)
     steps_per_epoch = epoch_geometry(cfg, n_rows)
     micro_batches = cfg.workers * steps_per_epoch * cfg.grad_accum
@@ -344,9 +345,10 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
     else:
         get_spec(cfg.model.backbone)
     entries = train_shards(cfg)
-    from mmreason.train.loop import deepspeed_config
+    from mmreason.train.loop import check_zero_stage, deepspeed_config
 
     ds = deepspeed_config(cfg, deepspeed_file(cfg), cfg.workers)
+    check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)
     init_ray()

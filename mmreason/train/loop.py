@@ -77,6 +77,16 @@ def deepspeed_config(cfg: TrainConfig, path: str | Path, world: int) -> dict[str
     return ds
 
 
+def check_zero_stage(cfg: TrainConfig, zero_stage: int, world: int) -> None:
+    """GRPO samples a different number of tokens on each rank, and under ZeRO-3 every forward is a
+    collective: ranks would wait on each other forever (HF's `synced_gpus` keeps them stepping
+    together; our sampler does not)."""
+    if cfg.stage == "rl" and zero_stage == 3 and world > 1:
+        raise ConfigError(f"deepspeed: the rl stage samples replies on each worker, which ZeRO-3 cannot do on "
+                          f"{world} workers (every forward gathers weights from all of them); use ZeRO-2 "
+                          f"(configs/deepspeed/zero2.json) or one worker")
+
+
 def training_deepspeed() -> Any:
     """`deepspeed`, with its CPU shared-memory all-reduce op marked unavailable. DeepSpeed compiles
     that op at the first `initialize` on each machine and venv (45 s on 2 cores, in every worker's
@@ -125,6 +135,7 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, ds_config_path: 
 
     ds_config = deepspeed_config(cfg, ds_config_path, world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    check_zero_stage(cfg, zero_stage, world)
     trainable = [p for p in recipe.module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, *_ = training_deepspeed().initialize(model=recipe.module, optimizer=optimizer, config=ds_config)
@@ -143,7 +154,9 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, ds_config_path: 
             if cbp and (Path(d) / CBP_STATE).is_file():
                 cbp.load_state_dict(torch.load(Path(d) / CBP_STATE))
         start_epoch, best = progress["epoch"] + 1, progress["best"]
-    if rank != 0 or not cfg.eval.epoch_examples:
+    # ZeRO-3: a forward is a collective (each layer's weights are gathered from every rank), so the
+    # recipe's own held-out forwards (dare's keep rates) run on every rank, on the same rows
+    if (rank != 0 and zero_stage < 3) or not cfg.eval.epoch_examples:
         eval_rows = []
     elif eval_rows is None:
         eval_rows = held_out_rows(cfg.data, cfg.eval.epoch_examples, cfg.video.num_frames)
@@ -182,9 +195,8 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, ds_config_path: 
         fit_metrics = {}  # reported with the first epoch
         if cbp:
             metrics["cbp_replaced"] = cbp.replaced
-        if rank == 0 and eval_rows:
+        if eval_rows:
             metrics.update(recipe.epoch_metrics(eval_rows))
-        if cfg.eval.epoch_examples > 0 and (eval_rows or zero_stage == 3):  # ZeRO-3: every rank gathers
             result = evaluate_epoch(engine, recipe, eval_rows, epoch, zero_stage, rank, run_location, best)
             if result is not None:
                 metrics.update(result)
