@@ -1,6 +1,6 @@
 """The embedded default, end to end on one machine with no set-up (README command 1).
 
-    python -m jobs.quickstart [CONFIG.yaml] [key=value ...]
+    python -m jobs.quickstart [CONFIG.yaml] [key=value ...] [--check]
     mmreason quickstart [CONFIG.yaml] [key=value ...]     e.g. cot.optim.epochs=2 steps=[cot,coconut]
 
 A local Ray (or the cluster RAY_ADDRESS names, as under `ray job submit`) renders the grid-world
@@ -16,6 +16,11 @@ dataset (all three tasks; many 3×3 mazes), then, in order (`steps`):
 Everything is one MLflow pipeline run (`<experiment>-pipeline`, name `quickstart`) with a child run
 per stage, per press evaluation and for the sweep, whose trials are its children; the store is
 ./mlflow.db unless MLFLOW_TRACKING_URI names another. Every output goes under `root`.
+
+Before any work the presses, the sweep's space, the tracking store, each stage's backbone and
+DeepSpeed file, and every `use_gpu` against the cluster's GPUs are checked. `--check` stops there
+and prints the resolved config, the steps, the dataset's shards and each stage's, press
+evaluation's and sweep trial's resources; it renders, trains and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmreason.cli_args import job_main, parse_job_args
-from mmreason.config import ConfigError, load_config
+from mmreason.cli_args import job_main, parse_job_args, print_check
+from mmreason.config import ConfigError, load_config, to_dict
 from mmreason.data.gridworld import GridworldConfig, TaskSizes
 from mmreason.eval.runner import EvalConfig
 from mmreason.eval.press_eval import PressEvalConfig
@@ -161,12 +166,20 @@ def press_run_name(name: str) -> str:
     return "quickstart-eval-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
+def stages(cfg: QuickstartConfig) -> list[str]:
+    """The training stages `steps` runs, in order."""
+    return [name for name in ("cot", "coconut", "dare") if name in cfg.steps]
+
+
 def check(cfg: QuickstartConfig) -> None:
     """What would fail after training — a press, its settings, kvpress, the sweep's space, the
-    tracking store — fails now, before any work."""
+    tracking store, a stage's backbone or DeepSpeed file — fails now, before any work."""
+    from jobs import train
     from mmreason.kv import make_press
+    from mmreason.models import get_spec
     from mmreason.sweep import build_space, check_points
     from mmreason.tracking import check_tracking_uri
+    from mmreason.train.loop import deepspeed_config
 
     check_tracking_uri()
     if "presses" in cfg.steps:
@@ -179,6 +192,73 @@ def check(cfg: QuickstartConfig) -> None:
         if cfg.sweep.is_stage_sweep:
             raise ConfigError("sweep: the quickstart runs a press sweep on its cot model (no `stage`)")
         check_points(build_space(cfg.sweep), make_press)
+    for name in stages(cfg):
+        stage = getattr(cfg, name)
+        try:
+            get_spec(stage.model.backbone)
+            deepspeed_config(stage, train.deepspeed_file(stage), stage.workers)
+        except ValueError as exc:  # get_spec's unknown backbone, or a ConfigError
+            raise ConfigError(f"{name}: {exc}") from None
+
+
+def check_gpus(cfg: QuickstartConfig) -> dict[str, float]:
+    """Every `use_gpu` the steps would act on — each stage's workers, the press evaluations, the
+    sweep's trials — against the cluster's GPUs (now, or on a node its autoscaler can add); starts or
+    joins Ray. Returns the cluster's CPUs and GPUs."""
+    import ray
+
+    from mmreason.hardware import require_gpus
+    from pipelines import cluster_gpus
+
+    now, scalable = cluster_gpus()
+    for name in stages(cfg):
+        stage = getattr(cfg, name)
+        require_gpus(stage.use_gpu, stage.gpus_per_worker, now, f"{name}.use_gpu", scalable)
+    if "presses" in cfg.steps:
+        require_gpus(cfg.evaluate.use_gpu, 1, now, "evaluate.use_gpu", scalable)
+    if "sweep" in cfg.steps:
+        require_gpus(cfg.sweep.use_gpu, cfg.sweep.trial_gpus, now, "sweep.use_gpu", scalable)
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def check_report(cfg: QuickstartConfig) -> dict[str, Any]:
+    """`--check`: every check `run` makes before work, and what each step would do and ask for."""
+    from jobs import sweep as sweep_job
+    from jobs import train
+    from mmreason import storage
+    from mmreason.sweep import build_space
+    from mmreason.tracking import family_experiment, tracking_uri
+    from pipelines import shard_tasks
+
+    cfg.place()
+    check(cfg)
+    cluster = check_gpus(cfg)
+    specs, output = gridworld.plan(cfg.data, dry_run=True)
+    cot_export = storage.join(cfg.cot.run_location, "export")
+    report: dict[str, Any] = {
+        "config": to_dict(cfg), "steps": ["data", *cfg.steps],
+        "data": {**output.summary({spec.relpath: spec.stop - spec.start for spec in specs}),
+                 "ray": shard_tasks(len(output.todo))},
+        "stages": {}}
+    for name in stages(cfg):
+        stage = getattr(cfg, name)
+        per_worker = train.stage_resources(stage)
+        report["stages"][name] = {
+            "run": stage.run_location, "starts_from": stage.model.backbone if name == "cot" else cot_export,
+            "epochs": stage.optim.epochs, "workers": stage.workers, "per_worker": per_worker,
+            "total": {k: v * stage.workers for k, v in per_worker.items()}}
+    if "presses" in cfg.steps:  # evaluated one after another in this process
+        report["presses"] = {"runs": [press_run_name(name) for name in cfg.presses],
+                             "device": "cuda" if cfg.evaluate.use_gpu else "cpu", "precision": cfg.evaluate.precision,
+                             "output_dir": cfg.evaluate.output_dir}
+    if "sweep" in cfg.steps:
+        report["sweep"] = {"trials": sweep_job.n_trials(cfg.sweep, build_space(cfg.sweep)),
+                           "per_trial": {"CPU": cfg.sweep.cpus_per_trial, "GPU": cfg.sweep.trial_gpus},
+                           "output_dir": cfg.sweep.output_dir}
+    report["mlflow"] = {"tracking_uri": tracking_uri(), "experiment": family_experiment(cfg.cot.experiment, "pipeline"),
+                        "run": "quickstart"}
+    report["cluster"] = cluster
+    return report
 
 
 def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -211,6 +291,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
 
     cfg.place()
     check(cfg)
+    check_gpus(cfg)
     out: dict[str, Any] = {"stages": []}
     with pipeline_run(cfg.cot.experiment, "quickstart") as parent_id:
         out["parent_run_id"] = parent_id
@@ -264,7 +345,11 @@ def _print_summary(cfg: QuickstartConfig, out: dict[str, Any]) -> None:
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("mmreason quickstart", __doc__, argv)
-    run(load_config(QuickstartConfig, args.config, args.overrides))
+    cfg = load_config(QuickstartConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check_report(cfg))
+        return 0
+    run(cfg)
     return 0
 
 

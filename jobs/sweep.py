@@ -219,13 +219,21 @@ def check(cfg: SweepConfig) -> dict[str, Any]:
 
     space, plan, n_parallel = prepare_on_cluster(cfg)
     per_trial = {"CPU": plan["trial_cpus"], "GPU": plan["trial_gpus"]}
-    return {"config": to_dict(cfg), "trials": n_trials(cfg, space), "search": cfg.search.algorithm,
-            # a stage trial's CPUs and GPUs include its Ray Train workers'; total: what the sweep holds at once
-            "resources": {"per_trial": per_trial, "concurrent_trials": n_parallel,
-                          "total": {k: v * n_parallel for k, v in per_trial.items()},
-                          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
-            "evaluate": plan["evaluate"], "stage": plan["stage"], "run_dir": plan["run_dir"],
-            "mlflow": {"tracking_uri": plan["tracking_uri"], "experiment": family_experiment(cfg.experiment, "sweep")}}
+    report = {"config": to_dict(cfg), "trials": n_trials(cfg, space), "search": cfg.search.algorithm,
+              # a stage trial's CPUs and GPUs include its Ray Train workers'; total: what the sweep holds at once
+              "resources": {"per_trial": per_trial, "concurrent_trials": n_parallel,
+                            "total": {k: v * n_parallel for k, v in per_trial.items()},
+                            "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}}
+    if plan["stage"]:
+        report["stage"] = {"config": plan["stage"], "overrides": plan["stage_overrides"]}
+    if plan["evaluate"]:  # what each trial evaluates (a stage trial: its own export)
+        evaluated = plan["evaluate"]
+        report["evaluate"] = {"checkpoint": None if cfg.is_stage_sweep else evaluated["model"]["checkpoint"],
+                              "data": evaluated["data"]["path"], "max_examples": evaluated["max_examples"],
+                              "mode": evaluated["mode"], "precision": evaluated["precision"]}
+    report["run_dir"] = plan["run_dir"]
+    report["mlflow"] = {"tracking_uri": plan["tracking_uri"], "experiment": family_experiment(cfg.experiment, "sweep")}
+    return report
 
 
 # ---------------------------------------------------------------- inside a trial (a Ray Tune actor)

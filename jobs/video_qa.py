@@ -1,7 +1,7 @@
 """Video QA inference on CinePile-format shards (seed 004's `inference_phi4_on_cinepile.py`):
 answer the questions with a trained model and write a results JSON.
 
-    python -m jobs.video_qa [CONFIG.yaml] [key=value ...]
+    python -m jobs.video_qa [CONFIG.yaml] [key=value ...] [--check]
     mmreason infer cinepile configs/infer/cinepile.yaml model_path=runs/train/cinepile-phi4mm/export \\
         dataset_path=runs/data/cinepile-test hard_split=true video.num_frames=8 video.use_hico=true
 
@@ -13,17 +13,20 @@ puts latent thoughts after the frames. Logged to MLflow as a run with the JSON a
 The questions are picked and every setting checked here (`use_gpu` against the cluster's GPUs
 too); the model is loaded in `precision` and answers in a Ray task that asks for `threads` CPUs
 (1 by default) and, with `use_gpu`, one GPU — not in this driver, which on a cluster sits on a
-head node with no CPUs for Ray work. The JSON is written and logged here.
+head node with no CPUs for Ray work. The JSON is written and logged here. `--check` runs every
+check, prints the resolved config, the checkpoint, the questions, the device and precision and the
+task's resources, and loads no model, starts no task and writes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, from_dict, load_config
 from mmreason.hardware import torch_dtype
 from mmreason.latent.coconut import GenerationSettings
@@ -70,17 +73,18 @@ class VideoQAConfig:
             raise ConfigError(f"max_videos must be >= 1 or null, got {self.max_videos}")
 
 
-def run(cfg: VideoQAConfig) -> dict:
-    """Check, pick the questions, answer them in a Ray task where the hardware is, write and log
-    the JSON here; returns the results."""
-    import mlflow
-    import ray
+def task_resources(cfg: VideoQAConfig) -> dict[str, float]:
+    """What the answering task asks Ray for."""
+    return {"CPU": cfg.threads or 1, "GPU": 1 if cfg.use_gpu else 0}
 
-    from mmreason.data.shards import write_json_atomic
+
+def prepare(cfg: VideoQAConfig) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Every check before the model loads — the backbone, HiCo, the checkpoint, the dataset and its
+    questions, then `use_gpu` against the cluster's GPUs (starts or joins Ray). Returns the paths as
+    the task must see them and the picked questions."""
     from mmreason.eval.video_qa import select_questions
     from mmreason.hardware import require_gpus
-    from mmreason.models import get_spec
-    from mmreason.tracking import stage_run
+    from mmreason.models import CheckpointError, check_checkpoint, get_spec
     from pipelines import cluster_gpus
 
     try:
@@ -89,6 +93,11 @@ def run(cfg: VideoQAConfig) -> dict:
         raise ConfigError(f"backbone: {exc}") from None
     if cfg.video.use_hico and spec.family.name != "phi4mm":
         raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not {cfg.backbone}")
+    if spec.tiny or Path(cfg.model_path).exists():  # else a real backbone's hub id
+        try:
+            check_checkpoint(cfg.backbone, cfg.model_path)
+        except CheckpointError as exc:
+            raise ConfigError(f"model_path: {exc}") from None
     if not (Path(cfg.dataset_path) / "manifest.json").is_file():
         raise FileNotFoundError(f"dataset_path {cfg.dataset_path} has no manifest.json (write it with mmreason data cinepile)")
     rows = select_questions(cfg.dataset_path, cfg.split, cfg.hard_split, cfg.visual_reliance, cfg.max_videos)
@@ -100,8 +109,39 @@ def run(cfg: VideoQAConfig) -> dict:
     if Path(cfg.model_path).exists():
         local["model_path"] = str(Path(cfg.model_path).resolve())
     now, scalable = cluster_gpus()  # starts or joins Ray
-    require_gpus(cfg.use_gpu, 1, now, scalable=scalable)
-    task = ray.remote(num_cpus=cfg.threads or 1, num_gpus=1 if cfg.use_gpu else 0)(_answer_task)
+    require_gpus(cfg.use_gpu, task_resources(cfg)["GPU"], now, scalable=scalable)
+    return local, rows
+
+
+def check(cfg: VideoQAConfig) -> dict[str, Any]:
+    """`--check`: `prepare`, and what the run would answer, where, and write."""
+    import ray
+
+    from mmreason.tracking import family_experiment, tracking_uri
+
+    local, rows = prepare(cfg)
+    clips = {json.loads(row["meta"]).get("clip_id") for row in rows}
+    return {"config": asdict(cfg), "checkpoint": local.get("model_path", cfg.model_path),
+            "dataset": local["dataset_path"], "rows": len(rows), "clips": len(clips),
+            "device": "cuda" if cfg.use_gpu else "cpu", "precision": cfg.precision, "task": task_resources(cfg),
+            "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+            "writes": {"results": str(Path(cfg.output_file).resolve()),
+                       "mlflow": {"tracking_uri": tracking_uri(),
+                                  "experiment": family_experiment(cfg.experiment, "video-qa")}}}
+
+
+def run(cfg: VideoQAConfig) -> dict:
+    """Check, pick the questions, answer them in a Ray task where the hardware is, write and log
+    the JSON here; returns the results."""
+    import mlflow
+    import ray
+
+    from mmreason.data.shards import write_json_atomic
+    from mmreason.tracking import stage_run
+
+    local, rows = prepare(cfg)
+    res = task_resources(cfg)
+    task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"])(_answer_task)
     results = ray.get(task.remote({**asdict(cfg), **local}, rows))
     results = {"accuracy": results.pop("accuracy"), "n": results.pop("n"), **results, "config": asdict(cfg)}
     out = Path(cfg.output_file)
@@ -143,6 +183,9 @@ def _answer_task(cfg_dict: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m jobs.video_qa", __doc__, argv)
     cfg = load_config(VideoQAConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check(cfg))
+        return 0
     results = run(cfg)
     print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}); "
           + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))

@@ -1,14 +1,17 @@
 """The `mmreason` console script: one front door to the jobs in `pipelines/` and `jobs/`.
 
-    mmreason quickstart [CONFIG] [key=value ...]
-    mmreason data gridworld [CONFIG] [key=value ...] [--overwrite]
-    mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite]
-    mmreason data cinepile [CONFIG] [key=value ...] [--overwrite]
-    mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite]
-    mmreason infer cinepile [CONFIG] [key=value ...]
-    mmreason evaluate [CONFIG] [press=NAME] [press.key=value ...]
-    mmreason sweep CONFIG [key=value ...]
+    mmreason quickstart [CONFIG] [key=value ...] [--check]
+    mmreason data gridworld [CONFIG] [key=value ...] [--overwrite] [--check]
+    mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite] [--check]
+    mmreason data cinepile [CONFIG] [key=value ...] [--overwrite] [--check]
+    mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite] [--check]
+    mmreason infer cinepile [CONFIG] [key=value ...] [--check]
+    mmreason evaluate [CONFIG] [press=NAME] [press.key=value ...] [--check]
+    mmreason sweep CONFIG [key=value ...] [--check]
     mmreason mlflow [--port 5000]
+
+`--check` validates the config and inputs, prints the resolved config and what the job would do
+and ask for, and starts nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import importlib
 
             return importlib.import_module(module).main(argv[len(words) :])
-    usage = "\n".join("  " + USAGE.get(w, f"mmreason {' '.join(w)} {LEADING_ARGS.get(w, '')}[CONFIG] [key=value ...]")
-                      for w in COMMANDS)
+    usage = "\n".join(
+        "  " + USAGE.get(w, f"mmreason {' '.join(w)} {LEADING_ARGS.get(w, '')}[CONFIG] [key=value ...] [--check]")
+        for w in COMMANDS)
     stream = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
     print(f"usage:\n{usage}", file=stream)
     return 0 if stream is sys.stdout else 2

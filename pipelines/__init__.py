@@ -45,11 +45,28 @@ def cluster_gpus() -> tuple[float, float]:
     return now, scalable
 
 
+TASK_CPUS = 1
+"""What each `map_shards` task (one shard to build) asks Ray for."""
+
+
+def shard_tasks(n_tasks: int, concurrency: int | None = None) -> dict[str, Any]:
+    """What `map_shards` would ask Ray for (a data job's `--check`): `n_tasks` tasks of TASK_CPUS CPU,
+    at most `concurrency` at once, and no more than the cluster's CPUs hold now. Starts or joins Ray
+    to read the cluster's resources; starts no task."""
+    import ray
+
+    init_ray()
+    cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    fits = int(cluster.get("CPU", 0) // TASK_CPUS)
+    at_once = min(n_tasks, fits if concurrency is None else min(fits, concurrency))
+    return {"tasks": n_tasks, "per_task": {"CPU": TASK_CPUS}, "concurrency": at_once, "cluster": cluster}
+
+
 def map_shards(
     items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
     concurrency: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, 1 CPU each), at most
+    """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, TASK_CPUS each), at most
     `concurrency` at once (None: as many as there are CPUs); yield each result row as it finishes, so
     the caller can record progress (the manifest) shard by shard."""
     import ray
@@ -59,5 +76,5 @@ def map_shards(
     # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=1, concurrency=concurrency).iter_rows():
+    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=TASK_CPUS, concurrency=concurrency).iter_rows():
         yield dict(row)

@@ -1,7 +1,7 @@
 """Ray Data job: import A-OKVQA (annotation json + COCO images) into Parquet shards of the example schema.
 
-    python -m pipelines.aokvqa [CONFIG.yaml] source=PATH coco_dir=PATH [key=value ...] [--overwrite]
-    mmreason data aokvqa [CONFIG.yaml] source=PATH coco_dir=PATH [key=value ...] [--overwrite]
+    python -m pipelines.aokvqa [CONFIG.yaml] source=PATH coco_dir=PATH [key=value ...] [--overwrite] [--check]
+    mmreason data aokvqa [CONFIG.yaml] source=PATH coco_dir=PATH [key=value ...] [--overwrite] [--check]
 
 The driver reads the annotation files and checks every record (text only); one Ray task per shard
 then reads and verifies the shard's images and writes it. `source` and `coco_dir` must be readable
@@ -9,7 +9,9 @@ from every node (shared storage, or s3:// / gs://); `output_dir` is a local fold
 prefix. A record that breaks the format or whose image is missing or unreadable is listed
 (id, file and row) under `errors` in the manifest and printed; the rest import. Resume works as in
 the grid-world job: finished shards are skipped, a shard with failed records is retried, a corrupt
-or foreign shard stops the job naming the file unless `--overwrite`.
+or foreign shard stops the job naming the file unless `--overwrite`. `--check` reads and checks the
+annotations, prints the resolved config, the shards and records planned / already done / to write,
+where they go and the Ray tasks that would write them, and writes nothing.
 
 Exit status: 0 when every record imported, 1 when some were skipped, 2 for a user error.
 """
@@ -23,20 +25,20 @@ import time
 from typing import Any, Sequence
 
 from mmreason import storage
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config, to_dict
 from mmreason.data.aokvqa import DATASET_NAME, AokvqaConfig, AokvqaShard, build_shard, plan_import, shard_info
 from mmreason.data.shards import (
     MANIFEST_NAME,
+    OutputPlan,
     build_manifest,
-    check_existing,
-    ensure_writable_dir,
-    remove_temp_files,
+    clear_output,
+    plan_output,
     summary_table,
     write_json_atomic,
     write_shard,
 )
-from pipelines import map_shards
+from pipelines import map_shards, shard_tasks
 
 SHARD_KEYS = ("path", "task", "split", "part", "rows", "bytes")
 
@@ -56,8 +58,24 @@ def _entry(spec: AokvqaShard, rows: int, size_bytes: int, seconds: float, errors
             "bytes": size_bytes, "seconds": seconds, "errors": json.dumps(errors)}
 
 
-def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
-    """Import the A-OKVQA data `cfg` names; returns the manifest (also written to output_dir)."""
+@dataclasses.dataclass
+class ImportPlan:
+    """What a run would do, found by reading only (`plan`)."""
+
+    cfg: AokvqaConfig
+    """With `source` and `coco_dir` as every node reads them."""
+    specs: list[AokvqaShard]
+    plan_errors: list[dict[str, str]]
+    """Records that failed their checks."""
+    files: dict[str, str]
+    """Split → the annotation file read."""
+    output: OutputPlan
+
+
+def plan(cfg: AokvqaConfig, dry_run: bool = False) -> ImportPlan:
+    """Every check before work: the locations, the annotations (each record checked, text only),
+    `coco_dir`, `output_dir` and which shards are already written (a foreign or corrupt shard stops
+    the job here). With `dry_run` nothing is created or written."""
     root = storage.check_location(cfg.output_dir, "output_dir")
     cfg = dataclasses.replace(cfg, source=storage.check_location(cfg.source, "source") if cfg.source else "",
                               coco_dir=storage.check_location(cfg.coco_dir, "coco_dir") if cfg.coco_dir else "")
@@ -65,12 +83,27 @@ def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
     if not cfg.coco_dir or not storage.is_dir(cfg.coco_dir):
         raise FileNotFoundError(f"coco_dir {cfg.coco_dir or '(none)'} is not a folder (set coco_dir=PATH to the "
                                 f"COCO 2017 root holding train2017/, val2017/, test2017/)")
-    ensure_writable_dir(root)
-    remove_temp_files(root)
+    output = plan_output(root, {spec.relpath: shard_info(cfg, spec) for spec in specs}, cfg.overwrite,
+                         differs="other annotations, images or image size", dry_run=dry_run)
+    return ImportPlan(cfg, specs, plan_errors, files, output)
+
+
+def check(cfg: AokvqaConfig) -> dict[str, Any]:
+    """`--check`: `plan` without writing, and what the run would import and ask Ray for."""
+    work = plan(cfg, dry_run=True)
+    summary = work.output.summary({spec.relpath: len(spec.drafts) for spec in work.specs})
+    return {"config": to_dict(work.cfg), "sources": work.files, "records_rejected": len(work.plan_errors),
+            **summary, "ray": shard_tasks(len(work.output.todo))}
+
+
+def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
+    """Import the A-OKVQA data `cfg` names; returns the manifest (also written to output_dir)."""
+    work = plan(cfg)
+    clear_output(work.output)
+    cfg, specs, plan_errors, files = work.cfg, work.specs, work.plan_errors, work.files
+    root, finished, todo = work.output.root, work.output.finished, work.output.todo
     manifest_path = storage.join(root, MANIFEST_NAME)
     by_path = {spec.relpath: spec for spec in specs}
-    finished, todo = check_existing(root, {rel: shard_info(cfg, spec) for rel, spec in by_path.items()},
-                                    cfg.overwrite, differs="other annotations, images or image size")
     entries = [_entry(by_path[rel], info["rows"], storage.size(storage.join(root, rel)), 0.0, [])
                for rel, info in finished.items()]
 
@@ -100,6 +133,9 @@ def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m pipelines.aokvqa", __doc__, argv, flags=("overwrite",))
     cfg = load_config(AokvqaConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check(cfg))
+        return 0
     manifest = run(cfg)
     print(summary_table(manifest))
     last = manifest["last_run"]

@@ -1,6 +1,6 @@
 """Ray Data job: CinePile questions + their YouTube clips (yt-dlp) → sampled frames → Parquet shards.
 
-    python -m pipelines.cinepile [CONFIG.yaml] [key=value ...] [--overwrite]
+    python -m pipelines.cinepile [CONFIG.yaml] [key=value ...] [--overwrite] [--check]
     mmreason data cinepile configs/data/cinepile.yaml source=/data/cinepile split=test max_videos=100
 
 The driver reads the source and checks every row (text only); rows that fail are listed by id
@@ -11,7 +11,9 @@ Every clip's outcome — ok, unavailable, rate-limited, too-large, too-long, inv
 goes to `clips` and `coverage` in the manifest, which is rewritten as each clip finishes; a failed
 clip never stops the job. A re-run skips finished clips (no request is made for them) and retries
 the others; a job killed at any moment and re-run ends with every question of every good clip
-exactly once. `--overwrite` rebuilds everything.
+exactly once. `--overwrite` rebuilds everything. `--check` reads and checks the source, prints the
+resolved config, the clips and questions planned / already done / to fetch, where they go and the
+Ray tasks that would fetch them, and downloads and writes nothing.
 
 Exit status: 0 when every row and clip made it, 1 when some were skipped (listed on stderr and in
 the manifest), 2 for a user error (bad config, missing source or columns, foreign output_dir).
@@ -22,10 +24,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mmreason import storage
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config, to_dict
 from mmreason.data.cinepile import (
     DATASET_NAME,
@@ -37,18 +40,19 @@ from mmreason.data.cinepile import (
     process_clip,
     question_info,
     read_source,
+    video_dir,
 )
 from mmreason.data.download import OK, STATUSES
 from mmreason.data.shards import (
     MANIFEST_NAME,
+    OutputPlan,
     build_manifest,
-    check_existing,
-    ensure_writable_dir,
-    remove_temp_files,
+    clear_output,
+    plan_output,
     summary_table,
     write_json_atomic,
 )
-from pipelines import map_shards
+from pipelines import map_shards, shard_tasks
 
 SHARD_KEYS = ("path", "task", "split", "clip_id", "rows", "bytes")
 PENDING = "pending"
@@ -83,8 +87,23 @@ def _manifest(cfg: CinepileConfig, plans: list[ClipPlan], outcomes: dict[str, di
     return out
 
 
-def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
-    """Build the CinePile dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
+@dataclass
+class CinepilePlan:
+    """What a run would do, found by reading only (`plan`)."""
+
+    rows_read: int
+    plans: list[ClipPlan]
+    plan_errors: list[dict[str, str]]
+    """Source rows that failed their checks."""
+    output: OutputPlan
+    todo: list[ClipPlan]
+    """Clips to fetch: their question or clip shard is not there (or is to be rebuilt)."""
+
+
+def plan(cfg: CinepileConfig, dry_run: bool = False) -> CinepilePlan:
+    """Every check before work: `output_dir` and `download.video_dir`, the source (read and each row
+    checked, text only), the clips and their questions, and which are already written (a foreign
+    or corrupt shard stops the job here). With `dry_run` nothing is created or written."""
     root = storage.check_location(cfg.output_dir, "output_dir")
     if cfg.download.video_dir and storage.is_remote(storage.check_location(cfg.download.video_dir,
                                                                            "download.video_dir")):
@@ -92,38 +111,56 @@ def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
                           f"writes the videos there); leave it empty to use this machine's cache")
     table = read_source(cfg.source, cfg.split, cfg.hub_config)  # missing source or columns stop here
     plans, plan_errors = plan_clips(table, cfg)
-    ensure_writable_dir(root)
-    remove_temp_files(root)
-    manifest_path = storage.join(root, MANIFEST_NAME)
     planned = {}
-    for plan in plans:
-        planned[plan.relpath] = question_info(cfg, plan)
-        planned[plan.clip_relpath] = clip_info(cfg, plan)
-    finished, _ = check_existing(root, planned, cfg.overwrite, differs="other source rows, filters or frame sampling")
+    for clip in plans:
+        planned[clip.relpath] = question_info(cfg, clip)
+        planned[clip.clip_relpath] = clip_info(cfg, clip)
+    output = plan_output(root, planned, cfg.overwrite, differs="other source rows, filters or frame sampling",
+                         dry_run=dry_run)
+    todo = [clip for clip in plans if clip.relpath in output.todo or clip.clip_relpath in output.todo]
+    return CinepilePlan(table.num_rows, plans, plan_errors, output, todo)
+
+
+def check(cfg: CinepileConfig) -> dict[str, Any]:
+    """`--check`: `plan` without writing, and what the run would fetch and ask Ray for."""
+    work = plan(cfg, dry_run=True)
+    summary = work.output.summary({clip.relpath: len(clip.questions) for clip in work.plans})
+    return {"config": to_dict(cfg), "source": {"rows_read": work.rows_read, "rows_rejected": len(work.plan_errors)},
+            "clips": {"planned": len(work.plans), "done": len(work.plans) - len(work.todo), "to_fetch": len(work.todo)},
+            "questions": summary.pop("rows"), **summary, "videos": str(video_dir(cfg, work.output.root)),
+            "ray": shard_tasks(len(work.todo), cfg.download.concurrency)}
+
+
+def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
+    """Build the CinePile dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
+    work = plan(cfg)
+    clear_output(work.output)
+    root, plans, plan_errors, finished = work.output.root, work.plans, work.plan_errors, work.output.finished
+    manifest_path = storage.join(root, MANIFEST_NAME)
+    todo = work.todo
+    pending = {clip.clip_id for clip in todo}
     outcomes: dict[str, dict[str, Any]] = {}
-    todo = []
-    for plan in plans:
-        if plan.relpath in finished and plan.clip_relpath in finished:
-            outcomes[plan.clip_id] = outcome(plan, OK, path=plan.relpath, clip_path=plan.clip_relpath,
-                                             rows=finished[plan.relpath]["rows"],
-                                             frame_bytes=storage.size(storage.join(root, plan.clip_relpath)),
-                                             frames=finished[plan.clip_relpath].get("frames", 0),
-                                             bytes=storage.size(storage.join(root, plan.relpath)))
+    for clip in plans:
+        if clip.clip_id in pending:
+            outcomes[clip.clip_id] = outcome(clip, PENDING)
         else:
-            outcomes[plan.clip_id] = outcome(plan, PENDING)
-            todo.append(plan)
-    write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
-    log(f"cinepile: {table.num_rows} rows in {cfg.source} ({cfg.split}), {len(plan_errors)} rejected; "
+            outcomes[clip.clip_id] = outcome(clip, OK, path=clip.relpath, clip_path=clip.clip_relpath,
+                                             rows=finished[clip.relpath]["rows"],
+                                             frame_bytes=storage.size(storage.join(root, clip.clip_relpath)),
+                                             frames=finished[clip.clip_relpath].get("frames", 0),
+                                             bytes=storage.size(storage.join(root, clip.relpath)))
+    write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, work.rows_read))
+    log(f"cinepile: {work.rows_read} rows in {cfg.source} ({cfg.split}), {len(plan_errors)} rejected; "
         f"{sum(len(p.questions) for p in plans)} questions over {len(plans)} clips, {len(plans) - len(todo)} "
         f"clips already done, {len(todo)} to fetch → {root}")
     t0 = time.perf_counter()
     if todo:
-        items = [{"plan": plan.to_json()} for plan in todo]
+        items = [{"plan": clip.to_json()} for clip in todo]
         kwargs = {"cfg": cfg, "root": root}
         for result in map_shards(items, _process, kwargs, concurrency=cfg.download.concurrency):
             outcomes[result["clip_id"]] = result
-            write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, table.num_rows))
-    manifest = _manifest(cfg, plans, outcomes, plan_errors, table.num_rows)
+            write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, work.rows_read))
+    manifest = _manifest(cfg, plans, outcomes, plan_errors, work.rows_read)
     fresh = [outcomes[p.clip_id] for p in todo]
     manifest["last_run"] = {"clips_tried": len(todo), "clips_ok": sum(o["status"] == OK for o in fresh),
                             "downloaded": sum(o["downloaded"] for o in fresh),
@@ -136,6 +173,9 @@ def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m pipelines.cinepile", __doc__, argv, flags=("overwrite",))
     cfg = load_config(CinepileConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check(cfg))
+        return 0
     manifest = run(cfg)
     print(summary_table(manifest))
     cov, last = manifest["coverage"], manifest["last_run"]

@@ -1,14 +1,16 @@
 """Ray Data job: render grid-world reasoning examples into Parquet shards.
 
-    python -m pipelines.gridworld [CONFIG.yaml] [key=value ...] [--overwrite]
-    mmreason data gridworld [CONFIG.yaml] [key=value ...] [--overwrite]
+    python -m pipelines.gridworld [CONFIG.yaml] [key=value ...] [--overwrite] [--check]
+    mmreason data gridworld [CONFIG.yaml] [key=value ...] [--overwrite] [--check]
 
 One Ray task per shard. `output_dir` is a local folder or an s3:// / gs:// prefix (`mmreason.storage`;
 anything else stops the job before Ray starts). A shard already written by this config is skipped; a
 shard another config wrote, a corrupt shard, or a shard this config does not produce stops the job
 before any work (naming the file) unless `--overwrite`. Each shard is written atomically and the
 manifest is rewritten after every finished shard, so a job killed at any moment and re-run ends with
-exactly the requested rows.
+exactly the requested rows. `--check` runs every check, prints the resolved config, the shards and
+rows planned / already done / to render, where they go and the Ray tasks that would render them, and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 from mmreason import storage
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config
 from mmreason.data.gridworld import (
     DATASET_NAME,
@@ -32,15 +34,15 @@ from mmreason.data.gridworld import (
 )
 from mmreason.data.shards import (
     MANIFEST_NAME,
+    OutputPlan,
     build_manifest,
-    check_existing,
-    ensure_writable_dir,
-    remove_temp_files,
+    clear_output,
+    plan_output,
     summary_table,
     write_json_atomic,
     write_shard,
 )
-from pipelines import map_shards
+from pipelines import map_shards, shard_tasks
 
 SHARD_KEYS = ("path", "task", "size", "split", "part", "start", "stop", "rows", "bytes")
 
@@ -62,14 +64,22 @@ def _render_shard(item: dict[str, Any], cfg: GridworldConfig, root: str) -> dict
     }
 
 
-def _check_existing(cfg: GridworldConfig, root: str, specs: list[ShardSpec]) -> tuple[list[dict], list[ShardSpec]]:
-    """Split the plan into shards already done (skipped) and shards to (re)build."""
+def plan(cfg: GridworldConfig, dry_run: bool = False) -> tuple[list[ShardSpec], OutputPlan]:
+    """Every check before work: `output_dir` (a location, writable: with `dry_run` nothing is
+    created), the shards `cfg` asks for, and which of them are already there (a foreign or corrupt
+    shard stops the job here)."""
+    root = storage.check_location(cfg.output_dir, "output_dir")
+    specs = plan_shards(cfg)
     planned = {spec.relpath: shard_info(cfg, spec) for spec in specs}
-    finished, todo = check_existing(root, planned, cfg.overwrite, differs="seed, sizes, counts, image size, …")
-    done = [{**asdict(spec), "path": spec.relpath, "rows": finished[spec.relpath]["rows"],
-             "bytes": storage.size(storage.join(root, spec.relpath)), "seconds": 0.0, "errors": "[]"}
-            for spec in specs if spec.relpath in finished]
-    return done, [spec for spec in specs if spec.relpath in todo]
+    return specs, plan_output(root, planned, cfg.overwrite, differs="seed, sizes, counts, image size, …",
+                              dry_run=dry_run)
+
+
+def check(cfg: GridworldConfig) -> dict[str, Any]:
+    """`--check`: `plan` without writing, and what the run would render and ask Ray for."""
+    specs, output = plan(cfg, dry_run=True)
+    rows = {spec.relpath: spec.stop - spec.start for spec in specs}
+    return {"config": asdict(cfg), **output.summary(rows), "ray": shard_tasks(len(output.todo))}
 
 
 def _manifest(cfg: GridworldConfig, entries: list[dict], n_planned: int) -> dict[str, Any]:
@@ -78,11 +88,14 @@ def _manifest(cfg: GridworldConfig, entries: list[dict], n_planned: int) -> dict
 
 def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
     """Render the dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
-    root = ensure_writable_dir(storage.check_location(cfg.output_dir, "output_dir"))
-    remove_temp_files(root)
+    specs, output = plan(cfg)
+    clear_output(output)
+    root = output.root
     manifest_path = storage.join(root, MANIFEST_NAME)
-    specs = plan_shards(cfg)
-    done, todo = _check_existing(cfg, root, specs)
+    done = [{**asdict(spec), "path": spec.relpath, "rows": output.finished[spec.relpath]["rows"],
+             "bytes": storage.size(storage.join(root, spec.relpath)), "seconds": 0.0, "errors": "[]"}
+            for spec in specs if spec.relpath in output.finished]
+    todo = [spec for spec in specs if spec.relpath in output.todo]
     entries = list(done)
     write_json_atomic(manifest_path, _manifest(cfg, entries, len(specs)))
     log(f"gridworld: {len(specs)} shards planned, {len(done)} already done, {len(todo)} to render → {root}")
@@ -105,6 +118,9 @@ def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m pipelines.gridworld", __doc__, argv, flags=("overwrite",))
     cfg = load_config(GridworldConfig, args.config, args.overrides)
+    if args.check:
+        print_check(check(cfg))
+        return 0
     manifest = run(cfg)
     print(summary_table(manifest))
     last = manifest["last_run"]

@@ -1,8 +1,8 @@
 """Ray Data job: import MVoT's raw Maze and FrozenLake data (a folder or .zip) into Parquet shards
 of the example schema, next to and alike the grid-world job's.
 
-    python -m pipelines.mvot_import PATH [CONFIG.yaml] [key=value ...] [--overwrite]
-    mmreason data import-mvot PATH [CONFIG.yaml] [key=value ...] [--overwrite]
+    python -m pipelines.mvot_import PATH [CONFIG.yaml] [key=value ...] [--overwrite] [--check]
+    mmreason data import-mvot PATH [CONFIG.yaml] [key=value ...] [--overwrite] [--check]
 
 The driver reads the json files and checks every record (walls, actions, candidates, gymnasium's
 own steps) — cheap, text only — and groups the good ones into shards by task, grid size and split;
@@ -11,7 +11,9 @@ readable from every node (shared storage on a cluster, or an s3:// / gs:// URI, 
 to its cache once), like `output_dir` (a local folder or an s3:// / gs:// prefix). Records that fail a
 check are listed under `errors` in the manifest and printed; the rest import. Resume works as in
 the grid-world job: a shard this input already wrote is skipped, a shard with failed records is
-retried, a corrupt or foreign shard stops the job naming the file unless `--overwrite`.
+retried, a corrupt or foreign shard stops the job naming the file unless `--overwrite`. `--check`
+reads and checks the records, prints the resolved config, the shards and records planned / already
+done / to write, where they go and the Ray tasks that would write them, and writes nothing.
 
 Exit status: 0 when every record imported, 1 when some were skipped, 2 for a user error (missing
 PATH, no MVoT files in it, bad config, unwritable or foreign output_dir).
@@ -26,28 +28,29 @@ import time
 from typing import Any, Sequence
 
 from mmreason import storage
-from mmreason.cli_args import job_main, parse_job_args
+from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config, to_dict
 from mmreason.data.mvot import (
     DATASET_NAME,
     ImportShard,
     MvotImportConfig,
     MvotSource,
+    SourceFile,
     build_shard,
     plan_import,
     shard_info,
 )
 from mmreason.data.shards import (
     MANIFEST_NAME,
+    OutputPlan,
     build_manifest,
-    check_existing,
-    ensure_writable_dir,
-    remove_temp_files,
+    clear_output,
+    plan_output,
     summary_table,
     write_json_atomic,
     write_shard,
 )
-from pipelines import map_shards
+from pipelines import map_shards, shard_tasks
 
 SHARD_KEYS = ("path", "task", "size", "split", "part", "rows", "bytes")
 
@@ -68,8 +71,23 @@ def _entry(spec: ImportShard, rows: int, size_bytes: int, seconds: float, errors
             "rows": rows, "bytes": size_bytes, "seconds": seconds, "errors": json.dumps(errors)}
 
 
-def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
-    """Import the MVoT data at `cfg.source`; returns the manifest (also written to output_dir)."""
+@dataclasses.dataclass
+class ImportPlan:
+    """What a run would do, found by reading only (`plan`)."""
+
+    cfg: MvotImportConfig
+    """With `source` as every node reads it."""
+    specs: list[ImportShard]
+    plan_errors: list[dict[str, str]]
+    """Records that failed their checks."""
+    files: list[SourceFile]
+    output: OutputPlan
+
+
+def plan(cfg: MvotImportConfig, dry_run: bool = False) -> ImportPlan:
+    """Every check before work: the locations, the source's records (each checked, text only),
+    `output_dir` and which shards are already written (a foreign or corrupt shard stops the job
+    here). With `dry_run` nothing is created or written."""
     if not cfg.source:
         raise FileNotFoundError("no MVoT source given: pass PATH (a folder or .zip of MVoT data)")
     root = storage.check_location(cfg.output_dir, "output_dir")
@@ -77,12 +95,27 @@ def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
     with MvotSource(source_path) as source:  # a missing PATH or one with no MVoT files stops here
         specs, plan_errors, files = plan_import(source, cfg.splits.as_dict(), cfg.rows_per_shard)
     cfg = dataclasses.replace(cfg, source=source_path)
-    ensure_writable_dir(root)
-    remove_temp_files(root)
+    output = plan_output(root, {spec.relpath: shard_info(spec) for spec in specs}, cfg.overwrite,
+                         differs="other MVoT input or split fractions", dry_run=dry_run)
+    return ImportPlan(cfg, specs, plan_errors, files, output)
+
+
+def check(cfg: MvotImportConfig) -> dict[str, Any]:
+    """`--check`: `plan` without writing, and what the run would import and ask Ray for."""
+    work = plan(cfg, dry_run=True)
+    summary = work.output.summary({spec.relpath: len(spec.drafts) for spec in work.specs})
+    return {"config": to_dict(work.cfg), "sources": [f.name for f in work.files],
+            "records_rejected": len(work.plan_errors), **summary, "ray": shard_tasks(len(work.output.todo))}
+
+
+def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
+    """Import the MVoT data at `cfg.source`; returns the manifest (also written to output_dir)."""
+    work = plan(cfg)
+    clear_output(work.output)
+    cfg, specs, plan_errors, files = work.cfg, work.specs, work.plan_errors, work.files
+    root, finished, todo, source_path = work.output.root, work.output.finished, work.output.todo, cfg.source
     manifest_path = storage.join(root, MANIFEST_NAME)
     by_path = {spec.relpath: spec for spec in specs}
-    finished, todo = check_existing(root, {rel: shard_info(spec) for rel, spec in by_path.items()}, cfg.overwrite,
-                                    differs="other MVoT input or split fractions")
     entries = [_entry(by_path[rel], info["rows"], storage.size(storage.join(root, rel)), 0.0, [])
                for rel, info in finished.items()]
 
@@ -115,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_job_args("python -m pipelines.mvot_import", __doc__, argv, flags=("overwrite",), positionals=("path",))
     cfg = load_config(MvotImportConfig, args.config, args.overrides)
     cfg = dataclasses.replace(cfg, source=args.positionals["path"])
+    if args.check:
+        print_check(check(cfg))
+        return 0
     manifest = run(cfg)
     print(summary_table(manifest))
     last = manifest["last_run"]

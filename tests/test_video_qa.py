@@ -145,8 +145,8 @@ def test_video_qa_sft_then_inference_end_to_end(cinepile_data, tmp_path, monkeyp
 
 @pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: use_gpu is not refused here")
-def test_video_qa_with_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_task_starts(cinepile_data, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_video_qa_with_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_task_starts(
+        cinepile_data, phi, tmp_path, monkeypatch, capsys):
     import ray
 
     def no_task(*a, **k):
@@ -154,7 +154,7 @@ def test_video_qa_with_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_t
 
     monkeypatch.setattr(ray, "remote", no_task)
     out = tmp_path / "results.json"
-    assert video_qa.main([f"model_path={tmp_path / 'model'}", f"dataset_path={cinepile_data['test']}",
+    assert video_qa.main([f"model_path={phi}", f"dataset_path={cinepile_data['test']}",
                           f"output_file={out}", "use_gpu=true"]) == 2
     err = capsys.readouterr().err
     assert "use_gpu" in err and "0 GPU" in err and not out.exists()

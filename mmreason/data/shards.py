@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mmreason import storage
@@ -109,11 +111,17 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise CorruptShardError(f"corrupt manifest {path}: {exc}") from exc
 
 
-def ensure_writable_dir(root: str | Path) -> str:
+def ensure_writable_dir(root: str | Path, dry_run: bool = False) -> str:
     """Create `root` if needed and prove a file can be written (and deleted) there; returns it as a
     location. Errors name the directory (on an object store: a missing bucket, no credentials, no access).
-    On an object store the probe leaves an empty folder marker (`prefix/`) behind, as mkdir leaves a folder."""
+    On an object store the probe leaves an empty folder marker (`prefix/`) behind, as mkdir leaves a folder.
+
+    `dry_run` (a job's `--check`) creates and writes nothing: a local `root` must be a folder or sit
+    under one this process may write to; on an object store the prefix must be listable (the bucket
+    there, the credentials accepted) — whether writes are allowed shows only when the job runs."""
     root = os.fspath(root)
+    if dry_run:
+        return _check_dir_without_writing(root)
     probe = storage.join(root, f".write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}")
     if not storage.is_remote(root):
         try:
@@ -131,27 +139,76 @@ def ensure_writable_dir(root: str | Path) -> str:
     return root
 
 
-def check_existing(
-    root: str | Path, planned: dict[str, dict[str, Any]], overwrite: bool, differs: str = ""
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Sort the planned shards (relative path → the info its footer must carry) into finished ones
-    (relative path → footer info; a re-run skips them) and ones to (re)build.
+def _check_dir_without_writing(root: str) -> str:
+    if storage.is_remote(root):
+        fs, path = storage.filesystem(root)
+        bucket = path.split("/", 1)[0]
+        try:
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+            storage.list_files(root, recursive=False)
+        except OSError as exc:
+            raise PermissionError(f"output dir {root} is not writable: {exc}") from exc
+        if missing:
+            raise PermissionError(f"output dir {root} is not writable: there is no bucket {bucket}")
+        return root
+    nearest = Path(root)
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise PermissionError(f"output dir {root} is not writable: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(f"output dir {root} is not writable: no write permission on {nearest}")
+    return root
+
+
+@dataclass
+class OutputPlan:
+    """How a data job's planned shards stand at its output location, found by reading only: the
+    job's `--check` prints it (`summary`); the run clears the way (`clear_output`) and builds `todo`."""
+
+    root: str
+    finished: dict[str, dict[str, Any]]
+    """Relative path → footer info of each planned shard this config already wrote (a re-run skips it)."""
+    todo: list[str]
+    """Planned shards to (re)build."""
+    strays: list[str]
+    """Shards the plan does not name (there only with `overwrite`, which deletes them before work)."""
+
+    def summary(self, rows: dict[str, int] | None = None) -> dict[str, Any]:
+        """Where the job writes and its shards planned / done / to build; with `rows` (relative path →
+        planned rows of the shards that count as rows) the rows too."""
+        shards = {"planned": len(self.finished) + len(self.todo), "done": len(self.finished),
+                  "to_build": len(self.todo)}
+        if self.strays:
+            shards["strays_to_delete"] = len(self.strays)
+        out: dict[str, Any] = {"output_dir": self.root, "shards": shards}
+        if rows is not None:
+            out["rows"] = {"planned": sum(rows.values()),
+                           "done": sum(info["rows"] for rel, info in self.finished.items() if rel in rows),
+                           "to_build": sum(rows[rel] for rel in self.todo if rel in rows)}
+        return out
+
+
+def plan_output(
+    root: str, planned: dict[str, dict[str, Any]], overwrite: bool, differs: str = "", dry_run: bool = False
+) -> OutputPlan:
+    """Check `root` as an output location (`ensure_writable_dir`; `dry_run` writes nothing) and sort
+    the planned shards (relative path → the info its footer must carry) into finished ones (a
+    re-run skips them) and ones to (re)build, reading only.
 
     A shard the plan does not name, a corrupt shard, or one whose config hash differs stops the job
-    naming the file, unless `overwrite` (then strays are deleted and every planned shard is rebuilt).
-    A shard that recorded failed rows is rebuilt, so its failures are retried and listed again.
-    `differs` hints at what a different config means for this dataset.
+    naming the file, unless `overwrite` (then strays are listed for `clear_output` to delete and
+    every planned shard is rebuilt). A shard that recorded failed rows is rebuilt, so its failures
+    are retried and listed again. `differs` hints at what a different config means for this dataset.
     """
+    ensure_writable_dir(root, dry_run=dry_run)
     found = {rel for rel in storage.list_files(root) if rel.endswith(".parquet")}
     strays = sorted(rel for rel in found if rel not in planned)
-    if strays:
-        if not overwrite:
-            raise FileExistsError(
-                f"output dir {root} holds shards this config does not produce ({', '.join(strays[:5])}"
-                f"{' …' if len(strays) > 5 else ''}); use --overwrite to replace them, or another output_dir"
-            )
-        for rel in strays:
-            storage.remove(storage.join(root, rel))
+    if strays and not overwrite:
+        raise FileExistsError(
+            f"output dir {root} holds shards this config does not produce ({', '.join(strays[:5])}"
+            f"{' …' if len(strays) > 5 else ''}); use --overwrite to replace them, or another output_dir"
+        )
     done, todo = {}, []
     for rel, want in planned.items():
         path = storage.join(root, rel)
@@ -168,7 +225,14 @@ def check_existing(
             todo.append(rel)
             continue
         done[rel] = info
-    return done, todo
+    return OutputPlan(root, done, todo, strays)
+
+
+def clear_output(output: OutputPlan) -> None:
+    """Before work: delete leftovers of interrupted local writes and (under `overwrite`) the strays."""
+    remove_temp_files(output.root)
+    for rel in output.strays:
+        storage.remove(storage.join(output.root, rel))
 
 
 def build_manifest(
