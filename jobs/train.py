@@ -196,10 +196,12 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     from mmreason.train.loop import check_zero_stage, deepspeed_config
     from mmreason.train.worker import train_loop_per_worker
 
+    # read before Ray starts, and handed to the workers as content: a path in this job's working
+    # directory need not exist on another node (nor, for a moment after ray.init, here)
+    ds_json = json.loads(deepspeed_file(cfg).read_text())
+    ds = deepspeed_config(cfg, ds_json, cfg.workers)  # a file that sets what the stage config owns fails here
     init_ray()
     check_gpus(cfg)
-    ds_file = deepspeed_file(cfg)
-    ds = deepspeed_config(cfg, ds_file, cfg.workers)  # a file that sets what the stage config owns fails here
     check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     ds, n_rows = train_dataset(cfg)
     steps_per_epoch = epoch_geometry(cfg, n_rows)
@@ -213,7 +215,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
-                           "deepspeed_config": str(ds_file), "mlflow_uri": tracking_uri(),
+                           "deepspeed_config": ds_json, "mlflow_uri": tracking_uri(),
                            "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows,
                            "run_location": cfg.run_location},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,

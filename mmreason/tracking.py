@@ -111,8 +111,17 @@ def _enter_experiment(mlflow: Any, experiment: str, parent_id: str | None) -> No
     """The parent run's experiment when nested (runs nest only within one), else `experiment`."""
     if parent_id is not None:
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(parent_id).info.experiment_id)
-    else:
-        mlflow.set_experiment(experiment)
+        return
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+        # artifacts beside the database, not in ./mlruns of whatever directory the process runs in
+        # (a submitted job's is a temporary copy, deleted when the job ends)
+        root = Path(uri[len("sqlite:///"):]).parent / "mlruns"
+        try:
+            mlflow.create_experiment(experiment, artifact_location=root.resolve().as_uri())
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by a concurrent stage or trial
+    mlflow.set_experiment(experiment)
 
 
 @contextmanager

@@ -6,15 +6,12 @@ at all) and retry the rest; a SIGKILLed job re-run ends with every row exactly o
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mmreason.cli import main as cli_main
@@ -26,6 +23,7 @@ from mmreason.data.shards import read_manifest
 from mmreason.data.video import write_synthetic_clip
 from pipelines import cinepile
 from tests.media import ClipServer, cinepile_rows, truncated, write_json_rows
+from tests.test_storage import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -147,13 +145,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(media, tmp_path, ray_se
                 time.sleep(0.05)
             assert proc.poll() is None, "the job finished before it could be killed; give it more work"
         finally:
-            for p in psutil.process_iter():  # SIGKILL the driver and the local Ray it started
-                try:
-                    if os.getsid(p.pid) == proc.pid:
-                        p.send_signal(signal.SIGKILL)
-                except (ProcessLookupError, psutil.Error):
-                    pass
-            proc.wait(timeout=30)
+            kill_session(proc)  # SIGKILL the driver and the local Ray it started
         partial = read_manifest(out)
         done_before = [cid for cid, c in partial["clips"].items() if c["status"] == "ok"]
         assert 2 <= len(done_before) < 6 and not partial["complete"]

@@ -62,10 +62,12 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def deepspeed_config(cfg: TrainConfig, path: str | Path, world: int) -> dict[str, Any]:
-    """The stage's DeepSpeed config: the JSON file (ZeRO stage, offload, clipping) plus the batch
-    geometry and precision from the stage config, which the file must not set itself."""
-    ds = json.loads(Path(path).read_text())
+def deepspeed_config(cfg: TrainConfig, source: str | Path | dict[str, Any], world: int) -> dict[str, Any]:
+    """The stage's DeepSpeed config: the JSON file (ZeRO stage, offload, clipping; `source` is its path
+    or its content) plus the batch geometry and precision from the stage config, which the file must
+    not set itself."""
+    path = "the DeepSpeed config" if isinstance(source, dict) else source
+    ds = dict(source) if isinstance(source, dict) else json.loads(Path(source).read_text())
     clash = sorted({"bf16", "fp16", "train_batch_size", "train_micro_batch_size_per_gpu",
                     "gradient_accumulation_steps"} & set(ds))
     if clash:
@@ -114,7 +116,7 @@ def load_family(cfg: TrainConfig, path: str, device: torch.device, trainable: bo
     return family
 
 
-def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, ds_config_path: str | Path, steps_per_epoch: int,
+def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str | Path | dict, steps_per_epoch: int,
              run_location: str, fit_rows: list[dict] = (), eval_rows: list[dict] | None = None) -> dict[str, Any]:
     """Train one stage on this worker; `steps_per_epoch` optimizer steps, each over `grad_accum`
     micro-batches. Held-out rows for the per-epoch evaluation: `eval_rows`, else the config's
@@ -133,7 +135,7 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, ds_config_path: 
     resumed = worker.has_checkpoint()
     fit_metrics = recipe.prepare(resumed, list(fit_rows))
 
-    ds_config = deepspeed_config(cfg, ds_config_path, world)
+    ds_config = deepspeed_config(cfg, deepspeed, world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     check_zero_stage(cfg, zero_stage, world)
     trainable = [p for p in recipe.module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
