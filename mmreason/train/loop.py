@@ -143,7 +143,10 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
     engine, *_ = training_deepspeed().initialize(model=recipe.module, optimizer=optimizer, config=ds_config)
     if cbp:
         cbp.bind(engine.optimizer)
-        carried = Path(model_path) / CBP_STATE  # the previous dataset's run, in a sequence
+        from mmreason import storage
+
+        start = storage.local_copy(model_path) if storage.is_remote(model_path) else Path(model_path)
+        carried = start / CBP_STATE  # the previous dataset's run, in a sequence
         if carried.is_file():
             cbp.load_state_dict(torch.load(carried))
 
