@@ -69,7 +69,6 @@ def main() -> None:
 
     from mmreason.models import build_tiny
 
-    torch.set_num_threads(torch.get_num_threads())
     train, test = maze_rows("train", args.train_rows, args.seed), maze_rows("test", args.test_rows, args.seed)
     report = {"device": args.device, "train_rows": len(train), "test_rows": len(test), "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "chance": 0.25, "target_gap_points": 5}
