@@ -5,10 +5,11 @@ answer the questions with a trained model and write a results JSON.
     mmreason infer cinepile configs/infer/cinepile.yaml model_path=runs/train/cinepile-phi4mm/export \\
         dataset_path=runs/data/cinepile-test hard_split=true video.num_frames=8 video.use_hico=true
 
-The JSON (`output_file`) holds the accuracy (CinePile's official scoring), accuracy by question
-category and hard split, tokens per answer, the config, and per question: id, question, right
-letter and option, predicted letter, full output, correct. `mode: coconut` with `n_latent_steps`
-puts latent thoughts after the frames. Logged to MLflow as a run with the JSON as an artifact.
+The JSON (`output_file`) holds the accuracy (CinePile's official scoring of the whole reply, or
+ours with `scoring=lenient`; `scoring` says which), accuracy by question category and hard split,
+tokens per answer, the config, and per question: id, question, right letter and option, predicted
+letter, full output, correct. `mode: coconut` with `n_latent_steps` puts latent thoughts after the
+frames. Logged to MLflow as a run (params: the config, `scoring` included) with the JSON as an artifact.
 
 The questions are picked and every setting checked here (`use_gpu` against the cluster's GPUs
 too); the model is loaded in `precision` and answers in a Ray task that asks for `threads` CPUs
@@ -43,6 +44,9 @@ class VideoQAConfig:
     split: Literal["train", "test"] = "test"
     output_file: str = "runs/cinepile_results.json"
     mode: Literal["vanilla", "cot", "coconut"] = "cot"
+    scoring: Literal["official", "lenient"] = "official"
+    """official: CinePile's evaluation code on the whole reply; lenient: ours, which also reads the
+    `The answer is X.` our models end with (`mmreason.eval.cinepile`)."""
     n_latent_steps: int = 0
     """coconut mode: latent steps after the frames (× c_thought latents)."""
     c_thought: int = 1
@@ -171,7 +175,7 @@ def answer(cfg: VideoQAConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     family.video = cfg.video
     rows = video_rows(rows, cfg.dataset_path, cfg.video.num_frames)
     results = answer_questions(family, rows, cfg.mode, cfg.generation, cfg.n_latent_steps, cfg.c_thought,
-                               cfg.batch_size, cfg.seed)
+                               cfg.batch_size, cfg.seed, cfg.scoring)
     return {**results, "device": str(family.model.device), "dtype": str(family.model.dtype)}
 
 
@@ -187,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_check(check(cfg))
         return 0
     results = run(cfg)
-    print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}); "
+    print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}, {cfg.scoring} scoring); "
           + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))
     print(f"results: {cfg.output_file}")
     return 0

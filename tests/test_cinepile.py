@@ -1,9 +1,12 @@
-"""CinePile without Ray: the official scoring on tricky replies, accuracy breakdowns, reading every
-source format with the official columns, bad rows named, filters, prompts, and the URL allow-list."""
+"""CinePile without Ray: scoring equal to CinePile's own code on every reply shape (lenient opt-in),
+accuracy breakdowns, reading every source format with the official columns, bad rows named,
+filters, prompts, and the URL allow-list."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,11 +25,109 @@ from mmreason.data.cinepile import (
 from mmreason.data.download import DownloadConfig, InvalidUrl, check_url, classify, clip_id_for_url, youtube_id
 from mmreason.data.schema import BadRowError, validate_row
 from mmreason.data.shards import SourceError
-from mmreason.eval.cinepile import cinepile_accuracy, score_cinepile
+from mmreason.eval.cinepile import cinepile_accuracy, normalize_string, score_cinepile
 from tests.media import cinepile_row, cinepile_rows
 
+# --- CinePile's own scoring, as the reference ----------------------------------------------------
+# A faithful transcription of `normalize_string` and `evaluate_semantic_similarity` from
+# EvolvingLMMs-Lab/lmms-eval, lmms_eval/tasks/cinepile/utils.py (commit 08c9bda; CinePile's
+# evaluation code plus its one-letter rule), kept in upstream's shape — if/elif and all — so that
+# `score_cinepile`, written differently, is checked against it rather than against itself.
+
+
+def official_normalize_string(input_string):
+    input_string = input_string.replace("*", "").strip()
+    if re.match(r"^[A-E]$", input_string, re.IGNORECASE):
+        return input_string.upper(), ""
+    match = re.search(r"Answer:\s*([A-E])\)?\.?\s*(.*)", input_string, re.IGNORECASE)
+    if match:
+        return match.group(1).upper(), match.group(2).strip()
+    return None, input_string.strip()
+
+
+def official_evaluate_semantic_similarity(response, answer_key_number, answer_key_text):
+    student_response_number, student_response_text = official_normalize_string(response)
+    if answer_key_number and student_response_number:
+        if answer_key_number == student_response_number:
+            if answer_key_text and student_response_text:
+                return 1 if answer_key_text.lower() == student_response_text.lower() else 0
+            return 1
+    elif answer_key_text.lower() == student_response_text.lower():
+        return 1
+    return 0
+
+
 KEY = "The red car"  # the right option is B (position 1)
-SCORER_TABLE = [
+CHOICES = ["A blue car", KEY, "A green bike", "Nobody", "The red car park"]
+# Reply shapes models produce: bare letters in every dress, `Answer:` lines, option lines, option
+# text alone, markdown, punctuation, prose that names an option, nothing at all.
+REPLY_SHAPES = [
+    "B", "b", " B ", "B\n", "(B)", "(b)", "[B]", "B.", "b.", "B)", "B:", "**B**", "*B*", "__B__", "`B`", "B!",
+    "A", "a", "C", "e", "F", "(E)", "AB", "B C",
+    "Answer: B", "Answer:B", "answer: b", "ANSWER: B", "Answer : B", "Answer: (B)", "answer: (b)", "Answer: B.",
+    "Answer: B)", "Answer: B).", "Answer: b) the red car", "Answer: B) The red car", "Answer: B) The red car.",
+    "Answer: B. The red car", "Answer: B The red car", "Answer: B) THE RED CAR", "Answer: B) A blue car",
+    "Answer: C) The red car", "Answer: B - The red car", "Answer: B\nThe red car", "Answer: B\n\nbecause it is red",
+    "**Answer:** B", "**Answer: B) The red car**", "**Answer:** (B)", "Final Answer: B", "My answer: B",
+    "Answer: Because of the car", "Answer: Everyone", "Answer: the red car", "Answer:", "Answer: ",
+    "The answer is B.", "The answer is B", "I think the answer is B", "Answer is B", "Option B", "B) The red car",
+    "B. The red car", "(B) The red car", "B: The red car", "D) The red car",
+    "The red car", "the red car", "THE RED CAR", "The red car.", " The red car ", "The  red car", "The red car!",
+    "**The red car**", "The red car, obviously", "I think it is the red car", "The red car park", "A blue car",
+    "Answer a question about the car", "It's B, the red car.", "Both B and C", "Answer: B\nAnswer: C",
+    "", " ", "\n", "*", "**", ".", "N/A",
+]
+CASES = [(reply, position, key) for reply in REPLY_SHAPES
+         for position, key in [(1, KEY), (1, "the red car"), (0, CHOICES[0]), (4, CHOICES[4]), (1, "")]]
+
+
+@pytest.mark.parametrize("reply, position, key", CASES)
+def test_score_cinepile_is_the_official_scoring_by_default(reply, position, key):
+    official = official_evaluate_semantic_similarity(reply, "ABCDE"[position], key)
+    assert score_cinepile(reply, position, key) is bool(official)
+    assert score_cinepile(reply, position, key, scoring="official") is bool(official)
+    assert normalize_string(reply) == official_normalize_string(reply)
+
+
+def test_score_cinepile_is_the_official_scoring_on_generated_replies():
+    """Every combination of a prefix, a dressed letter and a tail, against the reference."""
+    prefixes = ["", "Answer:", "answer: ", "**Answer:** ", "Answer : ", "Reply: ", "\n"]
+    letters = ["B", "b", "C", "(B)", "B)", "B.", "B).", "**B**", "B:", ""]
+    tails = ["", " ", ".", " The red car", ") The red car", " the red car.", "\nThe red car", " A blue car", "**"]
+    n = 0
+    for prefix, letter, tail in itertools.product(prefixes, letters, tails):
+        reply = prefix + letter + tail
+        for position, key in [(1, KEY), (2, CHOICES[2])]:
+            assert score_cinepile(reply, position, key) is bool(
+                official_evaluate_semantic_similarity(reply, "ABCDE"[position], key)), (reply, key)
+            n += 1
+    assert n == 2 * 7 * 10 * 9
+
+
+# What the official rules say on shapes where a reader might expect otherwise (checked above
+# against the reference too; spelled out here so the rules are visible).
+OFFICIAL = [
+    ("B", True), ("b", True), ("**B**", True), ("Answer: B", True), ("answer:b", True), ("**Answer:** B", True),
+    ("Answer: B) The red car", True), ("Answer: b. the RED car", True), ("Answer: B\nThe red car", True),
+    ("(B)", False), ("B.", False), ("B)", False), ("B) The red car", False),  # no `Answer:`, more than a letter
+    ("Answer: (B)", False),                      # a bracket before the letter: no letter read
+    ("Answer: B) The red car.", False),          # option text must equal the key but for case
+    ("Answer: B) A blue car", False), ("Answer: C) The red car", False),
+    ("Answer: Bthe red car", True),              # the letter need not be a word: "B" + "the red car"
+    ("Answer: Because of the car", False),       # "B" + "ecause of the car", which is not the key
+    ("The red car", True), ("the red car", True), ("The red car.", False), (" The red car ", True),
+    ("The answer is B.", False),                 # our models' sentence is not read
+    ("", False),
+]
+
+
+@pytest.mark.parametrize("reply, right", OFFICIAL)
+def test_official_scoring_on_surprising_shapes(reply, right):
+    assert score_cinepile(reply, 1, KEY) is right
+    assert official_evaluate_semantic_similarity(reply, "B", KEY) == int(right)
+
+
+LENIENT = [
     ("B", True), ("b", True), ("B.", True), (" (B) ", True), ("C", False), ("e", False),
     ("Answer: B", True), ("answer: b", True), ("**Answer:** B", True), ("Answer: B.", True),
     ("Answer: B) The red car", True), ("Answer: B) the red car.", True), ("Answer: (B) THE RED CAR", True),
@@ -35,15 +136,53 @@ SCORER_TABLE = [
     ("B) The red car", True), ("B. the red car", True), ("D) The red car", False),
     ("The red car", True), ("the red car.", True),  # no letter: the text must equal answer_key
     ("The red car, obviously", False), ("I think it is the red car", False),
-    ("The answer is B", False),                  # no `Answer:` and not one letter
+    ("The answer is B.", True), ("Thinking… The answer is C.\nThe answer is B.", True),  # our sentence, the last
+    ("The answer is C.", False), ("The answer is B", False),  # no period: not our sentence
     ("Answer a question about the car", False),  # "Answer" without the colon is no answer
+    ("Answer: Because of the car", False),       # a letter must be a word
     ("", False), ("Answer:", False),
 ]
 
 
-@pytest.mark.parametrize("reply, right", SCORER_TABLE)
-def test_score_cinepile_follows_the_official_rules(reply, right):
-    assert score_cinepile(reply, 1, KEY) is right
+@pytest.mark.parametrize("reply, right", LENIENT)
+def test_lenient_scoring_is_opt_in(reply, right):
+    assert score_cinepile(reply, 1, KEY, scoring="lenient") is right
+
+
+def test_unknown_scoring_is_refused():
+    with pytest.raises(ValueError, match="scoring must be one of official, lenient, got 'strict'"):
+        score_cinepile("B", 1, KEY, scoring="strict")
+
+
+def test_video_qa_scores_whole_replies_and_names_the_scoring(monkeypatch):
+    """answer_questions on schema rows, the model's replies given: official by default, `scoring`
+    in the results; lenient reads our models' answer sentence."""
+    from types import SimpleNamespace
+
+    from mmreason.data.cinepile import question_draft
+    from mmreason.eval import video_qa
+
+    drafts = [question_draft(cinepile_row("https://youtu.be/BBBBBBBBBBB", k), "test", k) for k in range(3)]
+    rows = [{**d, "meta": json.dumps(d["meta"])} for d in drafts]
+    # answers A, B, C (position k); replies: official-right, our sentence (right letter), wrong letter
+    outputs = ["**Answer:** A", "Reasoning.\nThe answer is B.", "Answer: D"]
+    preds = [{"id": r["id"], "prediction": None, "output": o, "n_tokens": 3} for r, o in zip(rows, outputs)]
+    fake = SimpleNamespace(predictions=preds, tokens_per_answer=3.0, latents_per_answer=0)
+    monkeypatch.setattr(video_qa, "evaluate", lambda *args, **kwargs: fake)
+    official = video_qa.answer_questions(None, rows, "cot", None)
+    assert official["scoring"] == "official" and [s["correct"] for s in official["samples"]] == [True, False, False]
+    assert official["accuracy"] == pytest.approx(1 / 3)
+    lenient = video_qa.answer_questions(None, rows, "cot", None, scoring="lenient")
+    assert lenient["scoring"] == "lenient" and [s["correct"] for s in lenient["samples"]] == [True, True, False]
+
+
+def test_video_qa_config_takes_the_scoring(tmp_path):
+    from jobs.video_qa import VideoQAConfig
+
+    assert load_config(VideoQAConfig, None, []).scoring == "official"
+    assert load_config(VideoQAConfig, None, ["scoring=lenient"]).scoring == "lenient"
+    with pytest.raises(ConfigError, match="scoring"):
+        load_config(VideoQAConfig, None, ["scoring=generous"])
 
 
 def test_accuracy_by_category_and_hard_split():

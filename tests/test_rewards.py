@@ -31,7 +31,8 @@ def test_gridworld_correct_reads_the_answer_sentence(reply, right):
 @pytest.mark.parametrize("reply, right", [
     ("The answer is B.", True), ("The answer is C.", False),             # our models' sentence → its letter
     ("Answer: B) The red car", True), ("Answer: B) A blue car", False),  # official rules otherwise
-    ("the red car.", True), ("B", True), ("I think so", False),
+    ("the red car", True), ("the red car.", False),  # official: the text as the key but for case
+    ("B", True), ("I think so", False),
 ])
 def test_cinepile_correct_uses_the_official_rules(reply, right):
     extra = {"meta": {"answer_key": "The red car", "answer_key_position": 1}, "choices": []}

@@ -1,6 +1,7 @@
 """Video question answering on CinePile-format shards: pick the questions (split, hard /
 visual-reliance filters, `max_videos`), answer them with a backbone in any evaluation mode —
-`coconut` puts the latent thoughts after the frames — and score them by CinePile's official rules.
+`coconut` puts the latent thoughts after the frames — and score them by CinePile's official rules
+(`scoring="lenient"`: ours, named in the results; `mmreason.eval.cinepile`).
 The result is what seed 004's inference script writes: overall accuracy, accuracy by question
 category and hard split, and every question's answer.
 
@@ -16,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mmreason.data.cinepile import DATASET_NAME, matches_filters
-from mmreason.eval.cinepile import cinepile_accuracy
+from mmreason.eval.cinepile import LETTERS, Scoring, cinepile_accuracy, score_cinepile
 from mmreason.eval.runner import evaluate
 from mmreason.latent.coconut import GenerationSettings
 from mmreason.models.base import Family
-from mmreason.train.rewards.correctness import cinepile_correct
 
 _QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
 
@@ -45,24 +45,26 @@ def select_questions(root: str | Path, split: str = "test", hard_split: bool | N
 
 
 def answer_questions(family: Family, rows: list[dict[str, Any]], mode: str, settings: GenerationSettings,
-                     n_latent_steps: int = 0, c_thought: int = 1, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Answer every row (frames joined) and score it by CinePile's rules; accuracy overall, by
-    category and by hard split, and one record per question."""
+                     n_latent_steps: int = 0, c_thought: int = 1, batch_size: int = 8, seed: int = 0,
+                     scoring: Scoring = "official") -> dict[str, Any]:
+    """Answer every row (frames joined) and score its whole reply by CinePile's rules (`scoring`);
+    accuracy overall, by category and by hard split, and one record per question."""
     res = evaluate(family, rows, mode, settings, n_latent_steps, c_thought, batch_size, seed)
     samples = []
     for row, pred in zip(rows, res.predictions):
         meta = json.loads(row["meta"])
         question = _QUESTION.search(row["prompt"])
-        correct = cinepile_correct(row["task"], pred["output"], row["answer"], {"meta": meta, "choices": row["choices"]})
+        position = LETTERS.index(row["answer"])
+        answer_key = meta.get("answer_key", row["choices"][position])
         samples.append({
             "id": row["id"], "clip_id": meta.get("clip_id"), "question": question.group(1) if question else "",
             "question_category": meta.get("question_category"), "hard_split": meta.get("hard_split"),
             "visual_reliance": meta.get("visual_reliance"), "answer": row["answer"],
             "answer_key": meta.get("answer_key"), "prediction": pred["prediction"], "output": pred["output"],
-            "correct": correct["accuracy"] == 1.0, "n_tokens": pred["n_tokens"],
+            "correct": score_cinepile(pred["output"], position, answer_key, scoring), "n_tokens": pred["n_tokens"],
         })
     summary = cinepile_accuracy(samples)
-    return {"mode": mode, **summary, "tokens_per_answer": res.tokens_per_answer,
+    return {"mode": mode, "scoring": scoring, **summary, "tokens_per_answer": res.tokens_per_answer,
             "latents_per_answer": res.latents_per_answer, "samples": samples}
 
 
