@@ -1,6 +1,7 @@
 """Train one stage on Ray Train + DeepSpeed, then evaluate it.
 
     python -m jobs.train CONFIG.yaml [key=value ...] [--check]
+    mmreason train CONFIG.yaml [key=value ...] [--check]          (the same, through the console script)
     python -m jobs.train configs/train/cot-maze.yaml workers=2 optim.epochs=4
     python -m jobs.train configs/train/cot-maze.yaml use_gpu=true precision=bf16 storage=s3://bucket/runs
 

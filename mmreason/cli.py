@@ -5,6 +5,7 @@
     mmreason data import-mvot PATH [CONFIG] [key=value ...] [--overwrite] [--check]
     mmreason data cinepile [CONFIG] [key=value ...] [--overwrite] [--check]
     mmreason data aokvqa [CONFIG] [key=value ...] [--overwrite] [--check]
+    mmreason train CONFIG [key=value ...] [--check]
     mmreason infer cinepile [CONFIG] [key=value ...] [--check]
     mmreason evaluate [CONFIG] [press=NAME] [press.key=value ...] [--check]
     mmreason sweep CONFIG [key=value ...] [--check]
@@ -25,6 +26,7 @@ COMMANDS = {
     ("data", "import-mvot"): "pipelines.mvot_import",
     ("data", "cinepile"): "pipelines.cinepile",
     ("data", "aokvqa"): "pipelines.aokvqa",
+    ("train",): "jobs.train",
     ("infer", "cinepile"): "jobs.video_qa",
     ("evaluate",): "jobs.evaluate",
     ("sweep",): "jobs.sweep",
@@ -32,7 +34,8 @@ COMMANDS = {
 }
 # Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
 LEADING_ARGS = {("data", "import-mvot"): "PATH "}
-USAGE = {("mlflow",): "mmreason mlflow [--port 5000] [--host 127.0.0.1]"}
+USAGE = {("train",): "mmreason train CONFIG [key=value ...] [--check]",
+         ("mlflow",): "mmreason mlflow [--port 5000] [--host 127.0.0.1]"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

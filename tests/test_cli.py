@@ -47,3 +47,20 @@ def test_console_script_dispatches_and_reports_unknown_commands(capsys):
 def test_console_script_is_installed():
     done = subprocess.run([Path(sys.executable).parent / "mmreason", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "mmreason quickstart" in done.stdout
+    assert "  mmreason train CONFIG [key=value ...] [--check]" in done.stdout.splitlines()
+
+
+def test_mmreason_train_is_python_m_jobs_train(maze_data, tmp_path, capsys):
+    """`mmreason train CONFIG … --check` prints what `python -m jobs.train CONFIG … --check` prints."""
+    from jobs import train
+
+    args = [str(REPO / "configs/train/cot-maze.yaml"), f"data.path={maze_data}", f"storage={tmp_path / 'runs'}",
+            "run_name=c", "--check"]
+    assert main(["train", *args]) == 0
+    printed = capsys.readouterr().out
+    assert train.main(args) == 0
+    assert capsys.readouterr().out == printed
+    assert "run_name: c" in printed and printed.rstrip().endswith("nothing was started")
+    assert not (tmp_path / "runs").exists()
+    assert main(["train", "optim.epochs=1"]) == 2  # no config: named, as python -m jobs.train does
+    assert "give a stage config, e.g. configs/train/cot-maze.yaml" in capsys.readouterr().err
