@@ -10,6 +10,7 @@
     mmreason evaluate [CONFIG] [press=NAME] [press.key=value ...] [--check]
     mmreason sweep CONFIG [key=value ...] [--check]
     mmreason mlflow [--port 5000]
+    mmreason models build NAME OUT_DIR [--seed N]
 
 `--check` validates the config and inputs, prints the resolved config and what the job would do
 and ask for, and starts nothing.
@@ -31,10 +32,12 @@ COMMANDS = {
     ("evaluate",): "jobs.evaluate",
     ("sweep",): "jobs.sweep",
     ("mlflow",): "jobs.mlflow_ui",
+    ("models", "build"): "jobs.build_model",
 }
 # Arguments a command takes before the usual [CONFIG] [key=value ...], for the usage text.
 LEADING_ARGS = {("data", "import-mvot"): "PATH "}
-USAGE = {("train",): "mmreason train CONFIG [key=value ...] [--check]",
+USAGE = {("models", "build"): "mmreason models build NAME OUT_DIR [--seed N]",
+         ("train",): "mmreason train CONFIG [key=value ...] [--check]",
          ("mlflow",): "mmreason mlflow [--port 5000] [--host 127.0.0.1]"}
 
 

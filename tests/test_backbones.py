@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer
 
-from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_spec, load_backbone
+from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_spec, load_backbone, load_processor
 from mmreason.models.anole import image_code_token, visual_token_discrepancy
 from mmreason.models.base import IGNORE, position_ids
 from mmreason.models.phi4mm import make_vision_bidirectional
@@ -59,9 +59,10 @@ def png(image: Image.Image) -> bytes:
 def test_save_load_keeps_weights_and_logits(name, tiny_dir, rows):
     path = tiny_dir(name)
     spec = get_spec(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = load_processor(path)
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)  # build_tiny's default seed: the same random weights again, never saved
-    fresh = spec.family(spec.family.model_class(spec.tiny_config(tokenizer)).eval(), tokenizer)
+    fresh = spec.family(spec.family.model_class(spec.tiny_config(tokenizer)).eval(), tokenizer, processor)
 
     start = time.perf_counter()
     loaded = load_backbone(name, path)
@@ -221,13 +222,15 @@ def test_a_tokenizer_without_coconut_tokens_gets_them_on_load(tmp_path, monkeypa
 
     latents = (tok_module.START_LATENT, tok_module.LATENT, tok_module.END_LATENT)
     monkeypatch.setattr(tok_module, "SPECIAL_TOKENS", [t for t in tok_module.SPECIAL_TOKENS if t not in latents])
-    tokenizer = tok_module.build_word_tokenizer(tiny_corpus(), extra_special=InternVLFamily.extra_tokens)
-    assert not set(latents) & set(tokenizer.get_vocab())
     spec = get_spec("tiny-internvl")
-    model = spec.family.model_class(spec.tiny_config(tokenizer))
+    tokenizer = tok_module.build_word_tokenizer(tiny_corpus(), extra_special=InternVLFamily.extra_tokens,
+                                                named=spec.named_tokens)
+    assert not set(latents) & set(tokenizer.get_vocab())
+    config = spec.tiny_config(tokenizer)
+    model = spec.family.model_class(config)
     before = model.get_input_embeddings().weight.shape[0]
     model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    spec.tiny_processor(tokenizer, config).save_pretrained(tmp_path / "m")
 
     family = load_backbone("tiny-internvl", tmp_path / "m")
     ids = family.tokenizer.convert_tokens_to_ids(list(latents))
@@ -241,8 +244,7 @@ def test_a_tokenizer_without_coconut_tokens_gets_them_on_load(tmp_path, monkeypa
     loss, _ = latent_forward(family, batch)
     assert torch.isfinite(loss)
     assert ensure_latent_tokens(family.model, family.tokenizer) == []  # idempotent
-    family.model.save_pretrained(tmp_path / "export")
-    family.tokenizer.save_pretrained(tmp_path / "export")
+    family.save(tmp_path / "export")
     again = load_backbone("tiny-internvl", tmp_path / "export")
     assert again.tokenizer.convert_tokens_to_ids(list(latents)) == ids
 

@@ -106,8 +106,7 @@ def trained(tmp_path_factory) -> dict[str, Any]:
         optim.step()
     family.model.eval()
     checkpoint = root / "trained"
-    family.model.save_pretrained(checkpoint)
-    family.tokenizer.save_pretrained(checkpoint)
+    family.save(checkpoint)
     torch.manual_seed(0)
     save_router(DareRouter(family.model.get_decoder().config.hidden_size), root / "router.pt")
     return {"family": family, "checkpoint": checkpoint, "router": root / "router.pt", "loss": float(loss.detach())}

@@ -1,17 +1,19 @@
 """Backbone registry: one name → (model, tokenizer, family adapter).
 
 Real checkpoints (`anole-7b`, `internvl3-1b`, `phi4-mm`) load from a local path or hub id with
-`from_pretrained`. Tiny ones (`tiny-*`) are the same transformers classes with small random
-weights: built from config once, saved, and loaded back through the very same `from_pretrained`
-path — so the loading code real checkpoints take is what tests exercise. No code path here
-downloads anything unless a hub id is given explicitly.
+`from_pretrained` and `AutoProcessor.from_pretrained`. Tiny ones (`tiny-*`) are the same transformers
+classes with small random weights: built from config once, saved with their processor, and loaded
+back through the very same path — so the loading code real checkpoints take is what tests exercise.
+`internvl-smollm2` is built (`mmreason models build internvl-smollm2 DIR`) from the pretrained
+SmolLM2-135M-Instruct weights an installed package ships (`mmreason.models.smollm2`). No code path
+here downloads anything unless a hub id is given explicitly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -20,17 +22,21 @@ from mmreason.config import ConfigError
 from mmreason.models.anole import AnoleFamily
 from mmreason.models.anole import tiny_config as tiny_anole_config
 from mmreason.models.base import Family
+from mmreason.models.internvl import PROCESSOR_TOKENS as INTERNVL_TOKENS
 from mmreason.models.internvl import InternVLFamily
+from mmreason.models.internvl import build_processor as internvl_processor
 from mmreason.models.internvl import tiny_config as tiny_internvl_config
 from mmreason.models.phi4mm import Phi4MMFamily
 from mmreason.models.phi4mm import tiny_config as tiny_phi4mm_config
+from mmreason.models.processing import load_processor
+from mmreason.models.smollm2 import build_internvl_smollm2
 from mmreason.models.tokenizer import END_LATENT, LATENT, START_LATENT, build_word_tokenizer
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tiny-internvl"
-    """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl3-1b, anole-7b, phi4-mm."""
+    """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl-smollm2, internvl3-1b, anole-7b, phi4-mm."""
     checkpoint: str | None = None
     """Local checkpoint dir or hub id; None for a tiny backbone builds a fresh random one."""
 
@@ -43,6 +49,12 @@ class BackboneSpec:
     """Default checkpoint for real backbones (used only when no local path is given)."""
     tiny_config: Any = None
     """For tiny backbones: (tokenizer) -> transformers config."""
+    tiny_processor: Callable[[Any, Any], Any] | None = None
+    """For tiny backbones whose family reads images through a processor: (tokenizer, config) -> processor."""
+    named_tokens: dict[str, str] | None = None
+    """Special tokens the family's processor reads as tokenizer attributes (tiny tokenizers carry them)."""
+    builder: Callable[..., Path] | None = None
+    """For backbones built locally from installed weights: (out_dir, seed) -> checkpoint dir."""
 
     @property
     def tiny(self) -> bool:
@@ -53,7 +65,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec("internvl3-1b", InternVLFamily, hub_id="OpenGVLab/InternVL3-1B-hf"),
-        BackboneSpec("tiny-internvl", InternVLFamily, tiny_config=tiny_internvl_config),
+        BackboneSpec("tiny-internvl", InternVLFamily, tiny_config=tiny_internvl_config,
+                     tiny_processor=lambda tok, cfg: internvl_processor(tok, cfg, max_patches=1),
+                     named_tokens=INTERNVL_TOKENS),
+        BackboneSpec("internvl-smollm2", InternVLFamily, builder=build_internvl_smollm2),
         BackboneSpec("anole-7b", AnoleFamily, hub_id="leloy/Anole-7b-v0.1-hf"),
         BackboneSpec("tiny-anole", AnoleFamily, tiny_config=tiny_anole_config),
         BackboneSpec("phi4-mm", Phi4MMFamily, hub_id="microsoft/Phi-4-multimodal-instruct"),
@@ -92,19 +107,33 @@ def tiny_corpus() -> list[str]:
 
 
 def build_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build tiny backbone `name` with random weights and save it (model + tokenizer) to `out_dir`."""
+    """Build tiny backbone `name` with random weights and save it (model + tokenizer, and the
+    processor where its family reads images through one) to `out_dir`."""
     spec = get_spec(name)
     if not spec.tiny:
         raise ValueError(f"{name} is not a tiny backbone")
-    tokenizer = build_word_tokenizer(tiny_corpus(), extra_special=getattr(spec.family, "extra_tokens", ()))
+    tokenizer = build_word_tokenizer(tiny_corpus(), extra_special=getattr(spec.family, "extra_tokens", ()),
+                                     named=spec.named_tokens)
     config = spec.tiny_config(tokenizer)
     torch.manual_seed(seed)
     model = spec.family.model_class(config)
     out = Path(out_dir)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    (spec.tiny_processor(tokenizer, config) if spec.tiny_processor else tokenizer).save_pretrained(out)
     (out / "mmreason_backbone.txt").write_text(name + "\n")
     return out
+
+
+def build_backbone(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write backbone `name` as a checkpoint in `out_dir`: a tiny one with random weights, or one built
+    from installed pretrained weights (`internvl-smollm2`)."""
+    spec = get_spec(name)
+    if spec.tiny:
+        return build_tiny(name, out_dir, seed)
+    if spec.builder is None:
+        raise ValueError(f"{name} is not built locally: give its checkpoint path or hub id "
+                         f"({spec.hub_id}) as model.checkpoint")
+    return spec.builder(out_dir, seed=seed)
 
 
 def check_checkpoint(name: str, path: str | Path) -> None:
@@ -160,21 +189,23 @@ def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype 
     backbones a hub id is allowed) with parameters in `dtype`."""
     spec = get_spec(name)
     if path is None:
-        if spec.tiny:
-            raise CheckpointError(f"{name}: give the path build_tiny() saved it to")
+        if spec.hub_id is None:
+            raise CheckpointError(f"{name}: give the path `mmreason models build {name} DIR` saved it to")
         path = spec.hub_id
     from mmreason import storage
 
     if storage.is_remote(str(path)):  # s3:// or gs://: read from a local copy (downloaded once per machine)
         check_checkpoint(name, path)
         path = storage.local_copy(str(path))
-    elif Path(str(path)).exists() or spec.tiny:
+    elif Path(str(path)).exists() or spec.hub_id is None:
         check_checkpoint(name, path)
     model = spec.family.model_class.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = load_processor(path)
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     ensure_latent_tokens(model, tokenizer)  # a real checkpoint's tokenizer has no CoCoNuT tokens
-    return spec.family(model, tokenizer)
+    return spec.family(model, tokenizer, processor)
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "ModelConfig", "CheckpointError", "Family", "build_tiny", "check_checkpoint",
+__all__ = ["BACKBONES", "BackboneSpec", "ModelConfig", "CheckpointError", "Family", "build_backbone", "build_tiny",
+           "check_checkpoint", "load_processor",
            "ensure_latent_tokens", "get_spec", "load_backbone"]

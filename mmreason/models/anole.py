@@ -136,8 +136,8 @@ class AnoleFamily(Family):
     model_types = ("chameleon",)
     extra_tokens = (IMAGE_START, IMAGE_END, *(image_code_token(code) for code in range(TINY_CODEBOOK)))
 
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any = None):
-        super().__init__(model, tokenizer)
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None):
+        super().__init__(model, tokenizer, processor)
         mapping = model.model.vocabulary_mapping
         self.image_token_id = mapping.image_token_id
         if self.image_token_id is None:
@@ -149,7 +149,7 @@ class AnoleFamily(Family):
         self.codes_per_image = side * side
         # row k = vocabulary id of VQ code k (Chameleon's own mapping, the inverse of bpe2img)
         self.code_token_ids = mapping.img2bpe_mapping_tensor.long()
-        self.image_processor = image_processor
+        self.image_processor = getattr(processor, "image_processor", None)
         # Chameleon's VQ-VAE is frozen (MVoT and Anole train only the transformer)
         model.model.vqmodel.requires_grad_(False)
 
@@ -160,7 +160,7 @@ class AnoleFamily(Family):
             raise ValueError(f"tokenizer {self.tokenizer.name_or_path!r} has no {unknown} token(s)")
         return ids
 
-    def image_run(self) -> list[int]:
+    def image_run(self, image: Image.Image | None = None) -> list[int]:
         return [self.image_start_id] + [self.image_token_id] * self.codes_per_image + [self.image_end_id]
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@ Sequence layout (all families, all stages):
 
     <bos> PROMPT(with image runs) \\n [<|start-latent|> <|latent|>×n <|end-latent|>] STEPS \\n ANSWER [\\n AFTER] <eos>
 
+With a checkpoint that ships a chat template (real ones), `<bos> PROMPT \n` is the template's user turn
+holding PROMPT followed by the assistant's header, and `<eos>` is the tokenizer's eos (the template's
+end of turn, `<|im_end|>` for SmolLM2/Qwen2) — in training targets and in generation alike.
+
 Only the part after the prompt (and after the latents) is in the loss. `n` latents replace the
 first `n / c_thought` steps (CoCoNuT's curriculum); vanilla targets hold the answer sentence only.
 AFTER is text a row's reply goes on with after its answer (`meta.after_answer`: a re-check placed
@@ -24,6 +28,7 @@ from __future__ import annotations
 import abc
 import io
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -88,9 +93,12 @@ class Family(abc.ABC):
     name: ClassVar[str]
     model_class: ClassVar[type]
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
+        """The checkpoint's Hugging Face processor (`AutoProcessor`), when it ships one: its image
+        preprocessing is what `image_inputs` runs."""
         self.latent_id = tokenizer.convert_tokens_to_ids(LATENT)
         self.start_latent_id = tokenizer.convert_tokens_to_ids(START_LATENT)
         self.end_latent_id = tokenizer.convert_tokens_to_ids(END_LATENT)
@@ -98,8 +106,9 @@ class Family(abc.ABC):
 
     # --- family hooks -------------------------------------------------------------------------
     @abc.abstractmethod
-    def image_run(self) -> list[int]:
-        """Token ids that stand for one image in the text stream."""
+    def image_run(self, image: Image.Image | None = None) -> list[int]:
+        """Token ids that stand for `image` in the text stream (their count may depend on its size:
+        InternVL's tiles); None: an image of the model's own input size."""
 
     @abc.abstractmethod
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -136,16 +145,38 @@ class Family(abc.ABC):
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, prompt: str, n_frames: int = 0) -> list[int]:
-        ids = [self.tokenizer.bos_token_id]
-        for part in _PLACEHOLDERS.split(prompt + "\n"):
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (its tokenizer's), or None: the tiny word-level tokenizers have none."""
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text before the reply: through the chat template as one user turn followed by the
+        assistant's header when the checkpoint has a template, else `prompt` and a newline (after
+        `<bos>`). Placeholders (`<image>`, `<video>`) pass through untouched."""
+        if self.chat_template is None:
+            return prompt + "\n"
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str, images: list[Image.Image] = (), n_frames: int = 0) -> list[int]:
+        """Token ids of the prompt, each `<image>` expanded to `image_run` of the image in its place."""
+        ids = [] if self.chat_template is not None else [self.tokenizer.bos_token_id]
+        pictures = iter(images)
+        for part in _PLACEHOLDERS.split(self.prompt_text(prompt)):
             if part == IMAGE:
-                ids += self.image_run()
+                ids += self.image_run(next(pictures, None))
             elif part == VIDEO:
                 ids += self.video_run(n_frames)
             elif part:
                 ids += self._text_ids(part)
         return ids
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the model, its tokenizer and processor as a checkpoint `load_backbone` (and
+        `from_pretrained` / `AutoProcessor.from_pretrained`) read back."""
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        (self.processor or self.tokenizer).save_pretrained(out_dir)  # a processor saves its tokenizer
 
     def drawn_images(self, images: list[Any]) -> list[list[int]]:
         """Token ids of images the model *writes* (MVoT's visual thoughts), one list per image;
@@ -184,10 +215,10 @@ class Family(abc.ABC):
                 raise ValueError(f"row {row.get('id')}: a video prompt holds one {VIDEO}, no {IMAGE}, and the clip's "
                                  f"frames in 'images' (join them with mmreason.data.cinepile.attach_frames(..., "
                                  f"keep_video=True)); got {len(images)} frames")
-            prompt = self.prompt_ids(row["prompt"], len(images))
+            prompt = self.prompt_ids(row["prompt"], n_frames=len(images))
             images = self.video_entries(images)
         else:
-            prompt = self.prompt_ids(row["prompt"])
+            prompt = self.prompt_ids(row["prompt"], images)
         steps = list(row["steps"])
         latents: list[int] = []
         n_latents = 0

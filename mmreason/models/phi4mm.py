@@ -106,8 +106,8 @@ class Phi4MMFamily(Family):
     model_types = ("phi4_multimodal",)
     extra_tokens = (IMAGE_TOKEN, AUDIO_TOKEN)
 
-    def __init__(self, model: Any, tokenizer: Any):
-        super().__init__(model, tokenizer)
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None):
+        super().__init__(model, tokenizer, processor)
         vision = model.config.vision_config
         if vision.image_size != vision.crop_size:
             raise ValueError(f"{type(model).__name__}: vision image_size {vision.image_size} != crop_size "
@@ -120,7 +120,7 @@ class Phi4MMFamily(Family):
         self.patches_per_side = vision.image_size // vision.patch_size
         self.tokens_per_image = image_tokens_per_crop_layout(self.patches_per_side)
 
-    def image_run(self) -> list[int]:
+    def image_run(self, image: Image.Image | None = None) -> list[int]:
         return [self.image_token_id] * self.tokens_per_image
 
     def hico_side(self) -> int:

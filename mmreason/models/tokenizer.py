@@ -33,13 +33,16 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def build_word_tokenizer(texts: Iterable[str], extra_special: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every piece of `texts` (plus numbers 0–99 and letters)."""
+def build_word_tokenizer(texts: Iterable[str], extra_special: Iterable[str] = (),
+                         named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every piece of `texts` (plus numbers 0–99 and letters).
+    `named`: special tokens also reachable as attributes (`tokenizer.context_image_token`, `…_id`),
+    as a processor reads them (saved in tokenizer_config.json's `extra_special_tokens`)."""
     pre = _pre_tokenizer()
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
-    specials = SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS]
+    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_special, *(named or {}).values()]))
     base = NUMBERS + [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:;?!()-'\n"]
     words = specials + sorted(set(base) | {"▁" + c for c in base if c != "\n"} | set(counts))
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
@@ -50,4 +53,8 @@ def build_word_tokenizer(texts: Iterable[str], extra_special: Iterable[str] = ()
         tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
         additional_special_tokens=[t for t in specials if t not in (PAD, UNK, BOS, EOS)],
     )
+    if named:  # the attribute map replaces the list above: the specials are added back as tokens
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS,
+                                       eos_token=EOS, extra_special_tokens=dict(named))
+        fast.add_tokens([t for t in specials if t not in (PAD, UNK, BOS, EOS)], special_tokens=True)
     return fast

@@ -285,11 +285,11 @@ def evaluate_epoch(engine: Any, recipe: Recipe, rows: list[dict], epoch: int, ze
 
 
 def write_export(recipe: Recipe, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
-    """HF format (safetensors) that `from_pretrained` loads, with the tokenizer and the recipe's own
-    files (the dare router); `extra`: file name → object saved with torch.save. Caller gathers ZeRO-3."""
+    """HF format (safetensors) that `from_pretrained` loads, with the tokenizer and processor and the
+    recipe's own files (the dare router); `extra`: file name → object saved with torch.save. Caller
+    gathers ZeRO-3."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe.family.model.save_pretrained(out_dir, safe_serialization=True)
-    recipe.family.tokenizer.save_pretrained(out_dir)
+    recipe.family.save(out_dir)
     recipe.export_extras(out_dir)
     for name, obj in (extra or {}).items():
         torch.save(obj, out_dir / name)
