@@ -311,7 +311,7 @@ def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
     """Check, train, export, evaluate, and track one stage (`callbacks`: see `fit`)."""
     import mlflow
 
-    from mmreason.tracking import stage_run
+    from mmreason.tracking import log_export, stage_run
 
     model_path = prepare_stage(cfg)
     with stage_run(cfg.experiment, cfg.run_name, asdict(cfg), tags={"stage": cfg.stage}) as run:
@@ -329,10 +329,9 @@ def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
                 storage.upload_dir(Path(tmp), eval_dir)
             else:
                 shutil.copytree(tmp, eval_dir, dirs_exist_ok=True)
-        if storage.is_remote(export):  # a real model's weights stay in the bucket; the run records where
-            mlflow.set_tag("export", export)
-        else:
-            mlflow.log_artifacts(export, artifact_path="model")
+        # an MLflow model that points at the export: the weights stay where they are
+        log_export(export, cfg.run_name, {"stage": cfg.stage, "backbone": cfg.model.backbone,
+                                          "precision": cfg.precision}, model_type=f"mmreason-{cfg.stage}")
         return {"stage": cfg.stage, "run_dir": cfg.run_location, "export": export, "train": metrics,
                 "eval": results, "mlflow_run_id": run.info.run_id}
 

@@ -6,13 +6,20 @@ Layout (README "Reviewing runs in MLflow"):
 - Store: a local SQLite file in the working directory (`mlflow.db`; MLflow 3.17 refuses a plain
   file store) unless `MLFLOW_TRACKING_URI` names another one (a server on a cluster).
 - Experiments per stage family: a stage run on its own goes to `<experiment>-train` (cot, coconut,
-  dare, rl) or `<experiment>-eval` (press evaluation, video QA); a sweep to `<experiment>-sweep`;
+  dare, cosre, rl) or `<experiment>-eval` (press evaluation, video QA); a sweep to `<experiment>-sweep`;
   a pipeline (the quickstart) to `<experiment>-pipeline`. Runs started inside a pipeline or a sweep
   nest under its run, in its experiment (MLflow nests runs only within one experiment).
 - Run names: a pipeline or sweep by its name, a stage by its `run_name`, a trial `<sweep>-<trial>`.
+- Experiments are tagged `mlflow.experimentKind: custom_model_development`, so that MLflow 3's
+  UI opens them on their runs, not on the GenAI (traces) overview.
 - Tags on every run: `git_commit` (+ `git_dirty`), `config_hash` (of the run's resolved config),
   `dataset_manifest_hash` and `dataset_path` (when the config reads a dataset), `stage`, and
   whatever `MMREASON_RUN_TAGS` (a JSON object) adds — a sweep sets `sweep` and `trial_id` there.
+- Inputs: a stage run's `data.path` (and `data.eval_path`) as MLflow datasets — name, the
+  manifest's hash as digest, the location as source, the manifest's row counts as profile; the
+  data is not read (`log_dataset_inputs`).
+- Models: a stage's export as an MLflow model of its run that points at the export's location;
+  MLflow keeps no copy of the weights (`log_export`).
 
 Workers log with `MlflowClient(uri).log_metric(run_id, …)` to the run id the driver hands them.
 """
@@ -23,10 +30,12 @@ import functools
 import json
 import os
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmreason import storage
 from mmreason.config import ConfigError, config_hash
 
 PARENT_ENV = "MMREASON_PARENT_RUN_ID"
@@ -34,8 +43,14 @@ TAGS_ENV = "MMREASON_RUN_TAGS"
 """A JSON object of extra tags for every run this process starts (a sweep's trial id, say)."""
 COMMIT_ENV = "MMREASON_GIT_COMMIT"
 """The commit, where the code runs without its .git (a `ray job submit` working dir)."""
-FAMILIES = {"cot": "train", "coconut": "train", "dare": "train", "rl": "train",
+FAMILIES = {"cot": "train", "coconut": "train", "dare": "train", "cosre": "train", "rl": "train",
             "evaluate": "eval", "video-qa": "eval", "sweep": "sweep", "pipeline": "pipeline"}
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's experiment type for model training (the other is `genai_development`); the UI reads
+it to choose what an experiment opens on."""
+EXPORT_URI_TAG = "export_uri"
+"""The tag of a logged model (and of its run) that holds where the export's files are."""
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -73,13 +88,21 @@ def git_state() -> dict[str, str]:
     return {"git_commit": sha, "git_dirty": "true" if dirty else "false"}
 
 
-def manifest_hash(dataset: str | Path) -> str | None:
+def read_manifest(dataset: str | Path) -> dict[str, Any] | None:
+    """A dataset's manifest.json (a local folder or an s3:// / gs:// location), or None where there
+    is none to read: tracking records what it can and never stops a run."""
+    try:
+        manifest = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))
+    except (OSError, ValueError, ConfigError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def manifest_hash(dataset: str | Path, manifest: dict[str, Any] | None = None) -> str | None:
     """Hash of a dataset's manifest.json — what was written (shards, rows, schema, generator config),
     not when or where: the `last_run` timings and the output directory are left out."""
-    path = Path(dataset) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+    manifest = dict(manifest if manifest is not None else read_manifest(dataset) or {})
+    if not manifest:
         return None
     manifest.pop("last_run", None)
     if isinstance(manifest.get("config"), dict):
@@ -108,20 +131,82 @@ def run_tags(params: dict[str, Any] | None = None, tags: dict[str, str] | None =
 
 
 def _enter_experiment(mlflow: Any, experiment: str, parent_id: str | None) -> None:
-    """The parent run's experiment when nested (runs nest only within one), else `experiment`."""
+    """The parent run's experiment when nested (runs nest only within one), else `experiment`,
+    created here if need be, and marked as model development (`EXPERIMENT_KIND`) unless it says
+    what it is already."""
     if parent_id is not None:
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(parent_id).info.experiment_id)
         return
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
-        # artifacts beside the database, not in ./mlruns of whatever directory the process runs in
-        # (a submitted job's is a temporary copy, deleted when the job ends)
-        root = Path(uri[len("sqlite:///"):]).parent / "mlruns"
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # artifacts beside the database, not in ./mlruns of whatever directory the process runs in
+            # (a submitted job's is a temporary copy, deleted when the job ends)
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
         try:
-            mlflow.create_experiment(experiment, artifact_location=root.resolve().as_uri())
+            mlflow.create_experiment(experiment, artifact_location=location,
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by a concurrent stage or trial
+    elif EXPERIMENT_KIND_TAG not in found.tags:  # made before we marked experiments
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment)
+
+
+def log_dataset_inputs(run_id: str, data: dict[str, Any], training: bool) -> None:
+    """The datasets a run's config reads (`data.path`; `data.eval_path`) as MLflow dataset inputs
+    of the run: named after their folder, the manifest hash as digest, the location as source, the
+    manifest's rows by split and task as profile, context `training` (`data.path` of a training
+    stage) or `evaluation`. Nothing is loaded; a dataset with no manifest to read is left out."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for location, context in ((data.get("path"), "training" if training else "evaluation"),
+                              (data.get("eval_path"), "evaluation")):
+        if not location or (context == "evaluation" and location == data.get("path") and inputs):
+            continue  # no dataset, or the held-out rows come from data.path, logged already
+        manifest = read_manifest(location)
+        if manifest is None:
+            continue
+        location = str(location) if storage.is_remote(location) else str(Path(location).resolve())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a local path: "" and file:// name the same source
+            source = resolve_dataset_source(location)
+        profile = {"dataset": manifest.get("dataset"), "total_rows": manifest.get("total_rows"),
+                   "rows": manifest.get("rows"), "shards": len(manifest.get("shards") or []),
+                   "schema_version": manifest.get("schema_version")}
+        dataset = Dataset(name=location.rstrip("/").rsplit("/", 1)[-1], digest=manifest_hash(location, manifest),
+                          source_type=source._get_source_type(), source=source.to_json(),
+                          profile=json.dumps(profile, sort_keys=True))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    if inputs:
+        mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+def log_export(export: str | Path, name: str, params: dict[str, Any] | None = None,
+               model_type: str | None = None) -> str:
+    """Log `export` (a local folder or an s3:// / gs:// location) as an MLflow model of the active
+    run: an external model — MLflow keeps no copy of the weights, only where they are
+    (`EXPORT_URI_TAG`, also set on the run) — listed as the run's output, so the UI's Model column
+    shows it and it can be registered (`models:/<model id>`). Returns the model id."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    location = str(export) if storage.is_remote(export) else str(Path(export).resolve())
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_export needs an active MLflow run (stage_run)")
+    model = mlflow.create_external_model(name=name, source_run_id=run.info.run_id, model_type=model_type,
+                                         tags={EXPORT_URI_TAG: location},
+                                         params={k: str(v) for k, v in (params or {}).items()})
+    mlflow.log_outputs([LoggedModelOutput(model.model_id, step=0)])
+    mlflow.set_tag(EXPORT_URI_TAG, location)
+    return model.model_id
 
 
 @contextmanager
@@ -158,6 +243,9 @@ def stage_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str
     try:
         with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=all_tags) as run:
             mlflow.log_params(flatten(params))
+            data = params.get("data")
+            if isinstance(data, dict):
+                log_dataset_inputs(run.info.run_id, data, FAMILIES.get((tags or {}).get("stage", "")) == "train")
             with _killed_on_exit():
                 yield run
     except (SystemExit, KeyboardInterrupt):

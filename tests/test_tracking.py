@@ -1,5 +1,6 @@
-"""The MLflow layout (mmreason.tracking): tags every run carries, experiments per stage family,
-nesting, tracking-URI checks, and `mmreason mlflow` serving the local store on 127.0.0.1."""
+"""The MLflow layout (mmreason.tracking): tags every run carries, experiments per stage family and
+their kind, nesting, datasets as run inputs, exports as logged models, tracking-URI checks, and
+`mmreason mlflow` serving the local store on 127.0.0.1 — all on a real SQLite store."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from mmreason import tracking
 from mmreason.config import ConfigError, config_hash
+from tests.s3 import s3, s3_server  # noqa: F401  (pytest fixtures)
 
 
 
@@ -98,6 +100,124 @@ def test_a_run_told_to_stop_ends_killed_and_one_that_raised_failed(mlflow_store)
                       "broken": ("FAILED", "FAILED"), "alone-stopped": ("KILLED", "KILLED"),
                       "alone-broken": ("FAILED", "FAILED")}
     assert mlflow.active_run() is None
+
+
+def test_experiments_are_marked_for_model_development(mlflow_store, tmp_path):
+    """MLflow 3's UI opens an experiment tagged `mlflow.experimentKind: custom_model_development`
+    on its runs (not the GenAI overview): ours get it when made, or later if made without it; a
+    kind set by someone else stays."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_store)
+    client.create_experiment("mmreason-eval")  # as made before experiments were marked
+    client.create_experiment("mmreason-sweep", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    with tracking.stage_run("mmreason", "s", {}, tags={"stage": "cot"}):
+        pass
+    with tracking.stage_run("mmreason", "e", {}, tags={"stage": "evaluate"}):
+        pass
+    with tracking.pipeline_run("mmreason", "qs"):
+        with tracking.pipeline_run("mmreason", "sw", family="sweep"):
+            pass
+    with tracking.pipeline_run("mmreason", "sw", family="sweep"):
+        pass
+    kinds = {e.name: e.tags.get("mlflow.experimentKind") for e in client.search_experiments()}
+    assert kinds == {"mmreason-train": "custom_model_development", "mmreason-eval": "custom_model_development",
+                     "mmreason-pipeline": "custom_model_development", "mmreason-sweep": "genai_development",
+                     "Default": None}
+    made = client.get_experiment_by_name("mmreason-train")
+    assert made.artifact_location == (tmp_path / "mlruns").resolve().as_uri()  # beside the database, still
+
+
+def _inputs(client, run_id: str) -> dict[str, object]:
+    """The run's dataset inputs by context."""
+    return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+            for i in client.get_run(run_id).inputs.dataset_inputs}
+
+
+def test_a_stage_run_logs_its_datasets_as_inputs_without_reading_them(mlflow_store, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    train = _dataset(tmp_path / "gw", rows={"train": {"maze": 4}})
+    held = _dataset(tmp_path / "held", total_rows=2, shards=[{"path": "test/a.parquet", "rows": 2}])
+    data = {"path": "gw", "eval_path": str(held)}  # a relative path is recorded resolved
+    with tracking.stage_run("mmreason", "s", {"stage": "cot", "data": data}, tags={"stage": "cot"}) as run:
+        pass
+    client = mlflow.MlflowClient(mlflow_store)
+    inputs = _inputs(client, run.info.run_id)
+    assert set(inputs) == {"training", "evaluation"}
+    training, evaluation = inputs["training"], inputs["evaluation"]
+    assert (training.name, training.digest, training.source_type) == ("gw", tracking.manifest_hash(train), "local")
+    assert mlflow.data.get_source(training).uri == str(train.resolve())
+    assert json.loads(training.profile) == {"dataset": "gridworld", "total_rows": 4, "rows": {"train": {"maze": 4}},
+                                            "shards": 1, "schema_version": 1}
+    assert (evaluation.name, evaluation.digest) == ("held", tracking.manifest_hash(held))
+    assert json.loads(evaluation.profile)["total_rows"] == 2
+    assert evaluation.digest != training.digest
+
+    # an evaluation's data is an evaluation input; held-out rows from data.path are not logged twice;
+    # a folder without a manifest is left out (the run goes on)
+    with tracking.stage_run("mmreason", "e", {"data": {"path": str(train), "eval_path": "gw"}},
+                            tags={"stage": "evaluate"}) as run:
+        pass
+    assert {k: v.digest for k, v in _inputs(client, run.info.run_id).items()} == {
+        "evaluation": tracking.manifest_hash(train)}
+    with tracking.stage_run("mmreason", "n", {"data": {"path": str(tmp_path / "none")}}, tags={"stage": "cot"}) as run:
+        pass
+    assert client.get_run(run.info.run_id).inputs.dataset_inputs == []
+
+
+def test_a_dataset_on_s3_is_an_input_named_by_its_uri(mlflow_store, s3):
+    import mlflow
+
+    from mmreason import storage
+
+    manifest = {"dataset": "cinepile", "schema_version": 1, "total_rows": 3, "rows": {"train": {"cinepile": 3}},
+                "shards": [{"path": "train/c.parquet", "rows": 3}], "config": {"output_dir": s3.uri}}
+    storage.write_text_atomic(f"{s3.uri}/cinepile-train/manifest.json", json.dumps(manifest))
+    location = f"{s3.uri}/cinepile-train"
+    with tracking.stage_run("mmreason", "s", {"data": {"path": location}}, tags={"stage": "cot"}) as run:
+        pass
+    client = mlflow.MlflowClient(mlflow_store)
+    dataset = _inputs(client, run.info.run_id)["training"]
+    assert (dataset.name, dataset.source_type) == ("cinepile-train", "s3")
+    assert mlflow.data.get_source(dataset).uri == location
+    assert dataset.digest == tracking.manifest_hash(location) and dataset.digest is not None
+    assert client.get_run(run.info.run_id).data.tags["dataset_manifest_hash"] == dataset.digest
+
+
+def test_an_export_is_a_logged_model_that_points_at_it(mlflow_store, tmp_path):
+    """No copy of the weights: the model holds only MLflow's MLmodel stub and the export's URI;
+    it is the run's output (the UI's Model column) and can be registered."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    export = tmp_path / "runs" / "cot-maze" / "export"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"\0" * 4096)
+    with tracking.stage_run("mmreason", "cot-maze", {"stage": "cot"}, tags={"stage": "cot"}) as run:
+        model_id = tracking.log_export(export, "cot-maze", {"stage": "cot", "backbone": "tiny-internvl"},
+                                       model_type="mmreason-cot")
+    client = mlflow.MlflowClient(mlflow_store)
+    model = client.get_logged_model(model_id)
+    assert (model.name, model.source_run_id, model.experiment_id, model.model_type) == (
+        "cot-maze", run.info.run_id, run.info.experiment_id, "mmreason-cot")
+    assert model.tags["export_uri"] == str(export) and model.params == {"stage": "cot", "backbone": "tiny-internvl"}
+    assert model.status == LoggedModelStatus.READY
+    assert [a.path for a in client.list_logged_model_artifacts(model_id)] == ["MLmodel"]
+    finished = client.get_run(run.info.run_id)
+    assert [o.model_id for o in finished.outputs.model_outputs] == [model_id]
+    assert finished.data.tags["export_uri"] == str(export)
+    assert client.list_artifacts(run.info.run_id) == []  # nor in the run's artifacts
+    version = client.get_model_version("cot-maze", mlflow.register_model(f"models:/{model_id}", "cot-maze").version)
+    assert (version.source, version.run_id) == (f"models:/{model_id}", run.info.run_id)
+
+    bucket = "s3://mmreason-runs/train/cot-maze/export"  # a remote export: its URI as it is
+    with tracking.stage_run("mmreason", "remote", {"stage": "cot"}, tags={"stage": "cot"}):
+        remote = tracking.log_export(bucket, "remote")
+    assert client.get_logged_model(remote).tags["export_uri"] == bucket
+    with pytest.raises(RuntimeError, match="needs an active MLflow run"):
+        tracking.log_export(export, "nowhere")
 
 
 def _free_port() -> int:

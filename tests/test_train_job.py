@@ -42,6 +42,16 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
     assert run.data.tags.get("mlflow.parentRunId")
+    # reviewable in MLflow 3: the experiment opens on runs, the data is an input, the export a model
+    client = mlflow.MlflowClient()
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    training, = run.inputs.dataset_inputs
+    assert training.dataset.name == maze_data.name
+    assert training.dataset.digest == run.data.tags["dataset_manifest_hash"]
+    model, = [client.get_logged_model(o.model_id) for o in run.outputs.model_outputs]
+    assert model.source_run_id == run.info.run_id and model.params["stage"] == "cot"
+    assert model.tags["export_uri"] == str(export)
+    assert client.list_artifacts(run.info.run_id, "model") == []  # the weights stay in the export
 
     # same run name and storage, more epochs: resumes after epoch 0 instead of starting over
     again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=2"))
