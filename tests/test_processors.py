@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +24,6 @@ from mmreason.models.internvl import IMAGENET_MEAN, IMAGENET_STD
 from mmreason.models.tokenizer import END_LATENT, LATENT, START_LATENT
 from mmreason.tasks import TASKS, RenderOptions, generate_example
 
-REPO = Path(__file__).resolve().parents[1]
 FRACTIONS = {"train": 1.0, "val": 0.0, "test": 0.0}
 
 
@@ -87,18 +82,6 @@ def test_tiles_from_the_processor_are_the_family_layout_and_the_modality_grids(t
     loss, _ = latent_forward(family, batch)
     loss.backward()
     assert torch.isfinite(loss)
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """internvl-smollm2 built by the console script, offline, converting the GGUF into a fresh cache."""
-    root = tmp_path_factory.mktemp("smollm2")
-    env = {**os.environ, "MMREASON_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "mmreason.cli", "models", "build", "internvl-smollm2",
-                          str(root / "ckpt")], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (root / "cache" / "smollm2-135m-instruct" / "model.safetensors").is_file()
-    return root / "ckpt"
 
 
 def test_internvl_smollm2_answers_like_smollm2(smollm2):

@@ -138,6 +138,22 @@ def record_draft(record: Any, split: str, coco_dir: str) -> dict[str, Any]:
     }
 
 
+def direct_answer_score(prediction: str | None, direct_answers: list[str]) -> float:
+    """A-OKVQA's direct-answer accuracy of one predicted answer string: min(1, exact matches among the
+    ten annotators' `direct_answers` / 3) — `eval_aokvqa(..., multiple_choice=False)` in
+    allenai/aokvqa `evaluation/eval_predictions.py`, which also leaves out `difficult_direct_answer`
+    questions (`direct_answer_eligible`)."""
+    if prediction is None:
+        return 0.0
+    return min(1.0, sum(prediction == answer for answer in direct_answers) / 3.0)
+
+
+def direct_answer_eligible(meta: dict[str, Any]) -> bool:
+    """Whether a row counts in the direct-answer score: it has direct answers and is not marked
+    `difficult_direct_answer` (the official evaluation skips those)."""
+    return bool(meta.get("direct_answers")) and meta.get("difficult_direct_answer") is not True
+
+
 def read_image(path: str, max_side: int, quality: int) -> bytes:
     """The image's JPEG bytes (resized when `max_side`), once they decode; else `RecordError`."""
     try:

@@ -2,7 +2,9 @@
 answer), `coconut` (latent thoughts, then the answer) — each with its own generation settings.
 
 Accuracy reads the final `The answer is X.` with `mmreason.tasks.parse_answer`; tokens per answer
-count the generated tokens (latent thoughts are not tokens and are reported separately).
+count the generated tokens (latent thoughts are not tokens and are reported separately). A-OKVQA
+rows are also scored as direct answers: the chosen option's text against the annotators' answers
+(`mmreason.data.aokvqa.direct_answer_score`, the official rule), reported as `<mode>_direct_answer`.
 """
 
 from __future__ import annotations
@@ -63,8 +65,31 @@ class EvalResult:
             groups.setdefault(str(p.get(key)), []).append(p["correct"])
         return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
+    @property
+    def direct_answer(self) -> float | None:
+        """Mean A-OKVQA direct-answer score over the rows that have one (None: no such rows)."""
+        scores = [p["direct_answer"] for p in self.predictions if "direct_answer" in p]
+        return sum(scores) / len(scores) if scores else None
+
     def metrics(self) -> dict[str, float]:
-        return {f"{self.mode}_accuracy": self.accuracy, f"{self.mode}_tokens_per_answer": self.tokens_per_answer}
+        out = {f"{self.mode}_accuracy": self.accuracy, f"{self.mode}_tokens_per_answer": self.tokens_per_answer}
+        if self.direct_answer is not None:
+            out[f"{self.mode}_direct_answer"] = self.direct_answer
+        return out
+
+
+def direct_answer(row: dict[str, Any], meta: dict[str, Any], prediction: str | None) -> dict[str, float]:
+    """`{"direct_answer": score}` for an A-OKVQA row the official evaluation counts, else {}: the
+    predicted letter's option text scored against the annotators' direct answers."""
+    from mmreason.data.aokvqa import direct_answer_eligible, direct_answer_score
+    from mmreason.tasks.base import LETTERS
+
+    if not direct_answer_eligible(meta):
+        return {}
+    choices = list(row.get("choices") or [])
+    index = LETTERS.find(prediction) if prediction and len(prediction) == 1 else -1
+    text = choices[index] if 0 <= index < len(choices) else None
+    return {"direct_answer": direct_answer_score(text, meta["direct_answers"])}
 
 
 def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings: GenerationSettings,
@@ -88,10 +113,10 @@ def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings
             for row, ids in zip(chunk, outs):
                 text = family.tokenizer.decode(ids, skip_special_tokens=False)
                 pred = parse_answer(text)
-                size = json.loads(row["meta"]).get("size")
-                predictions.append({"id": row["id"], "task": row["task"], "size": size, "answer": row["answer"],
-                                    "prediction": pred,
-                                    "correct": pred == row["answer"], "n_tokens": len(ids), "output": text})
+                meta = json.loads(row["meta"])
+                predictions.append({"id": row["id"], "task": row["task"], "size": meta.get("size"),
+                                    "answer": row["answer"], "prediction": pred, "correct": pred == row["answer"],
+                                    "n_tokens": len(ids), "output": text, **direct_answer(row, meta, pred)})
     finally:
         family.model.train(was_training)
     n = len(predictions)
