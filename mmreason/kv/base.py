@@ -454,6 +454,7 @@ class Session:
         self.handles.append(self.model.get_input_embeddings().register_forward_hook(self._embedding_hook))
         self.handles.append(self.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
         self.handles.append(self.decoder.register_forward_hook(self._decoder_hook))
+        self.handles += self.spec.watch()  # image layouts the ids alone do not tell (Phi-4-MM's HD crops)
         # set on the decoder's config only (the setter would recurse into vision/audio sub-configs)
         self.config._attn_implementation_internal = name
 

@@ -7,20 +7,29 @@ families loaded by hand:
   grid of pixel-shuffled patch features.
 - Anole / Chameleon: every VQ code token of the vocabulary (`vocabulary_mapping.image_tokens`) and
   the `<image>` placeholder; one image is a square grid of codes (resolution / 2^(levels−1) per side).
-- Phi-4-multimodal: `vision_config.image_token_id`; a one-crop image is the HD crop (b rows of b
-  features + a row separator), one separator, then the global view laid out the same way
-  (`Phi4MultimodalImageEmbedding`): two b×b grids, separators left outside both.
-
-A family hook (`Family.image_grids()`) would say the same thing at the source; the models package
-is not ours to edit, so the layout is read off the config here.
+- Phi-4-multimodal: `vision_config.image_token_id`; an image is its HD crops' features as one
+  rows × cols grid (a separator after each row), one separator, then the global view's b×b features
+  laid out the same way (`Phi4MultimodalImageEmbedding`): two grids, separators left outside both.
+  A one-crop image (a crop-sized picture, a video frame) is rows = cols = b. rows × cols cannot be
+  read off a run's length — the crop grid and the padding rows and columns it drops make the same
+  length from different grids (real checkpoint: a 896×448 landscape, 16 × 32, and a three-crop
+  portrait with padding, 48 × 10, are both 801 tokens; tiny: 4 × 8 and 12 × 2 are both 57) — so
+  `Phi4ModalitySpec.watch` hooks the model's image embedding and reads each image's grid off the
+  `image_sizes` and `image_attention_mask` it is called with, as the model itself does
+  (`mmreason.models.phi4mm.hd_layouts`); a press session installs the hook. A run of a length no
+  image of the last embedded batch had keeps only its global view as a grid.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
+
+from mmreason.models.phi4mm import hd_layouts, layout_tokens
 
 TEXT, VISION, SHARED = 0, 1, 2
 """Entry modalities. SHARED marks CoSRe's shared slots, which stand for tokens of both."""
@@ -59,7 +68,7 @@ class ModalitySpec:
                 end += 1
             length = end - t
             per = self.tokens_per_image
-            if per and length % per == 0:
+            if per and length % per == 0 and not self.is_one_image(length):
                 out += [(s, per) for s in range(t, end, per)]
             else:
                 out.append((t, length))
@@ -72,6 +81,72 @@ class ModalitySpec:
         if self.tokens_per_image == length and self.grids:
             return self.grids
         return _square(length, self.image_ids.device)
+
+    def is_one_image(self, length: int) -> bool:
+        """Whether a run of `length` tokens is one image even where it divides into `tokens_per_image`."""
+        return False
+
+    def watch(self) -> list[RemovableHandle]:
+        """Hooks that read image layouts off the model's inputs (none for most models); a press
+        session installs them for as long as it is applied."""
+        return []
+
+
+@dataclass
+class Phi4ModalitySpec(ModalitySpec):
+    """Phi-4-MM's layout: see the module docstring. `grids` are a one-crop image's."""
+
+    image_embedding: torch.nn.Module | None = None
+    """The model's `Phi4MultimodalImageEmbedding`, whose inputs `watch` reads."""
+    crop_size: int = 448
+    feature_side: int = 16
+    """b: pooled features per crop side."""
+    seen: dict[int, list[torch.Tensor] | None] = field(default_factory=dict)
+    """Run length → grids of the images of the last embedded batch (None: two of them had that
+    length but different grids)."""
+
+    def watch(self) -> list[RemovableHandle]:
+        if self.image_embedding is None:
+            return []
+        return [self.image_embedding.register_forward_pre_hook(self._read_layouts, with_kwargs=True)]
+
+    def _read_layouts(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        sizes, mask = kwargs.get("image_sizes"), kwargs.get("image_attention_mask")
+        self.seen = {}
+        if sizes is None or mask is None:
+            return
+        b = self.feature_side
+        for rows, cols in hd_layouts(sizes, mask, self.crop_size):
+            length = layout_tokens((rows, cols), b)
+            grids = phi4_image_grids(rows, cols, b, self.image_ids.device)
+            if length in self.seen and (self.seen[length] is None or self.seen[length][0].shape != grids[0].shape):
+                grids = None  # two images of this length, two grids: the length cannot say which
+            self.seen[length] = grids
+
+    def image_grids(self, length: int) -> list[torch.Tensor]:
+        grids = self.seen.get(length)
+        if grids is not None:
+            return grids
+        if length == self.tokens_per_image:
+            return self.grids
+        b = self.feature_side
+        if length > b * (b + 1) + 1:  # an image whose grid was not seen: its global view ends it
+            return [_rows_with_separators(b, b, length - b * (b + 1), self.image_ids.device)]
+        return _square(length, self.image_ids.device)  # a HiCo clip: g×g
+
+    def is_one_image(self, length: int) -> bool:
+        return length in self.seen
+
+
+def phi4_image_grids(rows: int, cols: int, b: int, device: torch.device) -> list[torch.Tensor]:
+    """Offsets of a Phi-4-MM image's HD grid (rows × cols) and global view (b×b), each row followed by
+    a separator, one separator between them."""
+    return [_rows_with_separators(rows, cols, 0, device), _rows_with_separators(b, b, rows * (cols + 1) + 1, device)]
+
+
+def _rows_with_separators(h: int, w: int, start: int, device: torch.device) -> torch.Tensor:
+    """(h, w) offsets of a grid laid out from `start` row by row, each row followed by one other token."""
+    return start + torch.arange(h, device=device).view(h, 1) * (w + 1) + torch.arange(w, device=device).view(1, w)
 
 
 def _square(n: int, device: torch.device) -> list[torch.Tensor]:
@@ -108,10 +183,10 @@ def modality_spec(model: torch.nn.Module) -> ModalitySpec:
         vision = config.vision_config
         patches = vision.image_size // vision.patch_size
         b = (patches + patches % 2) // 2
-        side = torch.arange(b, device=device)
-        row = side.view(b, 1) * (b + 1) + side.view(1, b)
-        crop, glb = row, row + b * (b + 1) + 1
-        return ModalitySpec(_lookup(vocab, [vision.image_token_id], device), 2 * b * (b + 1) + 1, [crop, glb])
+        return Phi4ModalitySpec(_lookup(vocab, [vision.image_token_id], device), layout_tokens((b, b), b),
+                                phi4_image_grids(b, b, b, device),
+                                image_embedding=model.model.embed_tokens_extend.image_embed,
+                                crop_size=vision.crop_size, feature_side=b)
     token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     if token is None:
         raise ValueError(f"{name}: cannot tell image tokens from text (no image_token_id in its config)")

@@ -1,7 +1,8 @@
 """Backbone registry: one name → (model, tokenizer, family adapter).
 
 Real checkpoints (`anole-7b`, `internvl3-1b`, `phi4-mm`) load from a local path or hub id with
-`from_pretrained` and `AutoProcessor.from_pretrained`. Tiny ones (`tiny-*`) are the same transformers
+`from_pretrained` (`Family.load_model`: Phi-4-MM also merges its vision LoRA) and their processor
+(`load_processor`). Tiny ones (`tiny-*`) are the same transformers
 classes with small random weights: built from config once, saved with their processor, and loaded
 back through the very same path — so the loading code real checkpoints take is what tests exercise.
 `internvl-smollm2` is built (`mmreason models build internvl-smollm2 DIR`) from the pretrained
@@ -20,13 +21,16 @@ from transformers import AutoTokenizer
 
 from mmreason.config import ConfigError
 from mmreason.models.anole import AnoleFamily
+from mmreason.models.anole import build_processor as anole_processor
 from mmreason.models.anole import tiny_config as tiny_anole_config
 from mmreason.models.base import Family
 from mmreason.models.internvl import PROCESSOR_TOKENS as INTERNVL_TOKENS
 from mmreason.models.internvl import InternVLFamily
 from mmreason.models.internvl import build_processor as internvl_processor
 from mmreason.models.internvl import tiny_config as tiny_internvl_config
+from mmreason.models.phi4mm import PROCESSOR_TOKENS as PHI4MM_TOKENS
 from mmreason.models.phi4mm import Phi4MMFamily
+from mmreason.models.phi4mm import build_processor as phi4mm_processor
 from mmreason.models.phi4mm import tiny_config as tiny_phi4mm_config
 from mmreason.models.processing import load_processor
 from mmreason.models.smollm2 import build_internvl_smollm2
@@ -70,9 +74,11 @@ BACKBONES: dict[str, BackboneSpec] = {
                      named_tokens=INTERNVL_TOKENS),
         BackboneSpec("internvl-smollm2", InternVLFamily, builder=build_internvl_smollm2),
         BackboneSpec("anole-7b", AnoleFamily, hub_id="leloy/Anole-7b-v0.1-hf"),
-        BackboneSpec("tiny-anole", AnoleFamily, tiny_config=tiny_anole_config),
+        BackboneSpec("tiny-anole", AnoleFamily, tiny_config=tiny_anole_config, tiny_processor=anole_processor),
         BackboneSpec("phi4-mm", Phi4MMFamily, hub_id="microsoft/Phi-4-multimodal-instruct"),
-        BackboneSpec("tiny-phi4mm", Phi4MMFamily, tiny_config=tiny_phi4mm_config),
+        BackboneSpec("tiny-phi4mm", Phi4MMFamily, tiny_config=tiny_phi4mm_config,
+                     tiny_processor=lambda tok, cfg: phi4mm_processor(tok, cfg, dynamic_hd=4),
+                     named_tokens=PHI4MM_TOKENS),
     )
 }
 
@@ -199,7 +205,7 @@ def load_backbone(name: str, path: str | Path | None = None, dtype: torch.dtype 
         path = storage.local_copy(str(path))
     elif Path(str(path)).exists() or spec.hub_id is None:
         check_checkpoint(name, path)
-    model = spec.family.model_class.from_pretrained(path, dtype=dtype)
+    model = spec.family.load_model(path, dtype)
     processor = load_processor(path)
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     ensure_latent_tokens(model, tokenizer)  # a real checkpoint's tokenizer has no CoCoNuT tokens

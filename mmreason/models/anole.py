@@ -2,7 +2,11 @@
 stream, so the model reads images as tokens and can also *write* them — MVoT's visual thoughts
 (arXiv 2501.07542).
 
-One image in a sequence is ChameleonProcessor's layout: `<racm3:break>`, N × `<image>`, `<eoss>`.
+Images go through the checkpoint's processor (`ChameleonProcessor`: its image processor resizes the
+shortest edge to the VQ-VAE's resolution (LANCZOS), centre-crops a square, and maps pixels to
+x · 0.0078 − 1; transformers' PIL backend, `ChameleonImageProcessorPil`, runs it without torchvision).
+One image in a sequence is ChameleonProcessor's layout: `<racm3:break>`, N × `<image>`, `<eoss>`,
+N = its `image_seq_length` (real: 512 px → 1024 codes).
 `embed` replaces the N `<image>` placeholders by the image's VQ codes, mapped to their `IMGIMG…`
 vocabulary tokens (`ChameleonModel.get_image_tokens`, the frozen VQ-VAE), and embeds the ids with
 the text embedding table. After that only token ids are left of the image, so cached generation
@@ -10,19 +14,20 @@ from `inputs_embeds` never needs the pixels again. `image_token_ids(images)` giv
 for step images, which a trainer puts into the labels to teach the model to draw its thoughts;
 `visual_token_discrepancy` is MVoT's extra loss on those positions.
 
-The tiny variant: 64 px images, a VQ-VAE of 32 channels that downsamples 8× to 8×8 = 64 codes from
-a codebook of 256, and a 2-layer text model of width 128. Its vocabulary is the word-level
-tokenizer plus one `IMGIMG…` token per code (the names Chameleon's `vocabulary_map` decodes).
+The tiny variant: 64 px images (its processor resizes and crops to 64), a VQ-VAE of 32 channels that
+downsamples 8× to 8×8 = 64 codes from a codebook of 256, and a 2-layer text model of width 128. Its
+vocabulary is the word-level tokenizer plus one `IMGIMG…` token per code (the names Chameleon's
+`vocabulary_map` decodes).
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
-from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+from PIL import Image
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
+from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
@@ -33,8 +38,6 @@ from mmreason.models.tokenizer import IMAGE
 IMAGE_START, IMAGE_END = "<racm3:break>", "<eoss>"
 """Chameleon's begin/end-of-image tokens (ChameleonProcessor's defaults)."""
 TINY_CODEBOOK = 256
-PIXEL_SCALE = 0.0078
-"""ChameleonImageProcessor: pixels × 0.0078 − 1 (rescale, then normalise with mean 1, std 1)."""
 
 
 def image_code_token(code: int) -> str:
@@ -56,6 +59,23 @@ def tiny_config(tokenizer: Any, image_size: int = 64) -> ChameleonConfig:
                            vq_config=vq, vocabulary_map=vocab, tie_word_embeddings=True,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
+
+
+def codes_per_image(config: ChameleonConfig) -> int:
+    """VQ codes of one image: the VQ-VAE's latent grid, resolution / 2^(levels − 1) per side (one
+    stride-2 convolution per level but the last)."""
+    vq = config.vq_config
+    side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
+    return side * side
+
+
+def build_processor(tokenizer: Any, config: ChameleonConfig) -> ChameleonProcessor:
+    """A `ChameleonProcessor` for `config` around `tokenizer`: Chameleon's image preprocessing (its
+    class defaults: LANCZOS, ×0.0078, mean 1, std 1) at the VQ-VAE's resolution, one image =
+    `codes_per_image` tokens."""
+    side = config.vq_config.resolution
+    images = ChameleonImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return ChameleonProcessor(images, tokenizer, image_seq_length=codes_per_image(config), image_token=IMAGE)
 
 
 class AnoleForConditionalGeneration(ChameleonForConditionalGeneration):
@@ -143,13 +163,19 @@ class AnoleFamily(Family):
         if self.image_token_id is None:
             raise ValueError(f"{type(model).__name__}: config.vocabulary_map has no {IMAGE!r} token")
         self.image_start_id, self.image_end_id = self._special_ids(IMAGE_START, IMAGE_END)
-        vq = model.config.vq_config
-        self.image_size = vq.resolution
-        side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)  # one stride-2 conv per level but the last
-        self.codes_per_image = side * side
+        self.codes_per_image = codes_per_image(model.config)
+        if processor is None:
+            raise ValueError(f"{type(model).__name__}: the anole family needs the checkpoint's processor "
+                             f"(processor_config.json, saved by Family.save)")
+        if processor.image_seq_length != self.codes_per_image:
+            raise ValueError(f"processor image_seq_length {processor.image_seq_length} != the VQ-VAE's "
+                             f"{self.codes_per_image} codes per image")
+        self.image_processor = processor.image_processor
+        crop, side = self.image_processor.crop_size, model.config.vq_config.resolution
+        if (crop.height, crop.width) != (side, side):
+            raise ValueError(f"processor images are {crop.height}x{crop.width} px but the VQ-VAE takes {side}")
         # row k = vocabulary id of VQ code k (Chameleon's own mapping, the inverse of bpe2img)
         self.code_token_ids = mapping.img2bpe_mapping_tensor.long()
-        self.image_processor = getattr(processor, "image_processor", None)
         # Chameleon's VQ-VAE is frozen (MVoT and Anole train only the transformer)
         model.model.vqmodel.requires_grad_(False)
 
@@ -164,13 +190,7 @@ class AnoleFamily(Family):
         return [self.image_start_id] + [self.image_token_id] * self.codes_per_image + [self.image_end_id]
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        if self.image_processor is not None:  # a real checkpoint's own preprocessing
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            return self.place({"pixel_values": pixels})
-        size = (self.image_size, self.image_size)
-        # ChameleonImageProcessor: shortest edge to size, centre crop, LANCZOS
-        arr = np.stack([np.asarray(ImageOps.fit(im.convert("RGB"), size, Image.LANCZOS)) for im in images])
-        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().mul(PIXEL_SCALE).sub(1.0)
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return self.place({"pixel_values": pixels})
 
     @torch.no_grad()
@@ -214,5 +234,5 @@ class AnoleFamily(Family):
         return self.model.get_input_embeddings()(ids)
 
 
-__all__ = ["AnoleFamily", "AnoleForConditionalGeneration", "IMAGE_END", "IMAGE_START", "image_code_token",
-           "tiny_config", "visual_token_discrepancy"]
+__all__ = ["AnoleFamily", "AnoleForConditionalGeneration", "IMAGE_END", "IMAGE_START", "build_processor",
+           "codes_per_image", "image_code_token", "tiny_config", "visual_token_discrepancy"]

@@ -105,6 +105,12 @@ class Family(abc.ABC):
         self.video = VideoInput()
 
     # --- family hooks -------------------------------------------------------------------------
+    @classmethod
+    def load_model(cls, path: str | Path, dtype: torch.dtype) -> Any:
+        """The checkpoint's model in `dtype`; a family whose checkpoints ship more than the weights
+        (Phi-4-MM's vision LoRA) loads that here too."""
+        return cls.model_class.from_pretrained(path, dtype=dtype)
+
     @abc.abstractmethod
     def image_run(self, image: Image.Image | None = None) -> list[int]:
         """Token ids that stand for `image` in the text stream (their count may depend on its size:

@@ -9,6 +9,11 @@ checkpoint's own image processor (`AutoImageProcessor`, which has a PIL backend)
 the processor's settings from `processor_config.json` — exactly what the processor itself would
 hand its image processor, and the same files on disk, so a machine with torchvision loads the saved
 checkpoint as the real processor class.
+
+A second gap: an image processor with no PIL backend at all (`Phi4MultimodalImageProcessor`). Where
+this project has a port of it (`IMAGE_PROCESSOR_PORTS`: the same preprocessing on transformers' PIL
+backend, saved under the original class name), the processor is built around the port; elsewhere
+transformers' own class loads the same files.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import transformers
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-from transformers.utils import is_torchvision_available
+from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers.utils import cached_file, is_torchvision_available
+
+from mmreason.models.phi4mm_images import Phi4MultimodalImageProcessorPil
 
 PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+IMAGE_PROCESSOR_PORTS = {"Phi4MultimodalImageProcessor": Phi4MultimodalImageProcessorPil}
+"""Image processors transformers implements with torchvision only → this project's PIL-backend port."""
 
 
 @dataclass
@@ -69,15 +78,51 @@ def make_processor(processor_class: str, image_processor: Any, tokenizer: Any, *
                chat_template=getattr(tokenizer, "chat_template", None), **settings)
 
 
+def _read_json(path: str | Path, name: str) -> dict[str, Any] | None:
+    """`name` of checkpoint `path` (a local dir, or a hub id: fetched), or None where it has none."""
+    local = Path(str(path)) / name
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(str(path)).exists():
+        return None
+    found = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(found).read_text()) if found else None
+
+
+def _with_ported_image_processor(path: str | Path, settings: dict[str, Any]) -> Any:
+    """The checkpoint's processor (`settings` is its processor_config.json) built around the port of
+    its image processor, the other parts loaded as `AutoProcessor` would; None where no port applies."""
+    images = settings.get("image_processor") or _read_json(path, IMAGE_PROCESSOR_CONFIG) or {}
+    port = IMAGE_PROCESSOR_PORTS.get(images.get("image_processor_type", ""))
+    cls = getattr(transformers, settings.get("processor_class") or "", None)
+    if port is None or cls is None:
+        return None
+    parts: dict[str, Any] = {}
+    for attribute in cls.get_attributes():
+        if attribute == "image_processor":
+            parts[attribute] = port.from_pretrained(path)
+        elif attribute == "tokenizer":
+            parts[attribute] = AutoTokenizer.from_pretrained(path)
+        else:  # Phi-4-MM's audio_processor: a feature extractor, no torchvision needed
+            parts[attribute] = AutoFeatureExtractor.from_pretrained(path)
+    extra = {k: v for k, v in settings.items()
+             if k not in ("processor_class", "chat_template", *cls.get_attributes())}
+    return cls(**parts, **extra)
+
+
 def load_processor(path: str | Path) -> Any:
     """The checkpoint's processor when it ships one (processor_config.json or preprocessor_config.json
     beside the weights; a hub id is asked), else None: `AutoProcessor.from_pretrained`, or where that
-    needs torchvision and it is missing, the same processor as `ProcessorParts`."""
+    needs torchvision and it is missing, the same processor as `ProcessorParts` or around a port of
+    its image processor (`IMAGE_PROCESSOR_PORTS`)."""
     local = Path(str(path))
     if local.exists() and not any((local / f).is_file() for f in (PROCESSOR_CONFIG, IMAGE_PROCESSOR_CONFIG)):
         return None
-    if local.exists() and not is_torchvision_available() and (local / PROCESSOR_CONFIG).is_file():
-        settings = json.loads((local / PROCESSOR_CONFIG).read_text())
+    settings = None if is_torchvision_available() else _read_json(path, PROCESSOR_CONFIG)
+    if settings is not None:
+        ported = _with_ported_image_processor(path, settings)
+        if ported is not None:
+            return ported
         name = settings.pop("processor_class", None)
         cls = getattr(transformers, name or "", None)
         if cls is not None and "video_processor" in cls.get_attributes():
