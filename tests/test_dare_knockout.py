@@ -80,14 +80,21 @@ def test_fit_router_ranks_tokens_by_their_measured_rise():
     def ranks(x: torch.Tensor) -> torch.Tensor:
         return x.argsort().argsort().float()
 
+    def spearman(model: DareRouter, m: int) -> float:
+        """Rank correlation of the router's scores with the measured rise, ranked within each row
+        (the order within a row and modality is what DARE's top-k uses)."""
+        mine = torch.cat([ranks(model(r.hidden[None], r.modality[None])[0][r.modality == m]) for r in held_out])
+        truth = torch.cat([ranks(r.rise[r.modality == m]) for r in held_out])
+        return float(torch.corrcoef(torch.stack([mine, truth]))[0, 1])
+
+    # Measured over 20 seeds of this test's data and fit (torch.manual_seed(s), fit seed s, s = 0..19):
+    # text 0.916 / 0.931 / 0.943 (min / median / max; 18 tokens a row), vision 0.807 / 0.871 / 0.921
+    # (6 tokens a row, so coarse ranks). The bounds sit ~0.06 under each minimum. (An unfitted router
+    # is no fixed yardstick: its random map correlates with the one feature the rise reads by chance,
+    # -0.62 on vision at seed 0.)
     with torch.no_grad():
-        for m in (TEXT, VISION):  # the order within each modality is what DARE's top-k uses
-            mine = torch.cat([ranks(router(r.hidden[None], r.modality[None])[0][r.modality == m]) for r in held_out])
-            truth = torch.cat([ranks(r.rise[r.modality == m]) for r in held_out])
-            spearman = torch.corrcoef(torch.stack([mine, truth]))[0, 1]
-            # measured 0.933 (text, 18 tokens a row) and 0.900 (image, 6 a row, so coarse ranks) here;
-            # CI's machine had both above 0.9: the bound leaves room for the CPU's float paths
-            assert spearman > 0.85, (m, spearman)
+        for m, bound in ((TEXT, 0.85), (VISION, 0.75)):
+            assert spearman(router, m) > bound, (m, spearman(router, m))
     with pytest.raises(ValueError, match="no knockout measurements"):
         fit_router(router, [], epochs=1)
 
