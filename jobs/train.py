@@ -32,6 +32,7 @@ from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config
 from mmreason.data.cinepile import matches_filters
 from mmreason.data.reader import shard_entries
+from mmreason.data.shards import verify_shards
 from mmreason.data.schema import EXAMPLE_SCHEMA
 from mmreason.data.selection import held_out_rows
 from mmreason.eval.runner import evaluate
@@ -104,6 +105,7 @@ def train_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"data.path {cfg.data.path} has no train shards for task {task!r}"
                                     + (f" and sizes {cfg.data.sizes}" if cfg.data.sizes else ""))
         entries += found
+    verify_shards(cfg.data.path, entries)  # a truncated or foreign shard is named before Ray starts
     return entries
 
 
@@ -299,8 +301,8 @@ def prepare_stage(cfg: TrainConfig) -> str:
     """Every check that needs no Ray: paths and URIs, the starting checkpoint, the shards, visual
     thoughts, rl rewards on a real row. Returns the starting checkpoint (a tiny one is built)."""
     resolve_locations(cfg)
+    train_shards(cfg)  # the data first: a bad shard is named before a tiny backbone is built
     model_path = resolve_model_path(cfg)
-    train_shards(cfg)
     deepspeed_file(cfg)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)

@@ -120,6 +120,36 @@ def test_dataset_without_shards_and_foreign_checkpoints_are_named(maze_data, tmp
         train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"init_from={internvl}"))
 
 
+def test_truncated_missing_and_foreign_shards_are_named_before_any_worker_starts(maze_data, tmp_path, capsys):
+    """A training run over a damaged dataset stops in its checks with one message naming each bad
+    shard; readers of held-out rows check the same way."""
+    import shutil
+
+    from mmreason.data.reader import read_table
+    from mmreason.data.shards import CorruptShardError
+
+    data = tmp_path / "data"
+    shutil.copytree(maze_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    train_shards = [e["path"] for e in manifest["shards"] if e["split"] == "train"]
+    cut = data / train_shards[0]
+    cut.write_bytes(cut.read_bytes()[:-100])  # truncated, as a copy cut short leaves it
+    args = [str(REPO / "configs/train/cot-maze.yaml"), f"data.path={data}", f"storage={tmp_path / 'runs'}", "run_name=c"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(cut) in err and "truncated" in err
+    assert not (tmp_path / "runs").exists()  # stopped before a run dir, a backbone or Ray
+
+    (data / train_shards[0]).write_bytes((maze_data / train_shards[0]).read_bytes())  # whole again
+    (data / train_shards[1]).unlink()
+    (data / "manifest.json").write_text(json.dumps(dict(manifest, dataset="cinepile")))  # now foreign
+    with pytest.raises(CorruptShardError) as caught:
+        read_table(data, split="train")
+    message = str(caught.value)
+    assert "2 bad shard(s)" in message and f"{data / train_shards[1]} is missing" in message
+    assert f"{data / train_shards[0]} is a shard of 'gridworld', not of this 'cinepile' dataset" in message
+
+
 def test_check_validates_and_prints_resources_without_starting_a_stage(maze_data, tmp_path, capsys):
     args = [str(REPO / "configs/train/cot-maze.yaml"), f"data.path={maze_data}", f"storage={tmp_path / 'runs'}",
             "run_name=c", "grad_accum=2", "optim.batch_size=4", "precision=bf16", "--check"]

@@ -1,6 +1,7 @@
 """Read example shards back: by split and task, as decoded `Example`s (no Ray needed), as an Arrow
 table, or as a Ray Dataset for training workers. Only shards the manifest lists are read. A dataset
-root is a location (`mmreason.storage`): a local folder or an `s3://` / `gs://` prefix."""
+root is a location (`mmreason.storage`): a local folder or an `s3://` / `gs://` prefix. Shards are
+checked against the manifest before any is read (`mmreason.data.shards.verify_shards`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 
 from mmreason import storage
 from mmreason.data.schema import EXAMPLE_SCHEMA, SPLITS, TASK_NAMES, Example, decode_row
-from mmreason.data.shards import read_manifest, read_shard
+from mmreason.data.shards import read_manifest, read_shard, verify_shards
 
 
 def shard_entries(root: str | Path, split: str | None = None, task: str | None = None,
@@ -32,8 +33,12 @@ def shard_entries(root: str | Path, split: str | None = None, task: str | None =
 
 def shard_paths(root: str | Path, split: str | None = None, task: str | None = None,
                 sizes: Sequence[int] | None = None) -> list[str]:
-    """Locations of the manifest's shards for `split` / `task` / grid `sizes` (None = all)."""
-    return [storage.join(root, shard["path"]) for shard in shard_entries(root, split, task, sizes)]
+    """Locations of the manifest's shards for `split` / `task` / grid `sizes` (None = all), each
+    checked against the manifest first (`verify_shards`: missing, truncated or foreign shards are
+    named before anything is read)."""
+    entries = shard_entries(root, split, task, sizes)
+    verify_shards(root, entries)
+    return [storage.join(root, shard["path"]) for shard in entries]
 
 
 def read_table(

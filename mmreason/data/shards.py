@@ -81,6 +81,37 @@ def read_shard_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def verify_shards(root: str | Path, entries: Sequence[dict[str, Any]]) -> None:
+    """Before a job reads them: every shard of `entries` (the manifest's, under `root`) is there,
+    whole and this dataset's — its size is the manifest's `bytes`, its footer reads, with the
+    manifest's row count and dataset name. One `CorruptShardError` names every bad file (missing,
+    truncated or damaged, foreign); footers only, so a few ranged reads a shard on an object store."""
+    dataset = read_manifest(root).get("dataset") if entries else None
+    problems = []
+    for entry in entries:
+        path = storage.join(str(root), entry["path"])
+        try:
+            size = storage.size(path)
+        except FileNotFoundError:
+            problems.append(f"{path} is missing")
+            continue
+        if "bytes" in entry and size != entry["bytes"]:
+            problems.append(f"{path} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)")
+            continue
+        try:
+            info = read_shard_info(path)
+        except CorruptShardError as exc:
+            problems.append(str(exc).removeprefix("corrupt shard "))
+            continue
+        if info.get("rows") != entry.get("rows"):
+            problems.append(f"{path} holds {info.get('rows')} rows, the manifest says {entry.get('rows')}")
+        elif dataset and info.get("dataset") not in (None, dataset):
+            problems.append(f"{path} is a shard of {info.get('dataset')!r}, not of this {dataset!r} dataset")
+    if problems:
+        raise CorruptShardError(f"dataset {root}: {len(problems)} bad shard(s): " + "; ".join(problems)
+                                + " — rebuild them with the data job (its --overwrite replaces bad shards)")
+
+
 def remove_temp_files(root: str | Path) -> list[str]:
     """Delete leftovers of interrupted local writes (never complete shards) under `root`. An object store
     has none: an upload cut short never becomes an object."""

@@ -49,15 +49,13 @@ def gguf_dir() -> Path:
     return root
 
 
-def cache_root() -> Path:
-    """Where converted weights are kept: `$MMREASON_CACHE`, else ~/.cache/mmreason."""
-    return Path(os.environ.get("MMREASON_CACHE") or Path.home() / ".cache" / "mmreason")
-
-
 def smollm2_checkpoint(cache: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a safetensors checkpoint (model + tokenizer with its chat template),
-    converted from the package's GGUF on first use and cached under `cache` (default `cache_root()`)."""
+    converted from the package's GGUF on first use and cached under `cache` (default
+    `mmreason.storage.cache_root()`: $MMREASON_CACHE, else ~/.cache/mmreason)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from mmreason.storage import cache_root
 
     out = Path(cache or cache_root()) / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
