@@ -37,7 +37,10 @@ def tree(root: Path) -> dict[str, int]:
 
 def checked(main, args: list[str], capsys) -> dict:
     """`main(args --check)` exits 0; the report it printed, as data (print_check writes YAML, and
-    its last line — that nothing was started — is YAML too)."""
+    its last line — that nothing was started — is YAML too). What the test printed before (a tiny
+    backbone's build: DeepSpeed, imported by accelerate when a model is saved, logs to stdout) is
+    not the job's."""
+    capsys.readouterr()
     assert main([*args, "--check"]) == 0
     printed = capsys.readouterr().out
     assert printed.rstrip().endswith("\ncheck: config and inputs are valid; nothing was started")
@@ -99,7 +102,8 @@ def cinepile_questions(tmp_path_factory, cinepile_source) -> Path:
     for clip in work.plans:
         rows = question_rows(clip, {"frame_times": [0.0], "duration": 1.0, "frame_size": [8, 8]})
         write_shard(out / clip.relpath, rows, question_info(cfg, clip))
-        outcomes[clip.clip_id] = outcome(clip, OK, path=clip.relpath, rows=len(rows))
+        outcomes[clip.clip_id] = outcome(clip, OK, path=clip.relpath, rows=len(rows),
+                                         bytes=(out / clip.relpath).stat().st_size)
     write_json_atomic(out / MANIFEST_NAME, cinepile._manifest(cfg, work.plans, outcomes, [], work.rows_read))
     return out
 

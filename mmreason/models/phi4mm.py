@@ -269,8 +269,9 @@ class Phi4MMFamily(Family):
         if any(is_clip):
             frames = [self._one_crop(f) for e in images if isinstance(e, FrameClip) for f in e.frames]
             inputs["frame_pixel_values"] = self._processed(frames)["image_pixel_values"][:, 0]  # the view of the whole frame
-            inputs["entry_frames"] = torch.tensor([len(e.frames) if c else 0 for e, c in zip(images, is_clip)])
-            inputs["entry_is_clip"] = torch.tensor(is_clip)
+            inputs["entry_frames"] = torch.tensor([len(e.frames) if c else 0 for e, c in zip(images, is_clip)],
+                                                  device="cpu")
+            inputs["entry_is_clip"] = torch.tensor(is_clip, device="cpu")
         return self.place(inputs)
 
     def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int]:

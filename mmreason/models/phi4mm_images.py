@@ -92,7 +92,7 @@ class Phi4MultimodalImageProcessorPil(PilBackend):
     def crop_attention_mask(grid: tuple[int, int], padding: tuple[int, int], patch_size: int,
                             mask_size: int) -> torch.Tensor:
         """(h·m, w·m) patch mask of the crops: 0 on patch columns/rows that are all padding."""
-        mask = torch.ones(mask_size * grid[1], mask_size * grid[0])
+        mask = torch.ones(mask_size * grid[1], mask_size * grid[0], device="cpu")
         if padding[0] >= patch_size:
             mask[:, -math.floor(padding[0] / patch_size):] = 0
         if padding[1] >= patch_size:
@@ -116,7 +116,7 @@ class Phi4MultimodalImageProcessorPil(PilBackend):
         grid, _, padding = self.crop_layout(height, width, side, max_num=kwargs["dynamic_hd"])
         return self.count_image_tokens(self.crop_attention_mask(grid, padding, patch, side // patch), side // patch)
 
-    # --- preprocessing ---------------------------------------------------------------------------
+    # --- preprocessing (on the CPU, as every processor: explicit devices, whatever torch's default) -
     def _preprocess(self, images: list[np.ndarray], size: SizeDict, resample: PILImageResampling | int,
                     do_rescale: bool, rescale_factor: float, do_normalize: bool, image_mean: tuple[float, ...],
                     image_std: tuple[float, ...], patch_size: int, dynamic_hd: int, return_tensors=None,
@@ -127,8 +127,8 @@ class Phi4MultimodalImageProcessorPil(PilBackend):
             raise ValueError(f"the global view is resized bicubic (transformers' default); got resample={resample}")
         side, mask_size = size.height, size.height // patch_size
         # tvF.normalize after its fused rescale: (x − mean/scale) / (std/scale), in float32
-        mean = torch.tensor(image_mean) * (1.0 / rescale_factor) if do_rescale else torch.tensor(image_mean)
-        std = torch.tensor(image_std) * (1.0 / rescale_factor) if do_rescale else torch.tensor(image_std)
+        mean = torch.tensor(image_mean, device="cpu") * (1.0 / rescale_factor if do_rescale else 1.0)
+        std = torch.tensor(image_std, device="cpu") * (1.0 / rescale_factor if do_rescale else 1.0)
         crops, masks, counts, sizes = [], [], [], []
         for array in images:
             pixels = torch.from_numpy(np.ascontiguousarray(array))
@@ -150,13 +150,13 @@ class Phi4MultimodalImageProcessorPil(PilBackend):
             tile_masks = (mask.reshape(height // side, mask_size, width // side, mask_size).transpose(1, 2)
                           .reshape(-1, mask_size, mask_size))
             crops.append(torch.cat([glb, tiles]))
-            masks.append(torch.cat([torch.ones(1, mask_size, mask_size), tile_masks]))
+            masks.append(torch.cat([torch.ones(1, mask_size, mask_size, device="cpu"), tile_masks]))
             counts.append(self.count_image_tokens(mask, mask_size))
             sizes.append([height, width])
         most = max(c.shape[0] for c in crops)
         crops = [torch.cat([c, c.new_zeros(most - c.shape[0], *c.shape[1:])]) for c in crops]
         masks = [torch.cat([m, m.new_ones(most - m.shape[0], *m.shape[1:])]) for m in masks]
-        data = {"image_pixel_values": torch.stack(crops), "image_sizes": torch.tensor(sizes, dtype=torch.long),
+        data = {"image_pixel_values": torch.stack(crops), "image_sizes": torch.tensor(sizes, dtype=torch.long, device="cpu"),
                 "image_attention_mask": torch.stack(masks), "num_img_tokens": counts}
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -47,10 +47,12 @@ class ProcessorParts:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
+        # only what the instance dict lacks lands here; during a copy or unpickling it is still empty
         settings = self.__dict__.get("settings", {})
         if name in settings:
             return settings[name]
-        raise AttributeError(f"{self.processor_class} (as parts): no attribute {name!r}")
+        owner = self.__dict__.get("processor_class", "processor")
+        raise AttributeError(f"{owner} (as parts): no attribute {name!r}")
 
     @property
     def images_kwargs(self) -> dict[str, Any]:
