@@ -116,16 +116,7 @@ class KVMeter:
             return
         now = layer_bytes(cache)
         if self._new:
-            rows = next(t.shape[0] for t in (getattr(layer, "keys", None) for layer in cache.layers) if t is not None)
-            rec = GenerationRecord(rows=rows, prefill_columns=self._q, prefill_bytes=now,
-                                   full_prefill_bytes=full_layer_bytes(cache, self._q), peak_bytes=list(now),
-                                   columns=self._q, prefill_seconds=seconds)
-            rec.prefill_transient_bytes = list(now)
-            if self.session is not None:
-                rec.retained_prefill = self.session.retained()
-                inner = self.session.layer_prefill_peak_bytes
-                rec.prefill_transient_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(now)]
-            self.records.append(rec)
+            rec = self._start(cache, self._q, seconds)
         else:
             rec = self.records[-1]
             rec.columns += self._q
@@ -136,6 +127,28 @@ class KVMeter:
             inner = self.session.layer_peak_bytes
             rec.peak_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(rec.peak_bytes)]
         rec.full_final_bytes = full_layer_bytes(cache, rec.columns)
+
+    def prompt_done(self, cache: Any, columns: int, seconds: float) -> None:
+        """Start a generation's record from a prompt that did not run under this meter (`columns`
+        tokens, `seconds` to prefill; `Session.replay_prompt`): its cache is the prompt's, and the
+        generation's later forwards are metered as decoding."""
+        self._finish()
+        self._start(cache, columns, seconds)
+
+    def _start(self, cache: Any, columns: int, seconds: float) -> GenerationRecord:
+        now = layer_bytes(cache)
+        rows = next(t.shape[0] for t in (getattr(layer, "keys", None) for layer in cache.layers) if t is not None)
+        rec = GenerationRecord(rows=rows, prefill_columns=columns, prefill_bytes=now,
+                               full_prefill_bytes=full_layer_bytes(cache, columns), peak_bytes=list(now),
+                               columns=columns, prefill_seconds=seconds)
+        rec.prefill_transient_bytes = list(now)
+        if self.session is not None:
+            rec.retained_prefill = self.session.retained()
+            inner = self.session.layer_prefill_peak_bytes
+            rec.prefill_transient_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(now)]
+        rec.full_final_bytes = full_layer_bytes(cache, columns)
+        self.records.append(rec)
+        return rec
 
     def _finish(self) -> None:
         if self.records and self.session is not None and not self.records[-1].retained_final:

@@ -394,6 +394,19 @@ class ScorePress(Press):
         call.keep(self.select(call, scores))
 
 
+@dataclass
+class PromptRecorder(Press):
+    """Keeps every entry and records, per layer, the query and attention settings of the prompt's
+    forward — what a prompt-time `compress` reads besides the session's state — so that other
+    presses can be replayed on that prompt (`Session.replay_prompt`)."""
+
+    calls: dict[int, tuple[torch.Tensor, dict]] = field(default_factory=dict)
+
+    def compress(self, call: LayerCall) -> None:
+        if call.prefill:
+            self.calls[call.layer_idx] = (call.query, call.attn_kwargs)
+
+
 # --- the session: hooks and state while a press is applied --------------------------------------
 _ACTIVE_IMPLS: set[str] = set()
 
@@ -627,12 +640,49 @@ class Session:
         peaks = self.layer_prefill_peak_bytes if self.forward_index == 0 else self.layer_peak_bytes
         peaks[layer] = max(peaks.get(layer, 0), size)
         if not self.press.keeps_everything() and self.cache is not None:
-            t0 = time.perf_counter()
-            self.press.compress(call)
-            seconds = time.perf_counter() - t0
-            self.stats["press_seconds"] += seconds
-            self.stats["press_prefill_seconds" if self.forward_index == 0 else "press_decode_seconds"] += seconds
+            self._compress(call)
         return out
+
+    def _compress(self, call: LayerCall) -> None:
+        t0 = time.perf_counter()
+        self.press.compress(call)
+        seconds = time.perf_counter() - t0
+        self.stats["press_seconds"] += seconds
+        self.stats["press_prefill_seconds" if self.forward_index == 0 else "press_decode_seconds"] += seconds
+
+    def replay_prompt(self, source: "Session") -> None:
+        """Continue from `source` — a session of `PromptRecorder` right after its prompt's forward —
+        as if this session's press had been on during that forward: its state and a copy of its
+        cache are taken over and the press compresses each layer from what that layer's call saw.
+        The result is the same (tests/test_kv_replay.py): inside the prompt's forward each layer
+        attends over the whole prompt before its press acts, so neither the forward's outputs nor
+        what a prompt-time `compress` reads depend on the press — unless it acts before attention
+        too (`fresh`: DARE's router), which is refused. The next forward (a question, decoding) then
+        runs under this press as usual. A benchmark prefills once and replays every press."""
+        import copy
+
+        if not isinstance(source.press, PromptRecorder) or source.forward_index != 0:
+            raise ValueError("replay_prompt: the source must be a PromptRecorder session right after its prompt's "
+                             "forward")
+        if type(self.press).fresh is not Press.fresh:
+            raise ValueError(f"replay_prompt: {type(self.press).__name__} acts before attention in the prompt's "
+                             "forward (fresh); run the prompt under it instead")
+        self._reset(copy.deepcopy(source.cache))
+        self.stats["generations"] += 1
+        for name in ("forward_index", "seen", "seen_by_mod", "next_pos", "prompt_modality", "fwd_pos", "fwd_valid",
+                     "fwd_q", "fwd_batch", "fwd_modality", "layer_inputs"):
+            setattr(self, name, getattr(source, name))
+        self.layer_prefill_peak_bytes = dict(source.layer_prefill_peak_bytes)
+        self.states = {}
+        for layer, st in source.states.items():  # copies: `evict` writes in place
+            self.states[layer] = LayerState.from_fields({k: v.clone() for k, v in st.fields().items()})
+            self.states[layer].per_head = st.per_head
+        self.forward_scratch = {}
+        if self.press.keeps_everything():
+            return
+        for module in self.attention_modules:
+            query, kwargs = source.press.calls[module.layer_idx]
+            self._compress(LayerCall(self, module, query, kwargs))
 
     def _soft_attention(self, call, query, key, value, soft, groups, kwargs):
         """Eager attention whose weights are multiplied by differentiable keep weights and
@@ -698,5 +748,5 @@ def check_fraction(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be in {span}, got {value}")
 
 
-__all__ = ["LayerCall", "LayerState", "Press", "ScorePress", "Session", "check_fraction", "clamp_budget",
-           "keep_top"]
+__all__ = ["LayerCall", "LayerState", "Press", "PromptRecorder", "ScorePress", "Session", "check_fraction",
+           "clamp_budget", "keep_top"]

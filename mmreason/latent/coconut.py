@@ -156,7 +156,6 @@ def generate(family: Family, batch: dict[str, torch.Tensor], n_latents: int, set
     embeds = family.embed(batch)
     pos = position_ids(mask)
     width = ids.shape[1]
-    eos = family.tokenizer.eos_token_id
     # prefill up to the first latent (or everything), then one cached step per latent thought
     prefix = width - 1 - n_latents if n_latents else width
     out = model(inputs_embeds=embeds[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix],
@@ -172,10 +171,19 @@ def generate(family: Family, batch: dict[str, torch.Tensor], n_latents: int, set
         out = model(inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-    logits = out.logits[:, -1]
-    done = [False] * ids.shape[0]
-    generated: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    next_pos = pos[:, -1:] + 1
+    return decode(family, out.logits[:, -1], cache, mask, pos[:, -1:] + 1, settings, generator)
+
+
+@torch.no_grad()
+def decode(family: Family, logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor,
+           settings: GenerationSettings, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Token-by-token decoding from a filled cache: `logits` (B, V) of each row's last input,
+    `mask` (B, L) the inputs' 2-D attention mask, `next_pos` (B, 1) the next position. Returns the
+    generated token ids per row, up to and without eos (`generate`'s last part)."""
+    model = family.model
+    eos = family.tokenizer.eos_token_id
+    done = [False] * logits.shape[0]
+    generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
     embed_tokens = model.get_input_embeddings()
     for _ in range(settings.max_new_tokens):
         token = _pick(logits, settings, generator)
