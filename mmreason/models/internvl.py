@@ -108,16 +108,20 @@ class InternVLFamily(Family):
         return [VideoFrame(frame) for frame in frames]
 
     def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor]:
-        processor, pixels = self.processor.image_processor, []
-        stills = [im for im in images if not isinstance(im, VideoFrame)]
-        if stills:
-            pixels.append(processor(images=stills, return_tensors="pt", **self.images_kwargs)["pixel_values"])
-        frames = [im.image for im in images if isinstance(im, VideoFrame)]
-        if frames:
-            pixels.append(processor(images=frames, return_tensors="pt", crop_to_patches=False)["pixel_values"])
-        if stills and frames:  # back in the order of the entries' runs
-            return self.place({"pixel_values": torch.cat([self.image_inputs([im])["pixel_values"] for im in images])})
-        return self.place({"pixel_values": pixels[0]})
+        """Tiles of every entry, in the order of their runs: still images tiled as the processor
+        does, video frames one untiled tile each (consecutive entries of a kind processed together)."""
+        processor, pixels, start = self.processor.image_processor, [], 0
+        for end in range(1, len(images) + 1):
+            if end < len(images) and isinstance(images[end], VideoFrame) == isinstance(images[start], VideoFrame):
+                continue
+            group = images[start:end]
+            if isinstance(group[0], VideoFrame):
+                out = processor(images=[f.image for f in group], return_tensors="pt", crop_to_patches=False)
+            else:
+                out = processor(images=group, return_tensors="pt", **self.images_kwargs)
+            pixels.append(out["pixel_values"])
+            start = end
+        return self.place({"pixel_values": torch.cat(pixels)})
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"]
