@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmreason.kv import KVMeter, make_press  # noqa: E402
+from mmreason.kv import DarePress, KVMeter, make_press  # noqa: E402
 from mmreason.latent.coconut import GenerationSettings, generate  # noqa: E402
 from mmreason.models import build_tiny, load_backbone  # noqa: E402
 
@@ -77,7 +77,8 @@ class NeverEnds:
 
 
 def run_one(family, batch, press_name: str, settings: dict, new_tokens: int) -> dict:
-    press = make_press(press_name, settings)
+    # random weights, timed: DARE's router is a fresh one (a config would need a trained router_path)
+    press = DarePress(**settings) if press_name == "dare" else make_press(press_name, settings)
     gen = GenerationSettings(max_new_tokens=new_tokens)
     applied = press(family) if press else nullcontext()
     with torch.no_grad(), applied as session, KVMeter(family.model, session) as meter:

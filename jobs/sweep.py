@@ -135,7 +135,8 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
             if any(isinstance(v, dict) for v in settings.values()):
                 raise ConfigError(f"presses.{name}: a stage sweep evaluates exports under constant press settings")
             plan["press"] = {"name": name, **settings}
-            make_press(name, {k: v for k, v in settings.items() if not (isinstance(v, str) and "{export}" in v)})
+            later = {k for k, v in settings.items() if isinstance(v, str) and "{export}" in v}  # each trial's export
+            make_press(name, {k: v for k, v in settings.items() if k not in later}, pending=later)
         need_cpu = cfg.cpus_per_trial + base.workers * base.cpus_per_worker
         plan["trial_cpus"] = need_cpu
         plan["trial_gpus"] = cfg.trial_gpus + (base.workers * base.gpus_per_worker if base.use_gpu else 0.0)

@@ -280,6 +280,32 @@ def test_sweep_check_counts_the_trials_and_their_resources_without_starting_one(
     assert "/nonexistent/ckpt" in capsys.readouterr().err
 
 
+def test_dare_without_a_trained_router_is_refused_by_evaluate_and_sweep_checks(maze_dir, model_dir, tmp_path, quiet,
+                                                                               capsys):
+    """`press=dare` needs `router_path`: jobs.evaluate and the shipped configs/sweep/dare-maze.yaml
+    refuse it missing or pointing nowhere, naming it, before any model loads; with a router file
+    there (here a fresh one saved the way the dare stage saves its own) the sweep checks."""
+    from mmreason.kv.dare import DareRouter, save_router
+
+    dare = [*eval_args(maze_dir, model_dir, tmp_path / "eval")[:5], "press=dare", "press.rho_text=0.5"]
+    assert evaluate.main([*dare, "--check"]) == 2
+    assert "press.router_path: press 'dare' needs it" in capsys.readouterr().err
+    assert evaluate.main([*dare, f"press.router_path={tmp_path / 'none.pt'}", "--check"]) == 2
+    assert f"router_path: no router file at {tmp_path / 'none.pt'}" in capsys.readouterr().err
+
+    out = tmp_path / "sweeps"
+    args = [str(REPO / "configs/sweep/dare-maze.yaml"), f"output_dir={out}",
+            f"evaluate_overrides=[model.checkpoint={model_dir}, data.path={maze_dir}, 'data.sizes=[3]', max_examples=2]"]
+    assert sweep.main([*args, "presses.dare.router_path=null", "--check"]) == 2
+    assert "press.router_path: press 'dare' needs it" in capsys.readouterr().err
+    assert sweep.main([*args, f"presses.dare.router_path={tmp_path / 'none.pt'}", "--check"]) == 2
+    assert f"router_path: no router file at {tmp_path / 'none.pt'}" in capsys.readouterr().err
+    save_router(DareRouter(32), tmp_path / "dare_router.pt")
+    report = checked(sweep.main, [*args, f"presses.dare.router_path={tmp_path / 'dare_router.pt'}"], capsys)
+    assert report["trials"] == 9  # rho_text × rho_vis
+    assert not out.exists() and not (tmp_path / "eval").exists() and not quiet.exists()
+
+
 def test_quickstart_check_lists_the_steps_and_each_stages_resources_and_starts_none(tmp_path, quiet, capsys):
     root = tmp_path / "qs"
     args = [f"root={root}", "data.tasks={maze: {sizes: [3], examples: 20}}", "data.rows_per_shard=8",

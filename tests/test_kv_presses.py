@@ -267,6 +267,27 @@ def test_dare_topk_training_masks_keep_what_inference_keeps_and_train_the_router
         DarePress(train_masks="softmax")
 
 
+def test_dare_from_a_config_needs_a_trained_router_and_loads_it(tmp_path):
+    """A config (`make_press`) without `router_path` is refused naming it; a missing file too; a
+    saved router is loaded in eval mode. `pending` (a router a stage is about to train) passes."""
+    from mmreason.config import ConfigError
+    from mmreason.kv.dare import save_router
+
+    for settings in ({"rho_text": 0.5}, {"rho_text": 0.5, "router_path": None}, {"router_path": ""}):
+        with pytest.raises(ConfigError, match="press.router_path: press 'dare' needs it .* untrained, random router"):
+            make_press("dare", settings)
+    with pytest.raises(ConfigError, match=f"router_path: no router file at {tmp_path / 'nope.pt'}"):
+        make_press("dare", {"router_path": str(tmp_path / "nope.pt")})
+    with pytest.raises(ConfigError, match="rho_text"):  # a bad value is named first, as for every press
+        make_press("dare", {"rho_text": 1.5})
+    router = DareRouter(8, width=4, context=2)
+    save_router(router, tmp_path / "router.pt")
+    press = make_press("dare", {"rho_text": 0.5, "router_path": str(tmp_path / "router.pt")})
+    assert press.router.context == 2 and not press.router.training
+    assert all(torch.equal(a, b) for a, b in zip(press.router.parameters(), router.parameters()))
+    assert make_press("dare", {"rho_vis": 0.5}, pending={"router_path"}).router is None
+
+
 @pytest.mark.parametrize("family_name", ["tiny-internvl", "tiny-anole"])
 @pytest.mark.parametrize("make", [lambda: TovaPress(cache_size=20), lambda: TovaPress(factor=0.5, min_size=4),
                                   lambda: DarePress(rho_text=0.25, rho_vis=0.25, layer=0),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmreason.kv import KVMeter, make_press
+from mmreason.kv import DarePress, KVMeter, make_press
 from mmreason.kv.base import PromptRecorder
 from mmreason.latent.coconut import GenerationSettings, decode, generate
 from mmreason.models.base import position_ids
@@ -66,7 +66,7 @@ def test_replaying_leaves_the_recording_as_it_was_and_refuses_what_it_cannot_rep
         assert session.cache.layers[0].keys.shape[2] < before[0][0].shape[2]
     for (keys, col), layer, i in zip(before, source.cache.layers, range(len(before))):
         assert torch.equal(layer.keys, keys) and torch.equal(source.states[i].col, col)
-    dare = make_press("dare", {"rho_text": 0.5, "rho_vis": 0.5, "layer": 0})
+    dare = DarePress(rho_text=0.5, rho_vis=0.5, layer=0)  # its fresh router: only whether it replays matters
     with dare(fam) as session, pytest.raises(ValueError, match="acts before attention"):
         session.replay_prompt(source)
     with make_press("tova", {"factor": 0.5})(fam) as session, pytest.raises(ValueError, match="PromptRecorder"):

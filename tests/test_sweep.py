@@ -149,7 +149,8 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("extra, env, needle", [
     (["presses={tova: {budget: {grid: [4, 8]}}}"], {}, "press.budget: unknown setting for press 'tova'"),
     (["presses={h2o: {ratio: {grid: [0.5]}}}"], {}, "unknown press 'h2o'"),
-    (["presses={dare: {rho_text: {grid: [0.5, 1.5]}}}"], {}, "rho_text"),
+    (["presses={dare: {rho_text: {grid: [1.5, 0.5]}}}"], {}, "rho_text"),  # a bad value, before the missing router
+    (["presses={dare: {rho_text: {grid: [0.5, 0.7]}}}"], {}, "press.router_path: press 'dare' needs it"),
     (["presses={cosre: {block: {grid: [2, 4]}, keep_h: 4}}"], {}, "keep_h must be in [1, block=2], got 4"),
     (["presses={tova: {factor: {grid: []}}}"], {}, "the search space has no point"),
     (["objectives=[{metric: bleu, mode: max}, {metric: kv_bytes_peak, mode: min}]"], {}, "no trial reports 'bleu'"),

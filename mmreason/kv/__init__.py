@@ -17,7 +17,7 @@ Adding a press: a module with the dataclass, one line in `PRESSES`, a config, a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Collection
 
 from mmreason.config import ConfigError, from_dict
 from mmreason.kv.accounting import KVMeter
@@ -38,9 +38,12 @@ def press_names() -> list[str]:
     return [NO_PRESS, *PRESSES, *(KVPRESS_PREFIX + m for m in METHODS)]
 
 
-def make_press(name: str, settings: dict[str, Any] | None = None) -> Press | None:
-    """The press `name` with `settings` (its fields); None for "none". Unknown names, unknown keys
-    and bad values raise `ConfigError` naming them — before any model is touched."""
+def make_press(name: str, settings: dict[str, Any] | None = None, pending: Collection[str] = ()) -> Press | None:
+    """The press `name` with `settings` (its fields); None for "none". Unknown names, unknown keys,
+    bad values and a missing required setting (`Press.config_requires`: DARE's `router_path`) raise
+    `ConfigError` naming them — before any model is touched. `pending`: required settings a later
+    step fills in (a router a stage is about to train) — for checking the rest only; the press built
+    then leaves them at their defaults."""
     settings = dict(settings or {})
     if name == NO_PRESS:
         if settings:
@@ -71,7 +74,11 @@ def make_press(name: str, settings: dict[str, Any] | None = None) -> Press | Non
     for key in settings:
         if key not in known:
             raise ConfigError(f"press.{key}: unknown setting for press {name!r} (known: {', '.join(sorted(known))})")
-    return from_dict(cls, settings, source=f"press {name}", prefix="press.")
+    press = from_dict(cls, settings, source=f"press {name}", prefix="press.")  # bad values first
+    for key, why in cls.config_requires.items():
+        if settings.get(key) in (None, "") and key not in pending:
+            raise ConfigError(f"press.{key}: press {name!r} needs it — {why}")
+    return press
 
 
 __all__ = ["CosrePress", "DarePress", "DareRouter", "HicoPress", "KVMeter", "LayerCall", "LayerState", "PRESSES",

@@ -32,7 +32,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -321,6 +321,10 @@ class Press:
     wants_attention = False
     """Class flag: the press reads `call.attention()` at decode steps; the session then computes
     that attention once and uses it for the layer's output as well."""
+
+    config_requires: ClassVar[dict[str, str]] = {}
+    """Class setting: settings a config must give (`mmreason.kv.make_press` refuses it without
+    them), each with why. Python code may still leave them at the default (a stage training it)."""
 
     def fresh(self, call: LayerCall) -> dict[str, torch.Tensor] | None:
         """Before attention: extra per-entry data (B, q) for this call's new tokens, or None."""

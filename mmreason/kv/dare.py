@@ -256,6 +256,12 @@ def load_router(path: str | Path) -> DareRouter:
 
 @dataclass
 class DarePress(Press):
+    config_requires = {"router_path": "the router the dare stage trained (RUN/export/dare_router.pt, e.g. "
+                                      "`mmreason train configs/train/dare-maze.yaml` writes "
+                                      "runs/train/dare-maze/export/dare_router.pt); without one the press "
+                                      "would prune with an untrained, random router"}
+    """A config must name a trained router; only the dare stage builds the press with a fresh one."""
+
     rho_text: float = 0.7
     """Fraction of text entries kept."""
     rho_vis: float = 0.4
@@ -263,7 +269,8 @@ class DarePress(Press):
     layer: int = 1
     """The router reads this decoder layer's attention input; this layer and deeper ones drop."""
     router_path: str | None = None
-    """Router saved by the dare stage; None = a fresh, untrained router (or one set on `.router`)."""
+    """Router saved by the dare stage (required in a config); None = a fresh, untrained router, or
+    one set on `.router` — the dare stage's training path, not an evaluation."""
     router_width: int = 64
     router_context: int = 1
     """Tokens the router reads per decision: the token and the `router_context` − 1 before it."""
