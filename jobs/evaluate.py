@@ -47,9 +47,11 @@ def split_press_overrides(overrides: Sequence[str]) -> tuple[list[str], str | No
     return others, name, settings
 
 
-def load(config: str | None, overrides: Sequence[str]) -> PressEvalConfig:
+def load(config: str | None, overrides: Sequence[str], config_class: type = PressEvalConfig) -> Any:
+    """`config_class` — any config with a `press` field (jobs.video_qa's too) — from the file and the
+    overrides, `press=NAME` replacing the file's press and `press.key=value` then setting one setting."""
     others, name, settings = split_press_overrides(overrides)
-    cfg = load_config(PressEvalConfig, config, others)
+    cfg = load_config(config_class, config, others)
     raw = {"press": {"name": name} if name is not None else dict(cfg.press)}
     for item in settings:
         apply_override(raw, item)

@@ -4,12 +4,18 @@ answer the questions with a trained model and write a results JSON.
     python -m jobs.video_qa [CONFIG.yaml] [key=value ...] [--check]
     mmreason infer cinepile configs/infer/cinepile.yaml model_path=runs/train/cinepile-phi4mm/export \\
         dataset_path=runs/data/cinepile-test hard_split=true video.num_frames=8 video.use_hico=true
+    mmreason infer cinepile configs/infer/cinepile.yaml video.use_hico=false press=hico press.tokens_per_frame=4
 
 The JSON (`output_file`) holds the accuracy (CinePile's official scoring of the whole reply, or
 ours with `scoring=lenient`; `scoring` says which), accuracy by question category and hard split,
 tokens per answer, the config, and per question: id, question, right letter and option, predicted
 letter, full output, correct. `mode: coconut` with `n_latent_steps` puts latent thoughts after the
-frames. Logged to MLflow as a run (params: the config, `scoring` included) with the JSON as an artifact.
+frames. `press=NAME` with `press.key=value` answers under a KV-cache press, as `jobs.evaluate`
+takes them (`press=hico`: HiCo on the cached frames, `mmreason.kv.hico`; `video.use_hico` is HiCo's
+frame merge inside the model, before the language model); the JSON then holds the KV columns
+`jobs.evaluate` reports too — KV bytes after the prompt and at the peak, their fractions of the
+uncompressed cache, retained fraction per modality (`kv_columns`; with no press the fractions are 1).
+Logged to MLflow as a run (params: the config, `scoring` included) with the JSON as an artifact.
 
 The questions are picked and every setting checked here (`use_gpu` against the cluster's GPUs
 too); the model is loaded in `precision` and answers in a Ray task that asks for `threads` CPUs
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mmreason.cli_args import job_main, parse_job_args, print_check
-from mmreason.config import ConfigError, from_dict, load_config
+from mmreason.config import ConfigError, from_dict
 from mmreason.hardware import torch_dtype
 from mmreason.latent.coconut import GenerationSettings
 from mmreason.models.base import VideoInput
@@ -67,14 +73,23 @@ class VideoQAConfig:
     """Answer on a GPU: the task asks Ray for one (refused where the cluster has none)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter dtype the model is loaded in and generates in."""
+    press: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    """KV-cache press while answering: `name` (none, hico, tova, cosre, kvpress:<method>, … as in
+    jobs.evaluate) and its settings (`press=hico press.tokens_per_frame=4`)."""
     experiment: str = "mmreason"
 
     def __post_init__(self) -> None:
         torch_dtype(self.precision)
+        if not isinstance(self.press.get("name"), str):
+            raise ConfigError(f"press: needs a name (press=NAME), got {self.press!r}")
         if self.mode == "coconut" and self.n_latent_steps < 1:
             raise ConfigError("n_latent_steps must be >= 1 in coconut mode")
         if self.max_videos is not None and self.max_videos < 1:
             raise ConfigError(f"max_videos must be >= 1 or null, got {self.max_videos}")
+
+
+METRICS = ("accuracy", "tokens_per_answer", "prefill_ms_per_example", "decode_tokens_per_s")
+"""Logged to MLflow, with every `kv_*` and `retained_*` column."""
 
 
 def task_resources(cfg: VideoQAConfig) -> dict[str, float]:
@@ -83,14 +98,16 @@ def task_resources(cfg: VideoQAConfig) -> dict[str, float]:
 
 
 def prepare(cfg: VideoQAConfig) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Every check before the model loads — the backbone, HiCo, the checkpoint, the dataset and its
+    """Every check before the model loads — the press, the backbone, HiCo, the checkpoint, the dataset and its
     questions, then `use_gpu` against the cluster's GPUs (starts or joins Ray). Returns the paths as
     the task must see them and the picked questions."""
+    from mmreason.eval.press_eval import build_press
     from mmreason.eval.video_qa import select_questions
     from mmreason.hardware import require_gpus
     from mmreason.models import CheckpointError, check_checkpoint, get_spec
     from pipelines import cluster_gpus
 
+    build_press(cfg)  # the press and its settings (a DARE router file too)
     try:
         spec = get_spec(cfg.backbone)
     except ValueError as exc:
@@ -126,7 +143,7 @@ def check(cfg: VideoQAConfig) -> dict[str, Any]:
     local, rows = prepare(cfg)
     clips = {json.loads(row["meta"]).get("clip_id") for row in rows}
     return {"config": asdict(cfg), "checkpoint": local.get("model_path", cfg.model_path),
-            "dataset": local["dataset_path"], "rows": len(rows), "clips": len(clips),
+            "dataset": local["dataset_path"], "rows": len(rows), "clips": len(clips), "press": cfg.press,
             "device": "cuda" if cfg.use_gpu else "cpu", "precision": cfg.precision, "task": task_resources(cfg),
             "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
             "writes": {"results": str(Path(cfg.output_file).resolve()),
@@ -147,27 +164,30 @@ def run(cfg: VideoQAConfig) -> dict:
     res = task_resources(cfg)
     task = ray.remote(num_cpus=res["CPU"], num_gpus=res["GPU"])(_answer_task)
     results = ray.get(task.remote({**asdict(cfg), **local}, rows))
-    results = {"accuracy": results.pop("accuracy"), "n": results.pop("n"), **results, "config": asdict(cfg)}
+    results = {"accuracy": results.pop("accuracy"), "n": results.pop("n"), "press": cfg.press, **results,
+               "config": asdict(cfg)}
     out = Path(cfg.output_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results)
     with stage_run(cfg.experiment, f"video-qa-{Path(cfg.model_path).parent.name}", asdict(cfg),
                    tags={"stage": "video-qa"}):
-        mlflow.log_metrics({"accuracy": results["accuracy"], "tokens_per_answer": results["tokens_per_answer"]})
+        mlflow.log_metrics({k: float(v) for k, v in results.items() if k in METRICS or k.startswith(("kv_", "retained_"))})
         mlflow.log_artifact(str(out))
     return results
 
 
 def answer(cfg: VideoQAConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Load the model in `precision` on `local_device(use_gpu)`, join the questions' frames and
-    answer them (`mmreason.eval.video_qa.answer_questions`)."""
+    answer them under the press (`mmreason.eval.video_qa.answer_questions`)."""
     import torch
 
     from mmreason.data.cinepile import video_rows
+    from mmreason.eval.press_eval import build_press
     from mmreason.eval.video_qa import answer_questions
     from mmreason.hardware import local_device
     from mmreason.models import load_backbone
 
+    press = build_press(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     family = load_backbone(cfg.backbone, cfg.model_path, dtype=torch_dtype(cfg.precision))
@@ -175,7 +195,7 @@ def answer(cfg: VideoQAConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     family.video = cfg.video
     rows = video_rows(rows, cfg.dataset_path, cfg.video.num_frames)
     results = answer_questions(family, rows, cfg.mode, cfg.generation, cfg.n_latent_steps, cfg.c_thought,
-                               cfg.batch_size, cfg.seed, cfg.scoring)
+                               cfg.batch_size, cfg.seed, cfg.scoring, press)
     return {**results, "device": str(family.model.device), "dtype": str(family.model.dtype)}
 
 
@@ -185,14 +205,18 @@ def _answer_task(cfg_dict: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
 
 @job_main
 def main(argv: Sequence[str] | None = None) -> int:
+    from jobs.evaluate import load
+
     args = parse_job_args("python -m jobs.video_qa", __doc__, argv)
-    cfg = load_config(VideoQAConfig, args.config, args.overrides)
+    cfg = load(args.config, args.overrides, VideoQAConfig)
     if args.check:
         print_check(check(cfg))
         return 0
     results = run(cfg)
     print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}, {cfg.scoring} scoring); "
           + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))
+    print(f"press {cfg.press['name']}: KV cache {results['kv_fraction_prefill']:.3f} of the uncompressed after the "
+          f"prompt, {results['kv_fraction_peak']:.3f} at the peak")
     print(f"results: {cfg.output_file}")
     return 0
 

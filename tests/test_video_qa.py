@@ -158,3 +158,38 @@ def test_video_qa_with_use_gpu_on_a_cluster_without_gpus_is_refused_before_the_t
                           f"output_file={out}", "use_gpu=true"]) == 2
     err = capsys.readouterr().err
     assert "use_gpu" in err and "0 GPU" in err and not out.exists()
+
+
+@pytest.mark.integration
+def test_video_qa_under_the_hico_press_reports_kv_and_keeping_everything_changes_nothing(cinepile_data, phi, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`press=hico` through jobs.video_qa (the Ray task, the JSON, MLflow) on the random tiny-phi4mm:
+    merging 4 frames to 2 clips of a 2×2 grid leaves a fraction of the cache and of the vision
+    entries; HiCo set to keep everything answers exactly as no press; a bad press fails the check."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "results.json"
+    args = [f"model_path={phi}", f"dataset_path={cinepile_data['test']}", f"output_file={out}",
+            "video={num_frames: 4, use_hico: false}", "generation.max_new_tokens=6", "mode=vanilla"]
+
+    def answered(*extra: str) -> dict:
+        assert video_qa.main([*args, *extra]) == 0
+        return json.loads(out.read_text())
+
+    plain = answered()
+    assert plain["press"] == {"name": "none"} and plain["n"] == 4
+    assert plain["kv_fraction_prefill"] == plain["kv_fraction_peak"] == 1.0 and plain["kv_bytes_peak"] > 0
+    merged = answered("press=hico", "press.tokens_per_frame=4", "press.clip_frames=2")
+    assert merged["press"] == {"name": "hico", "tokens_per_frame": 4, "clip_frames": 2}
+    assert merged["n"] == 4 and merged["accuracy"] == sum(s["correct"] for s in merged["samples"]) / 4
+    assert merged["kv_fraction_prefill"] < 1 and merged["kv_fraction_peak"] < 1
+    assert merged["kv_bytes_prefill"] < plain["kv_bytes_prefill"]
+    assert merged["retained_vision_prefill"] < 0.5 < merged["retained_text_prefill"] == 1.0
+    assert "press hico: KV cache" in capsys.readouterr().out
+    whole = answered("press=hico", "press.tokens_per_frame=null", "press.clip_frames=1")
+    assert [s["output"] for s in whole["samples"]] == [s["output"] for s in plain["samples"]]
+    assert whole["kv_fraction_peak"] == 1.0
+
+    assert video_qa.main([*args, "press=hico", "press.clip_frames=0", "--check"]) == 2
+    assert "clip_frames must be >= 1, got 0" in capsys.readouterr().err
+    assert video_qa.main([*args, "press=dare", "--check"]) == 2
+    assert "press.router_path: press 'dare' needs it" in capsys.readouterr().err

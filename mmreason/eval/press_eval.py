@@ -19,10 +19,10 @@ from __future__ import annotations
 import csv
 import json
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from mmreason import storage
 from mmreason.config import ConfigError
@@ -78,8 +78,9 @@ class PressEvalConfig:
             raise ConfigError(f"press: needs a name (press=NAME), got {self.press!r}")
 
 
-def build_press(cfg: PressEvalConfig) -> Any:
-    """The configured press (None for "none"), checked before any model loads."""
+def build_press(cfg: Any) -> Any:
+    """The press a config's `press` field ({name, settings...}: jobs.evaluate's, jobs.video_qa's)
+    names (None for "none"), checked before any model loads."""
     from mmreason.kv import make_press
 
     settings = {k: v for k, v in cfg.press.items() if k != "name"}
@@ -131,6 +132,32 @@ def prepare_press_eval(cfg: PressEvalConfig) -> str:
     return checkpoint
 
 
+@contextmanager
+def metered_press(family: Any, press: Any) -> Iterator[Any]:
+    """Generation on `family` under `press` (None: no press) with its KV cache metered: yields the
+    `KVMeter` (`kv_columns` reads it after)."""
+    from mmreason.kv.accounting import KVMeter
+
+    with (press(family) if press is not None else nullcontext()) as session, KVMeter(family.model, session) as meter:
+        yield meter
+
+
+def kv_columns(meter: Any, tokens: int) -> dict[str, Any]:
+    """A result's KV and timing columns from a finished `metered_press` that generated `tokens`:
+    KV bytes per example after the prompt and at the decoding peak (and uncompressed), their
+    fractions, retained fraction per modality, prefill ms per example, decode tokens/s and the
+    press's own seconds."""
+    kv = meter.summary()
+    stats = meter.session.stats if meter.session is not None else {}
+    return {**{k: v for k, v in kv.items() if not isinstance(v, list)},
+            "decode_tokens_per_s": tokens / kv["decode_seconds"] if kv.get("decode_seconds") else 0.0,
+            "press_seconds": stats.get("press_seconds", 0.0),
+            "press_prefill_seconds": stats.get("press_prefill_seconds", 0.0),
+            # the press's own time in decode steps over the decode time (prompt-time work is in prefill)
+            "press_fraction_of_decode": stats.get("press_decode_seconds", 0.0) / max(kv.get("decode_seconds", 0.0),
+                                                                                    1e-9)}
+
+
 def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Load the model in `cfg.precision` on `local_device(cfg.use_gpu)`, evaluate the held-out rows
     (`rows`, else `data`'s) under the press with the KV cache metered; returns plain data
@@ -139,7 +166,6 @@ def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, An
 
     from mmreason.eval.runner import evaluate
     from mmreason.hardware import local_device
-    from mmreason.kv.accounting import KVMeter
     from mmreason.models import load_backbone
 
     press = build_press(cfg)
@@ -149,26 +175,18 @@ def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, An
     family = load_backbone(cfg.model.backbone, checkpoint, dtype=torch_dtype(cfg.precision))
     family.model.to(local_device(cfg.use_gpu))
     t0 = time.perf_counter()
-    with (press(family) if press is not None else nullcontext()) as session, KVMeter(family.model, session) as meter:
+    with metered_press(family, press) as meter:
         result = evaluate(family, rows, cfg.mode, cfg.generation, n_latent_steps=cfg.n_latent_steps,
                           c_thought=cfg.c_thought, batch_size=cfg.batch_size, seed=cfg.seed)
     seconds = time.perf_counter() - t0
     kv = meter.summary()
-    tokens = sum(p["n_tokens"] for p in result.predictions)
-    stats = session.stats if session is not None else {}
     name = cfg.press["name"]
     settings = {k: v for k, v in cfg.press.items() if k != "name"}
     row: dict[str, Any] = {
         "run_name": cfg.run_name, "backbone": cfg.model.backbone, "checkpoint": checkpoint, "mode": cfg.mode,
         "press": name, "press_settings": json.dumps(settings, sort_keys=True), "n": result.n,
         "accuracy": result.accuracy, "tokens_per_answer": result.tokens_per_answer,
-        **{k: v for k, v in kv.items() if not isinstance(v, list)},
-        "decode_tokens_per_s": tokens / kv["decode_seconds"] if kv.get("decode_seconds") else 0.0,
-        "press_seconds": stats.get("press_seconds", 0.0),
-        "press_prefill_seconds": stats.get("press_prefill_seconds", 0.0),
-        # the press's own time in decode steps over the decode time (prompt-time work is in prefill)
-        "press_fraction_of_decode": stats.get("press_decode_seconds", 0.0) / max(kv.get("decode_seconds", 0.0), 1e-9),
-        "seconds": seconds,
+        **kv_columns(meter, sum(p["n_tokens"] for p in result.predictions)), "seconds": seconds,
     }
     return {"row": row, "accuracy_by_size": result.by("size"),
             "kv_bytes_prefill_per_layer": kv.get("kv_bytes_prefill_per_layer"),

@@ -3,7 +3,8 @@ visual-reliance filters, `max_videos`), answer them with a backbone in any evalu
 `coconut` puts the latent thoughts after the frames — and score them by CinePile's official rules
 (`scoring="lenient"`: ours, named in the results; `mmreason.eval.cinepile`).
 The result is what seed 004's inference script writes: overall accuracy, accuracy by question
-category and hard split, and every question's answer.
+category and hard split, and every question's answer — under a KV press if given, with the KV
+cache metered as `jobs.evaluate` meters it.
 
     rows = select_questions("runs/data/cinepile-test", split="test", hard_split=True)
     results = answer_questions(family, video_rows(rows, "runs/data/cinepile-test", 8), "cot", settings)
@@ -18,6 +19,7 @@ from typing import Any
 
 from mmreason.data.cinepile import DATASET_NAME, matches_filters
 from mmreason.eval.cinepile import LETTERS, Scoring, cinepile_accuracy, score_cinepile
+from mmreason.eval.press_eval import kv_columns, metered_press
 from mmreason.eval.runner import evaluate
 from mmreason.latent.coconut import GenerationSettings
 from mmreason.models.base import Family
@@ -46,10 +48,14 @@ def select_questions(root: str | Path, split: str = "test", hard_split: bool | N
 
 def answer_questions(family: Family, rows: list[dict[str, Any]], mode: str, settings: GenerationSettings,
                      n_latent_steps: int = 0, c_thought: int = 1, batch_size: int = 8, seed: int = 0,
-                     scoring: Scoring = "official") -> dict[str, Any]:
-    """Answer every row (frames joined) and score its whole reply by CinePile's rules (`scoring`);
-    accuracy overall, by category and by hard split, and one record per question."""
-    res = evaluate(family, rows, mode, settings, n_latent_steps, c_thought, batch_size, seed)
+                     scoring: Scoring = "official", press: Any = None) -> dict[str, Any]:
+    """Answer every row (frames joined) under `press` (a `mmreason.kv` press; None: none) with the
+    KV cache metered, and score its whole reply by CinePile's rules (`scoring`); accuracy overall,
+    by category and by hard split, the KV columns `jobs.evaluate` reports (`kv_columns`: bytes and
+    fractions after the prompt and at the peak, retained per modality, timing) and one record per
+    question."""
+    with metered_press(family, press) as meter:
+        res = evaluate(family, rows, mode, settings, n_latent_steps, c_thought, batch_size, seed)
     samples = []
     for row, pred in zip(rows, res.predictions):
         meta = json.loads(row["meta"])
@@ -64,8 +70,9 @@ def answer_questions(family: Family, rows: list[dict[str, Any]], mode: str, sett
             "correct": score_cinepile(pred["output"], position, answer_key, scoring), "n_tokens": pred["n_tokens"],
         })
     summary = cinepile_accuracy(samples)
+    kv = kv_columns(meter, sum(p["n_tokens"] for p in res.predictions))
     return {"mode": mode, "scoring": scoring, **summary, "tokens_per_answer": res.tokens_per_answer,
-            "latents_per_answer": res.latents_per_answer, "samples": samples}
+            "latents_per_answer": res.latents_per_answer, **kv, "samples": samples}
 
 
 __all__ = ["answer_questions", "select_questions"]
