@@ -2,7 +2,9 @@
 answer), `coconut` (latent thoughts, then the answer) — each with its own generation settings.
 
 Accuracy reads the final `The answer is X.` with `mmreason.tasks.parse_answer`; tokens per answer
-count the generated tokens (latent thoughts are not tokens and are reported separately). A-OKVQA
+count the generated tokens (latent thoughts are not tokens and are reported separately, as
+`latents_per_answer`). `coconut` mode reads thoughts as the model was trained to (`Family.thought`):
+a pause model's pause tokens count as its latents, a `none` model has 0. A-OKVQA
 rows are also scored as direct answers: the chosen option's text against the annotators' answers
 (`mmreason.data.aokvqa.direct_answer_score`, the official rule), reported as `<mode>_direct_answer`.
 """
@@ -98,7 +100,7 @@ def evaluate(family: Family, rows: Iterable[dict[str, Any]], mode: str, settings
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r} (known: {', '.join(MODES)})")
     rows = list(rows)
-    n_latents = n_latent_steps * c_thought if mode == "coconut" else 0
+    n_latents = n_latent_steps * c_thought if mode == "coconut" and family.thought != "none" else 0
     target = {"vanilla": "vanilla", "cot": "cot", "coconut": "latent"}[mode]
     # on the model's device: `torch.multinomial` draws with a generator of the probabilities' device
     generator = torch.Generator(device=family.model.device).manual_seed(seed)

@@ -13,6 +13,11 @@
   `n_skip_steps = 10000`), so the reply is the answer alone; `uniform_prob` mixes in other stages.
   `keep_last_steps` keeps that many trailing steps in language at every stage (the reply then always
   writes the step that reaches the answer; an addition to the reference).
+- Controls (`CurriculumSchedule.thought`, carried by the model as `Family.thought`): `pause` runs
+  the same curriculum with every latent an ordinary `<|latent|>` token read through its own trained
+  embedding (the pause-token control of CoCoNuT replications: one forward, no hidden state fed
+  back); `none` drops the replaced steps with nothing in their place. `latent_forward` and
+  `generate` take both as ordinary token sequences.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmreason.models.base import IGNORE, Family, position_ids
+from mmreason.models.base import IGNORE, THOUGHTS, Family, Thought, position_ids
 
 
 @dataclass
@@ -42,6 +47,11 @@ class CurriculumSchedule:
     """Trailing language steps no stage replaces (0: the reference's curriculum). With 1, a maze
     reply always writes its last move — the cell reached and its letter — before the answer, even
     at the last stage, where every other step is latent."""
+    thought: Thought = "latent"
+    """What stands in for the replaced steps: `latent` (CoCoNuT: each `<|latent|>` input is the previous
+    position's last hidden state), `pause` (the control: each is one learned token, the `<|latent|>`
+    embedding, no hidden state fed back), `none` (the steps are dropped, no latents, no markers). The
+    export keeps it (`Family.thought`): its evaluation reads thoughts the same way."""
 
     def __post_init__(self) -> None:
         from mmreason.config import ConfigError
@@ -54,6 +64,8 @@ class CurriculumSchedule:
                 raise ConfigError(f"coconut.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.uniform_prob <= 1:
             raise ConfigError(f"coconut.uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        if self.thought not in THOUGHTS:
+            raise ConfigError(f"coconut.thought must be one of {', '.join(THOUGHTS)}, got {self.thought!r}")
 
     def stage(self, epoch: int) -> int:
         """The epoch's stage; max_latent_stage + 1 (every step latent) is the last."""
@@ -78,14 +90,16 @@ class CurriculumSchedule:
 
 
 def latent_forward(family: Family, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits) of a batch whose rows may hold latent positions."""
+    """(loss, logits) of a batch whose rows may hold latent positions; a `pause` model reads them
+    as ordinary tokens, in one forward."""
     model = family.model
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     embeds = family.embed(batch)
     pos = position_ids(mask)
     is_latent = ids == family.latent_id
     counts = is_latent.sum(1)
-    n_pass = int(counts.max()) if ids.numel() else 0
+    # a pause model's latents are tokens like any other: no pass of their own
+    n_pass = int(counts.max()) if ids.numel() and family.thought == "latent" else 0
     if n_pass == 0:
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
         logits = out.logits
@@ -150,8 +164,11 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.G
 def generate(family: Family, batch: dict[str, torch.Tensor], n_latents: int, settings: GenerationSettings,
              generator: torch.Generator | None = None) -> list[list[int]]:
     """Continue each left-padded row of `batch` (prompt, then `<|start-latent|>` + n latents +
-    `<|end-latent|>` when n > 0). Returns the generated token ids per row, up to and without eos."""
+    `<|end-latent|>` when n > 0). Returns the generated token ids per row, up to and without eos.
+    Only a `latent` model is fed thoughts: a `pause` model's latents are ordinary prompt tokens and a
+    `none` model's rows hold none, so for them n is not read."""
     model = family.model
+    n_latents = n_latents if family.thought == "latent" else 0
     ids, mask = batch["input_ids"], batch["attention_mask"]
     embeds = family.embed(batch)
     pos = position_ids(mask)
@@ -211,6 +228,7 @@ def generate_uncached(family: Family, batch: dict[str, torch.Tensor], n_latents:
     if batch["input_ids"].shape[0] != 1:
         raise ValueError("generate_uncached takes one row")
     model = family.model
+    n_latents = n_latents if family.thought == "latent" else 0
     embeds = family.embed(batch)
     eos = family.tokenizer.eos_token_id
     if n_latents:

@@ -11,6 +11,10 @@ end of turn, `<|im_end|>` for SmolLM2/Qwen2) — in training targets and in gene
 
 Only the part after the prompt (and after the latents) is in the loss. `n` latents replace the
 first `n / c_thought` steps (CoCoNuT's curriculum); vanilla targets hold the answer sentence only.
+What the model reads at the latents is its `thought` kind (`Family.thought`): `latent` — the last
+hidden state of the position before (`mmreason.latent.coconut`); `pause` — the `<|latent|>` token's
+own trained embedding, an ordinary token (the pause-token control); `none` — no markers and no
+latents: the replaced steps are simply gone, the prompt runs straight into the kept steps.
 AFTER is text a row's reply goes on with after its answer (`meta.after_answer`: a re-check placed
 where it cannot change the answer), absent from most rows and from vanilla targets.
 With visual thoughts (MVoT; families that write images: anole) each step is followed by the image
@@ -41,6 +45,9 @@ from mmreason.tasks.base import after_answer, answer_sentence
 
 IGNORE = -100
 Target = Literal["cot", "vanilla", "latent"]
+Thought = Literal["latent", "pause", "none"]
+THOUGHTS = ("latent", "pause", "none")
+"""What stands in for the steps CoCoNuT's curriculum replaces (`CurriculumSchedule.thought`)."""
 VIDEO = "<video>"  # the schema's VIDEO_PLACEHOLDER
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE)}|{re.escape(VIDEO)})")
 
@@ -103,6 +110,20 @@ class Family(abc.ABC):
         self.start_latent_id = tokenizer.convert_tokens_to_ids(START_LATENT)
         self.end_latent_id = tokenizer.convert_tokens_to_ids(END_LATENT)
         self.video = VideoInput()
+
+    @property
+    def thought(self) -> Thought:
+        """What this model reads in place of the steps CoCoNuT replaced — `latent`, `pause` or `none`
+        (see the module docstring) — as the coconut stage trained it. Kept in the model's config
+        (`coconut_thought`), so an export carries it to every evaluation; `latent` for a model no
+        coconut stage set it on. `encode`, `latent_forward` and `generate` follow it."""
+        return getattr(self.model.config, "coconut_thought", "latent")
+
+    @thought.setter
+    def thought(self, kind: Thought) -> None:
+        if kind not in THOUGHTS:
+            raise ValueError(f"thought: unknown kind {kind!r} (known: {', '.join(THOUGHTS)})")
+        self.model.config.coconut_thought = kind
 
     # --- family hooks -------------------------------------------------------------------------
     @classmethod
@@ -214,7 +235,8 @@ class Family(abc.ABC):
         """Token ids and labels for one example row (see the module docstring for the layout).
         `visual_thoughts`: every step is followed by the image of its state, as tokens to write.
         `replaced_steps`: leading steps the latents stand for (default `n_latent_steps`; CoCoNuT's
-        last stage replaces every step with `max_latent_stage` latent steps)."""
+        last stage replaces every step with `max_latent_stage` latent steps). With `thought` none a
+        `latent` target drops those steps and puts nothing (no latents, no markers) in their place."""
         images = [as_pil(im) for im in row["images"]]
         if VIDEO in row["prompt"]:
             if IMAGE in row["prompt"] or row["prompt"].count(VIDEO) != 1 or not images:
@@ -231,8 +253,10 @@ class Family(abc.ABC):
         if target == "latent":
             # as many latents as the stage asks for, whatever the row's step count: the count must
             # not tell the model how long the answer's reasoning is (CoCoNuT's pad_latent_to_max)
-            n_latents = n_latent_steps * c_thought
-            latents = [self.start_latent_id] + [self.latent_id] * n_latents + [self.end_latent_id]
+            # pause rows hold the same ids as latent ones: only the forward reads them differently
+            if self.thought != "none":
+                n_latents = n_latent_steps * c_thought
+                latents = [self.start_latent_id] + [self.latent_id] * n_latents + [self.end_latent_id]
             steps = steps[n_latent_steps if replaced_steps is None else replaced_steps:]
         elif target == "vanilla":
             steps = []

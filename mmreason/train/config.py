@@ -137,6 +137,9 @@ class TrainConfig:
         if self.visual_thoughts.enabled and self.stage not in ("cot", "coconut"):
             raise ConfigError(f"visual_thoughts: MVoT's visual thoughts are trained in the cot and coconut stages, "
                               f"not {self.stage}")
+        if self.coconut.thought != "latent" and self.stage != "coconut":
+            raise ConfigError(f"coconut.thought: the coconut stage sets a model's thought kind; stage {self.stage!r} "
+                              f"reads it from its starting checkpoint (init_from)")
 
     @property
     def run_location(self) -> str:

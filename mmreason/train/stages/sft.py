@@ -1,6 +1,7 @@
 """Supervised fine-tuning: `cot` (chain-of-thought SFT, MVoT's visual thoughts when enabled) and
 `coconut` (the CoCoNuT curriculum: per epoch a stage, its latents in place of the first steps;
-arXiv 2412.06769). The `dare` and `cosre` stages are this recipe with the forward run under a press.
+arXiv 2412.06769; `coconut.thought` picks what is in their place: latent thoughts, or the pause-token
+or no-thought control). The `dare` and `cosre` stages are this recipe with the forward run under a press.
 
 Gradient accumulation is exact for the language-model loss: each micro-batch's summed token loss
 is divided by the tokens of the whole window, so `grad_accum` micro-batches of b rows give the
@@ -23,7 +24,8 @@ from mmreason.train.stages.base import EvalPlan, Recipe
 
 
 def encode_batch(family: Any, rows: list[dict], cfg: Any, epoch: int, rng: random.Random) -> dict:
-    """Rows → a padded training batch at this epoch's curriculum stage."""
+    """Rows → a padded training batch at this epoch's curriculum stage, with what `family.thought`
+    puts in place of the replaced steps (the coconut stage sets it to `coconut.thought`)."""
     items, sched = [], cfg.coconut
     for row in rows:
         stage = sched.row_stage(epoch, rng) if cfg.stage == "coconut" else 0
@@ -45,6 +47,8 @@ class SFT(Recipe):
     def __init__(self, cfg, family, env, reference=None):
         super().__init__(cfg, family, env)
         self.reference = reference  # distill's teacher: the starting model, reading the whole cache
+        if cfg.stage == "coconut":  # kept in the model's config: exports evaluate with the same thoughts
+            family.thought = cfg.coconut.thought
 
     def begin_epoch(self, engine: Any, epoch: int, start_epoch: int) -> None:
         super().begin_epoch(engine, epoch, start_epoch)
