@@ -6,12 +6,12 @@ everything here runs in a plain process too.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mmreason.config import ConfigError, config_hash
 from mmreason.data.schema import SPLITS
-from mmreason.tasks import RenderOptions, generate_example, get_task
+from mmreason.tasks import GridTask, RenderOptions, generate_example, get_task
 from mmreason.tasks.base import example_id
 
 DATASET_NAME = "gridworld"
@@ -20,10 +20,24 @@ GENERATOR_VERSION = 1  # bump when generated rows change for the same config
 
 @dataclass
 class TaskSizes:
+    """One task's grid sizes, example count and options."""
+
     sizes: list[int]
     """Grid sizes to generate (maze 3–6, frozenlake 3–8, minibehavior room 5–10)."""
     examples: int | None = None
     """Examples per grid size for this task; None takes the top-level `examples`."""
+    blocked: float = 0.0
+    """Maze only: share of attempted moves that hit a wall and stay put, in [0, 1) (`MazeTask.blocked`)."""
+
+
+def configured_task(name: str, spec: TaskSizes) -> GridTask:
+    """The task called `name` with the options `spec` sets; an option the task lacks is an error."""
+    task = get_task(name)
+    options = {"blocked": spec.blocked} if spec.blocked else {}  # at 0 the shared instance, as before
+    for option in options:
+        if not hasattr(task, option):
+            raise ValueError(f"{option}: {name} has no such option (only maze takes it)")
+    return replace(task, **options) if options else task
 
 
 @dataclass
@@ -103,6 +117,10 @@ class GridworldConfig:
                 task = get_task(name)
             except ValueError as exc:
                 raise ConfigError(f"tasks.{name}: {exc}") from None
+            try:
+                configured_task(name, spec)
+            except ValueError as exc:  # "blocked must be …" → "tasks.maze.blocked must be …"
+                raise ConfigError(f"tasks.{name}.{exc}") from None
             if spec.examples is not None and spec.examples < 0:
                 raise ConfigError(f"tasks.{name}.examples must be >= 0, got {spec.examples}")
             for size in spec.sizes:
@@ -122,6 +140,9 @@ class GridworldConfig:
         for name in ("recheck", "recheck_after_answer", "restate"):  # added later: at 0, shards written before them stay valid
             if not key[name]:
                 key.pop(name)
+        for spec in key["tasks"].values():  # ditto
+            if not spec["blocked"]:
+                spec.pop("blocked")
         key["generator_version"] = GENERATOR_VERSION
         return key
 
@@ -175,7 +196,7 @@ def shard_info(cfg: GridworldConfig, spec: ShardSpec) -> dict[str, Any]:
 
 def build_shard(cfg: GridworldConfig, spec: ShardSpec) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The rows of one shard, and the examples that failed (recorded, not fatal)."""
-    task = get_task(spec.task)
+    task = configured_task(spec.task, cfg.tasks[spec.task])
     fractions = cfg.splits.as_dict()
     opts = RenderOptions(image_size=cfg.image_size, step_images=cfg.step_images, recheck=cfg.recheck,
                          recheck_after_answer=cfg.recheck_after_answer, restate=cfg.restate)
