@@ -9,6 +9,7 @@ HF `model.generate` — and removes its hooks after. Mechanics in `mmreason.kv.b
 | `dare` | `DarePress` | learned per-modality routers, top-k per modality, pruned from a layer on |
 | `cosre` | `CosrePress` | blockwise DCT of each image's cached grid + shared slots / residuals, the answer folded in as it grows |
 | `hico` | `HicoPress` | video frames: merge per frame and clip, drop progressively deeper |
+| `mvot_window` | `MvotWindowPress` | MVoT's context: prompt images, text and the latest drawn image; older drawn images dropped |
 | `kvpress:<method>` | `KvpressPress` | kvpress baselines: tova, snapkv, streaming_llm, knorm, expected_attention, random |
 
 Adding a press: a module with the dataclass, one line in `PRESSES`, a config, a test.
@@ -25,9 +26,11 @@ from mmreason.kv.base import LayerCall, LayerState, Press, ScorePress, Session
 from mmreason.kv.cosre import CosrePress
 from mmreason.kv.dare import DarePress, DareRouter, anneal_temperature, ratio_loss
 from mmreason.kv.hico import HicoPress
+from mmreason.kv.mvot_window import MvotWindowPress
 from mmreason.kv.tova import TovaPress
 
-PRESSES: dict[str, type[Press]] = {"tova": TovaPress, "dare": DarePress, "cosre": CosrePress, "hico": HicoPress}
+PRESSES: dict[str, type[Press]] = {"tova": TovaPress, "dare": DarePress, "cosre": CosrePress, "hico": HicoPress,
+                                 "mvot_window": MvotWindowPress}
 KVPRESS_PREFIX = "kvpress:"
 NO_PRESS = "none"
 
@@ -81,6 +84,6 @@ def make_press(name: str, settings: dict[str, Any] | None = None, pending: Colle
     return press
 
 
-__all__ = ["CosrePress", "DarePress", "DareRouter", "HicoPress", "KVMeter", "LayerCall", "LayerState", "PRESSES",
-           "Press", "ScorePress", "Session", "TovaPress", "anneal_temperature", "make_press", "press_names",
-           "ratio_loss"]
+__all__ = ["CosrePress", "DarePress", "DareRouter", "HicoPress", "KVMeter", "LayerCall", "LayerState",
+           "MvotWindowPress", "PRESSES", "Press", "ScorePress", "Session", "TovaPress", "anneal_temperature",
+           "make_press", "press_names", "ratio_loss"]

@@ -22,7 +22,9 @@ so left-padded batches, per-row budgets and per-head pruning all work.
 Writing a press: subclass `Press`, override `compress(call)` (after each attention call: decide
 what to keep — `call.keep(mask)` — or replace entries — `call.replace(...)`), and, if the method
 needs per-token data from the forward (a router's scores), `fresh(call)`. `ScorePress` does the
-top-budget selection for methods that only produce scores.
+top-budget selection for methods that only produce scores. Images the model draws while decoding
+(Anole's visual thoughts) are complete in the forward that feeds their end marker:
+`call.closed_images()` names their entries, per row.
 """
 
 from __future__ import annotations
@@ -206,6 +208,37 @@ class LayerCall:
     def rope(self) -> Rope:
         return self.session.rope
 
+    def closed_images(self) -> list[list[torch.Tensor]]:
+        """Per row, the images the model drew that this forward completed (their end marker,
+        `ModalitySpec.image_end_ids`, is among its tokens; MVoT's visual thoughts): for each, the
+        (n,) indices of its entries in this layer, in column order — the generated image tokens
+        right before the marker, still uncompressed. [] for a row that completed none."""
+        ends = self.session.forward_image_ends()
+        rows = self.state.valid.shape[0]
+        if ends is None:
+            return [[] for _ in range(rows)]
+        st = self.state
+        raw = st.valid[:, 0] & (st.mod[:, 0] == VISION) & (st.col[:, 0] >= self.session.prompt_modality.shape[1])
+        if st.log_mass is not None:
+            raw &= st.log_mass[:, 0] == 0
+        first_col = self.session.seen - self.q_len
+        out = []
+        for b in range(rows):
+            found = []
+            idx = raw[b].nonzero().flatten()
+            idx = idx[st.col[b, 0, idx].argsort()]
+            cols = st.col[b, 0, idx]
+            for j in ends[b].nonzero().flatten().tolist():
+                end = first_col + j
+                c = cols[cols < end]
+                n = c.numel()
+                # the run of consecutive columns that ends right before the marker
+                run = int((c == torch.arange(end - n, end, device=c.device)).flip(0).cumprod(0).sum()) if n else 0
+                if run:
+                    found.append(idx[n - run:n])
+            out.append(found)
+        return out
+
     # writes
     def keep(self, mask: torch.Tensor) -> bool:
         """Keep the entries where `mask` ((B, H, L) or (B, L), bool) is True; returns whether any
@@ -287,7 +320,9 @@ class LayerCall:
     def replace_rows(self, rows: list[dict[str, torch.Tensor]], proportional: bool = True) -> None:
         """Replace the cache by per-row entry lists (merging presses): each row a dict of `k`
         (H, n, D) *un-rotated* keys, `v` (H, n, D), and (n,) `col`, `pos`, `mod`, `mass` (tokens
-        each entry stands for), `valid`. Rows are padded to one length; keys are rotated at `pos`."""
+        each entry stands for), `valid`; optionally (n,) `rotated`: entries whose `k` is the cache's
+        own, already rotated, key, kept bit for bit (a rebuild that changes a few entries leaves the
+        rest untouched). Rows are padded to one length; keys are rotated at `pos`."""
         heads = rows[0]["k"].shape[0]
         length = max(r["col"].numel() for r in rows)
         dev = self.keys.device
@@ -310,6 +345,8 @@ class LayerCall:
         k_pre = torch.stack([pad(r["k"]) for r in rows]).to(dev)
         values = torch.stack([pad(r["v"]) for r in rows]).to(dev)
         keys = self.rope().rotate(k_pre, state.pos)
+        if any("rotated" in r for r in rows):
+            keys = torch.where(meta("rotated").bool()[..., None], k_pre, keys)
         self.replace(keys.to(self.keys.dtype), values.to(self.values.dtype), state)
 
 
@@ -534,6 +571,7 @@ class Session:
         self.next_pos = pos[:, -1] + 1
         self.fwd_q, self.fwd_batch = q_len, batch
         self.fwd_modality: torch.Tensor | None = None
+        self.fwd_ids: torch.Tensor | None = None  # (B, q) this forward's token ids, where known
         self.seen += q_len
         return args, kwargs
 
@@ -568,12 +606,24 @@ class Session:
             mod = torch.zeros(b, q, dtype=torch.int8, device=self.fwd_valid.device)
         else:
             mod = self.spec.modality(ids)
-        self.fwd_modality = mod
+        self.fwd_modality, self.fwd_ids = mod, ids
         counts = torch.stack([((mod == m) & self.fwd_valid).sum(1) for m in (TEXT, VISION)], dim=1)
         self.seen_by_mod = counts if self.seen_by_mod is None else self.seen_by_mod + counts
         if self.forward_index == 0:
             self.prompt_modality = mod
         return mod
+
+    def forward_image_ends(self) -> torch.Tensor | None:
+        """(B, q) which of this forward's (valid) tokens end an image the model drew; None when
+        none does or the ids are unknown. Computed once per forward."""
+        if "image_ends" not in self.forward_scratch:
+            self.forward_modality()
+            ends = None
+            if self.fwd_ids is not None and self.spec.image_end_ids is not None:
+                ends = self.spec.closes_image(self.fwd_ids) & self.fwd_valid
+                ends = ends if bool(ends.any()) else None
+            self.forward_scratch["image_ends"] = ends
+        return self.forward_scratch["image_ends"]
 
     # attention
     def additive_mask(self, state: LayerState, qcols: torch.Tensor, groups: int, dtype: torch.dtype,
@@ -674,7 +724,7 @@ class Session:
         self._reset(copy.deepcopy(source.cache))
         self.stats["generations"] += 1
         for name in ("forward_index", "seen", "seen_by_mod", "next_pos", "prompt_modality", "fwd_pos", "fwd_valid",
-                     "fwd_q", "fwd_batch", "fwd_modality", "layer_inputs"):
+                     "fwd_q", "fwd_batch", "fwd_modality", "fwd_ids", "layer_inputs"):
             setattr(self, name, getattr(source, name))
         self.layer_prefill_peak_bytes = dict(source.layer_prefill_peak_bytes)
         self.states = {}

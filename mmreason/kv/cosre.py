@@ -7,22 +7,32 @@ After the prompt, per layer and per image:
    `mmreason.kv.modality`); each `block` × `block` tile (edge-replicated at the border; a grid
    smaller than a block is one smaller block, with `keep_*` scaled to it) is transformed with the
    orthonormal DCT-II, its `keep_h` × `keep_w` lowest frequencies are kept and quantised with
-   JPEG-style steps that grow with frequency, Δ(u, v) = base_delta · (1 + u + v) (0 = none), and
-   an inverse DCT of size keep_h × keep_w turns them into a keep_h × keep_w tile of new entries
-   (scaled by √(keep_h·keep_w)/block so a constant tile stays constant); entries standing only
-   for edge padding are dropped. With keep = block and base_delta = 0 this is the identity.
+   JPEG-style steps that grow with frequency, Δ(u, v) = base_delta · (1 + u + v) (0 = none;
+   the rounding is lossy and saves no bytes — the cache holds the reconstructed entries at the
+   model's precision, so `base_delta` is an accuracy knob only), and an inverse DCT of size
+   keep_h × keep_w turns them into a keep_h × keep_w tile of new entries (scaled by
+   √(keep_h·keep_w)/block so a constant tile stays constant); entries standing only for edge
+   padding are dropped. With keep = block and base_delta = 0 this is the identity.
 2. Shared slots + residuals (`slots` K > 0). The row's entries (text and the DCT entries; the first
    token, an attention sink, is left alone) are clustered by k-means on [k, v] over all heads into
    K shared slots. Per modality the `residual_text` / `residual_vis` fraction of entries farthest
    from their slot stay as their own entries (the residual evidence); every other entry is folded
    into its slot, and each slot is cached once as the mean of what it absorbed.
 3. Decoding (`every` > 0, with slots): each time another `every` tokens have been generated, the
-   generated entries that have left the window of the `recent` latest tokens are folded the same
+   generated text entries that have left the window of the `recent` latest tokens are folded the same
    way: each goes to its nearest slot, the `residual_*` fraction farthest from theirs stay as
    their own entries, and every slot becomes the mass-weighted mean of itself and what it took
    in. The cache then grows by about `residual_text` of the generated text, not all of it. The
    points are fixed by the count of generated tokens, so a teacher-forced forward in chunks of
    `every` tokens (`mmreason.kv.training`) sees the cache exactly as decoding does.
+4. Drawn images (MVoT's visual thoughts, arXiv 2501.07542: Anole writes `<racm3:break>`, the VQ
+   codes, `<eoss>` while it reasons). Their tokens stay whole while the image is being written;
+   in the forward whose tokens include its end marker (`LayerCall.closed_images`, per row, so rows
+   of a batch complete images at different steps), the image's grid — the family's, as for a prompt
+   image: 32 × 32 codes for anole-7b, 8 × 8 for tiny-anole — goes through step 1 in every layer,
+   and with slots its DCT entries are folded into the nearest slots as in step 3 (the
+   `residual_vis` fraction farthest from theirs stay). Every other entry is kept bit for bit. (A
+   teacher-forced chunk that runs past an end marker lets its later tokens read the image whole.)
 
 RoPE: cached keys are rotated at their positions, and mixing rotated keys of different positions
 is meaningless. Keys are un-rotated with the model's own rotary module at their original
@@ -145,7 +155,8 @@ class CosrePress(Press):
     keep_w: int = 2
     """Low frequencies kept per tile, horizontally (≤ block)."""
     base_delta: float = 0.0
-    """Quantisation step of the DC coefficient; step (u, v) = base_delta·(1 + u + v); 0 = none."""
+    """Quantisation step of the DC coefficient; step (u, v) = base_delta·(1 + u + v); 0 = none.
+    Accuracy only: the rounded coefficients are reconstructed at the cache's precision (no bytes saved)."""
     slots: int = 0
     """K shared slots per layer (0 = no shared–residual factorisation)."""
     residual_text: float = 0.5
@@ -184,6 +195,9 @@ class CosrePress(Press):
 
     def compress(self, call: LayerCall) -> None:
         if not call.prefill:
+            closed = call.closed_images()
+            if any(closed):
+                self._drawn(call, closed)
             if self.every:
                 self._compact(call)
             return
@@ -203,21 +217,10 @@ class CosrePress(Press):
         for start, length in spec.images(call.session.prompt_modality[b]):
             for offsets in spec.image_grids(length):
                 idx = (start + offsets).to(col.device)
-                h, w = offsets.shape
                 if not bool(valid[idx].all()):
                     continue
                 in_grid[idx.flatten()] = True
-                grid = lambda t: t[:, idx.flatten()].view(t.shape[0], h, w, -1)  # noqa: E731
-                kr = compress_grid(grid(k_pre), self.block, self.keep_h, self.keep_w, self.base_delta)
-                vr = compress_grid(grid(v), self.block, self.keep_h, self.keep_w, self.base_delta)
-                rr, cc, mass = reduced_coords(h, w, self.block, self.keep_h, self.keep_w, dev)
-                p = bilinear(pos[idx].double(), rr, cc).flatten()
-                near = col[idx][rr.round().long()][:, cc.round().long()].flatten()
-                n = p.numel()
-                parts.append({"k": kr.reshape(k_pre.shape[0], n, -1), "v": vr.reshape(v.shape[0], n, -1),
-                              "col": near, "pos": p.float(), "mod": torch.full((n,), VISION, dtype=torch.int8, device=dev),
-                              "mass": torch.full((n,), float(mass), device=dev),
-                              "valid": torch.ones(n, dtype=torch.bool, device=dev)})
+                parts.append(self._grid(k_pre, v, pos, col, idx))
         rest = ~in_grid & valid  # padding needs no entry: the mask hides it anyway
         parts.append({"k": k_pre[:, rest], "v": v[:, rest], "col": col[rest], "pos": pos[rest], "mod": mod[rest],
                       "mass": torch.ones(int(rest.sum()), device=dev), "valid": valid[rest]})
@@ -226,6 +229,57 @@ class CosrePress(Press):
             out = self._shared_residual(out)
         order = out["col"].argsort(stable=True)
         return {key: t[:, order] if key in KV else t[order] for key, t in out.items()}
+
+    def _grid(self, k_pre: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
+              idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Step 1 on one image grid of one row: `idx` (h, w) indices of its entries among the row's
+        pre-RoPE keys and values (H, L, D), positions and columns (L,) → its DCT entries."""
+        h, w = idx.shape
+        dev = col.device
+        grid = lambda t: t[:, idx.flatten()].view(t.shape[0], h, w, -1)  # noqa: E731
+        kr = compress_grid(grid(k_pre), self.block, self.keep_h, self.keep_w, self.base_delta)
+        vr = compress_grid(grid(v), self.block, self.keep_h, self.keep_w, self.base_delta)
+        rr, cc, mass = reduced_coords(h, w, self.block, self.keep_h, self.keep_w, dev)
+        p = bilinear(pos[idx].double(), rr, cc).flatten()
+        near = col[idx][rr.round().long()][:, cc.round().long()].flatten()
+        n = p.numel()
+        return {"k": kr.reshape(k_pre.shape[0], n, -1), "v": vr.reshape(v.shape[0], n, -1), "col": near,
+                "pos": p.float(), "mod": torch.full((n,), VISION, dtype=torch.int8, device=dev),
+                "mass": torch.full((n,), float(mass), device=dev), "valid": torch.ones(n, dtype=torch.bool, device=dev)}
+
+    def _drawn(self, call: LayerCall, closed: list[list[torch.Tensor]]) -> None:
+        """Step 4 of the module doc: the drawn images this forward completed (`closed`, per row the
+        entry indices of each), through the DCT like a prompt image, then into the slots."""
+        st = call.state
+        spec = call.session.spec
+        col, pos, valid, mod = st.col[:, 0], st.pos[:, 0], st.valid[:, 0], st.mod[:, 0]
+        mass = st.log_mass[:, 0].exp() if st.log_mass is not None else torch.ones_like(pos)
+        rows, spans = [], []
+        for b, images in enumerate(closed):
+            keep = valid[b].clone()
+            parts = []
+            if images:  # un-rotate this row only: the other rows' keys stay as they are
+                k_pre = call.rope().unrotate(call.keys[b:b + 1], pos[b:b + 1])[0]
+                for run in images:
+                    spans.append((b, int(col[b, run[0]]), int(col[b, run[-1]])))
+                    for offsets in spec.image_grids(run.numel()):
+                        idx = run[offsets.to(run.device)]
+                        keep[idx.flatten()] = False
+                        parts.append(self._grid(k_pre, call.values[b], pos[b], col[b], idx))
+            for part in parts:
+                part["rotated"] = torch.zeros_like(part["valid"])
+            parts.append({"k": call.keys[b][:, keep], "v": call.values[b][:, keep], "col": col[b, keep],
+                          "pos": pos[b, keep], "mod": mod[b, keep], "mass": mass[b, keep], "valid": valid[b, keep],
+                          "rotated": torch.ones_like(valid[b, keep])})
+            rows.append({key: torch.cat([p[key] for p in parts], dim=-2 if key in KV else -1) for key in parts[-1]})
+        call.replace_rows(rows, proportional=self.proportional)
+        if self.slots:
+            st = call.state
+            new = torch.zeros_like(st.valid[:, 0])
+            for b, lo, hi in spans:
+                c = st.col[b, 0]
+                new[b] |= (c >= lo) & (c <= hi) & (st.mod[b, 0] == VISION)
+            self._fold(call, new & st.valid[:, 0])
 
     def _shared_residual(self, e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Step 2 of the module doc on one row's entries."""
@@ -268,9 +322,17 @@ class CosrePress(Press):
             return
         first, last = prompt + max(0, lo - self.recent), prompt + max(0, hi - self.recent)
         st = call.state
+        col = st.col[:, 0]
+        # image tokens wait for their image to be complete (step 4 folds it then)
+        self._fold(call, st.valid[:, 0] & (col >= first) & (col < last) & (st.mod[:, 0] == TEXT))
+
+    def _fold(self, call: LayerCall, fresh: torch.Tensor) -> None:
+        """Fold the entries `fresh` (B, L) into each row's nearest slot, but for the `residual_*`
+        fraction farthest from theirs, which stay (steps 3 and 4); rows without slots keep them."""
+        st = call.state
         valid, col, mod = st.valid[:, 0], st.col[:, 0], st.mod[:, 0]
         slots = valid & (mod == SHARED)
-        fresh = valid & (col >= first) & (col < last) & (mod != SHARED) & slots.any(-1, keepdim=True)
+        fresh = fresh & slots.any(-1, keepdim=True)
         if not bool(fresh.any()):
             return
         k_pre = call.rope().unrotate(call.keys, st.pos)

@@ -7,6 +7,8 @@ families loaded by hand:
   grid of pixel-shuffled patch features.
 - Anole / Chameleon: every VQ code token of the vocabulary (`vocabulary_mapping.image_tokens`) and
   the `<image>` placeholder; one image is a square grid of codes (resolution / 2^(levels−1) per side).
+  The model also *draws* images while decoding (MVoT's visual thoughts): `<racm3:break>`, the codes,
+  `<eoss>`; `image_end_ids` marks `<eoss>`, so a press sees when a drawn image is complete.
 - Phi-4-multimodal: `vision_config.image_token_id`; an image is its HD crops' features as one
   rows × cols grid (a separator after each row), one separator, then the global view's b×b features
   laid out the same way (`Phi4MultimodalImageEmbedding`): two grids, separators left outside both.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from mmreason.models.anole import IMAGE_END
 from mmreason.models.phi4mm import hd_layouts, layout_tokens
 
 TEXT, VISION, SHARED = 0, 1, 2
@@ -44,14 +47,19 @@ class ModalitySpec:
     """Image tokens one image contributes (None: unknown, each run is one image)."""
     grids: list[torch.Tensor] = field(default_factory=list)
     """Offsets (h, w) into one image's run of image tokens, one tensor per 2-D grid in it."""
+    image_end_ids: torch.Tensor | None = None
+    """(vocab,) bool: token id → closes an image the model writes (Anole's `<eoss>`); None for
+    families that cannot draw."""
 
     def modality(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, T) int8 modality (TEXT or VISION)."""
-        lookup = self.image_ids.to(ids.device)
-        inside = (ids >= 0) & (ids < lookup.numel())
-        is_image = torch.zeros_like(ids, dtype=torch.bool)
-        is_image[inside] = lookup[ids[inside]]
-        return is_image.to(torch.int8)
+        return _member(self.image_ids, ids).to(torch.int8)
+
+    def closes_image(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, T) bool: which end an image the model drew."""
+        if self.image_end_ids is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        return _member(self.image_end_ids, ids)
 
     def images(self, modality_row: torch.Tensor) -> list[tuple[int, int]]:
         """(start, length) of each image in one row's modality vector: maximal runs of VISION,
@@ -155,6 +163,15 @@ def _square(n: int, device: torch.device) -> list[torch.Tensor]:
     return [offsets.view(side, side)] if side * side == n else [offsets.view(1, n)]
 
 
+def _member(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids → (B, T) bool: `table[id]`, False for ids outside it."""
+    lookup = table.to(ids.device)
+    inside = (ids >= 0) & (ids < lookup.numel())
+    out = torch.zeros_like(ids, dtype=torch.bool)
+    out[inside] = lookup[ids[inside]]
+    return out
+
+
 def _lookup(vocab: int, ids: list[int], device: torch.device) -> torch.Tensor:
     table = torch.zeros(vocab, dtype=torch.bool, device=device)
     ids = [i for i in ids if i is not None and 0 <= i < vocab]
@@ -178,7 +195,8 @@ def modality_spec(model: torch.nn.Module) -> ModalitySpec:
         vq = config.vq_config
         side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
         ids = list(mapping.image_tokens) + [mapping.image_token_id]
-        return ModalitySpec(_lookup(vocab, ids, device), side * side, _square(side * side, device))
+        return ModalitySpec(_lookup(vocab, ids, device), side * side, _square(side * side, device),
+                            image_end_ids=_lookup(vocab, [mapping.vocab_map.get(IMAGE_END)], device))
     if "Phi4Multimodal" in name:
         vision = config.vision_config
         patches = vision.image_size // vision.patch_size
