@@ -11,8 +11,11 @@ reward path or signature, group size < 2, HiCo on a family without it, use_gpu o
 GPUs) is checked here or when the config loads, before any worker starts; `--check` stops there and
 prints the resolved config and the resources the stage would ask for. Re-running with the same
 `run_name` and `storage` resumes from the last checkpoint (epoch and curriculum stage restored).
-The export is evaluated in a Ray task with one worker's resources (its GPU when `use_gpu`), not in
-the driver, which on a cluster sits on a head node with no CPUs for Ray work.
+Per-epoch evaluation reads the validation rows (`data.val_split`, or a slice carved out of train) and
+picks `best`; Ray Train keeps the best `keep_checkpoints` by `checkpoint_metric` plus the latest.
+The export is then evaluated on `data.eval_split` (test) for the report, in a Ray task with one
+worker's resources (its GPU when `use_gpu`), not in the driver, which on a cluster sits on a head
+node with no CPUs for Ray work.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from mmreason.data.cinepile import matches_filters
 from mmreason.data.reader import shard_entries
 from mmreason.data.shards import verify_shards
 from mmreason.data.schema import EXAMPLE_SCHEMA
-from mmreason.data.selection import held_out_rows
+from mmreason.data.selection import carved_validation, held_out_rows, validation_group, validation_rows
 from mmreason.eval.runner import evaluate
 from mmreason.hardware import local_device, require_gpus, torch_dtype
 from mmreason.kv.accounting import KVMeter
@@ -125,7 +128,8 @@ def check_visual_thoughts(cfg: TrainConfig) -> None:
 
 def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     """A Ray Dataset over the training shards (lazy unless filtered) and its row count (from the
-    manifest unless filtered)."""
+    manifest unless filtered). Groups carved out of train as validation rows (a dataset without
+    `data.val_split`, when the stage evaluates each epoch) are left out."""
     import ray.data
 
     entries = train_shards(cfg)
@@ -136,6 +140,9 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     if filtered:
         hard, visual = cfg.data.hard_split, cfg.data.visual_reliance
         ds = ds.filter(lambda row: matches_filters(json.loads(row["meta"]), hard, visual))
+    held = carved_validation(cfg.data) if cfg.eval.epoch_examples else frozenset()
+    if held:  # before max_train_rows: the validation slice does not depend on it
+        ds, filtered = ds.filter(lambda row: validation_group(row) not in held), True
     if cfg.data.max_train_rows is not None and (filtered or cfg.data.max_train_rows < n_rows):
         ds, n_rows = ds.limit(cfg.data.max_train_rows), min(n_rows, cfg.data.max_train_rows)
     if filtered:
@@ -143,7 +150,7 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
         n_rows = ds.count()  # the manifest's counts are before the filters
         if n_rows == 0:
             raise ConfigError(f"no training rows in {cfg.data.path} pass data.hard_split={cfg.data.hard_split}, "
-                              f"data.visual_reliance={cfg.data.visual_reliance}")
+                              f"data.visual_reliance={cfg.data.visual_reliance} outside the validation slice")
     return ds, n_rows
 
 
@@ -227,7 +234,7 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=stage_resources(cfg)),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                       checkpoint_config=checkpoint_config(cfg),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        callbacks=list(callbacks)),
         datasets={"train": ds},
@@ -236,11 +243,23 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     return dict(result.return_value or {}) | {"train_rows": n_rows, "steps_per_epoch": steps_per_epoch}
 
 
+def checkpoint_config(cfg: TrainConfig) -> Any:
+    """Ray Train keeps the best `keep_checkpoints` by `checkpoint_score`, and never deletes the latest
+    (Ray 2.60's checkpoint manager leaves it out of deletion and restarts workers from it), so a
+    resume continues where the run stopped while the best-ranked ones stay on disk beside it."""
+    import ray.train
+
+    metric, mode = cfg.checkpoint_score
+    return ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=metric,
+                                      checkpoint_score_order=mode)
+
+
 def evaluate_export(cfg: TrainConfig, export: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
     """All configured eval modes on the exported model (a local dir or a URI), in `precision` on
     this process's device, with its KV cache measured (and, for the dare stage, pruned by the
-    trained router; for the cosre stage, compressed by its press). Returns (results, predictions)
-    per mode. `evaluate_on_worker` runs it where the stage's hardware is."""
+    trained router; for the cosre stage, compressed by its press), on `data.eval_split` — the
+    reported numbers, which say their split. Returns (results, predictions) per mode.
+    `evaluate_on_worker` runs it where the stage's hardware is."""
     local = storage.local_copy(str(export))
     family = load_backbone(cfg.model.backbone, local, dtype=torch_dtype(cfg.precision))
     family.model.to(local_device(cfg.use_gpu))
@@ -258,7 +277,7 @@ def evaluate_export(cfg: TrainConfig, export: str | Path) -> tuple[dict[str, dic
         kv = {k: v for k, v in meter.summary().items() if k.startswith(("kv_fraction", "retained_", "kv_bytes_p"))
               and not isinstance(v, list)}
         predictions[mode] = res.predictions
-        results[mode] = {"accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
+        results[mode] = {"split": cfg.data.eval_split, "accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
                          "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
                          "seconds": time.perf_counter() - t0, **kv,
                          **({"direct_answer": res.direct_answer} if res.direct_answer is not None else {})}
@@ -306,6 +325,8 @@ def prepare_stage(cfg: TrainConfig) -> str:
     deepspeed_file(cfg)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)
+    if cfg.eval.epoch_examples:  # no validation rows (nor train groups to carve them from) fails here
+        validation_rows(cfg.data, 1, cfg.video.num_frames)
     if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
         rows = held_out_rows(cfg.data, 1, cfg.video.num_frames)
         if rows:
@@ -359,6 +380,8 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
     check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)
+    if cfg.eval.epoch_examples:
+        validation_rows(cfg.data, 1, cfg.video.num_frames)
     init_ray()
     check_gpus(cfg)
     n_rows = sum(e["rows"] for e in entries)
@@ -374,9 +397,10 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}"]
+    lines = [f"{'mode':<10}{'split':>6}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}"]
     for mode, r in results.items():
-        lines.append(f"{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}{r['latents_per_answer']:>9}{r['n']:>6}")
+        lines.append(f"{mode:<10}{r['split']:>6}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}"
+                     f"{r['latents_per_answer']:>9}{r['n']:>6}")
     return "\n".join(lines)
 
 

@@ -75,6 +75,71 @@ def test_training_rows_are_cut_into_whole_batches_on_block_boundaries(maze_data,
     assert [len(r) for r in rows] == [36, 36] and sorted(rows[0] + rows[1]) == sorted(kept)
 
 
+def test_validation_rows_are_the_val_split_or_a_slice_of_train_never_trained_on(maze_data, tmp_path):
+    """With a val split, per-epoch evaluation reads it and training keeps all of train; without one
+    (val 0.0 here; CinePile writes none), whole layouts are carved out of train by a seeded hash —
+    the same ones on every call — and the training dataset leaves exactly those rows out."""
+    from mmreason.config import load_config
+    from mmreason.data.gridworld import GridworldConfig
+    from mmreason.data.reader import read_table
+    from mmreason.data.selection import carved_validation, validation_group, validation_rows
+    from pipelines import gridworld
+
+    with_val = stage_cfg(maze_data, tmp_path / "runs")
+    assert carved_validation(with_val.data) == frozenset()
+    val = validation_rows(with_val.data, None)
+    assert val and {r["split"] for r in val} == {"val"}
+    assert {r["id"] for r in val} == set(read_table(maze_data, split="val")["id"].to_pylist())
+
+    data = tmp_path / "noval"
+    gridworld.run(load_config(GridworldConfig, None, [f"output_dir={data}", "examples=60", "tasks={maze: {sizes: [3]}}",
+                                                      "splits={train: 0.9, val: 0.0, test: 0.1}"]), log=lambda *_: None)
+    cfg = stage_cfg(data, tmp_path / "runs", "eval.epoch_examples=4")
+    train_ids = set(read_table(data, split="train")["id"].to_pylist())
+    held = carved_validation(cfg.data)
+    assert held and held == carved_validation(cfg.data)
+    val = validation_rows(cfg.data, None)
+    assert {r["split"] for r in val} == {"train"} and {validation_group(r) for r in val} == held
+    ds, n_rows = train.train_dataset(cfg)
+    trained = {r["id"] for r in ds.take_all()}
+    assert n_rows == len(trained) == len(train_ids) - len(val) and not trained & {r["id"] for r in val}
+    assert not {validation_group(r) for r in ds.take_all()} & held  # a layout is wholly in one or the other
+    assert train.train_dataset(stage_cfg(data, tmp_path / "runs", "eval.epoch_examples=0"))[1] == len(train_ids)
+    other_seed = stage_cfg(data, tmp_path / "runs", "eval.epoch_examples=4", "data.val_seed=1")
+    assert carved_validation(other_seed.data) != held
+
+
+def test_per_epoch_evaluation_and_best_never_read_the_test_split(maze_data, tmp_path):
+    """The loop's own validation rows (no `eval_rows` given), in a copy of the dataset whose test
+    shards are gone: any read of test would raise, so `best` and the reported eval_accuracy can only
+    come from val."""
+    import shutil
+
+    import torch
+
+    from mmreason.data.reader import read_table
+    from mmreason.data.shards import CorruptShardError
+    from mmreason.train.loop import LocalWorker, run_loop, single_process_env
+
+    data = tmp_path / "data"
+    shutil.copytree(maze_data, data)
+    for entry in json.loads((data / "manifest.json").read_text())["shards"]:
+        if entry["split"] == "test":
+            (data / entry["path"]).unlink()
+    with pytest.raises(CorruptShardError):
+        read_table(data, split="test")
+    cfg = stage_cfg(data, tmp_path / "runs", "optim.epochs=2", "optim.warmup_steps=1", "eval.epoch_examples=4",
+                    "eval.batch_size=4", "eval.modes={cot: {max_new_tokens: 8}}")
+    single_process_env(torch.device("cpu"))
+    rows = read_table(data, split="train").to_pylist()[:16]
+    worker = LocalWorker(rows, cfg.optim.batch_size, torch.device("cpu"), tmp_path / "ckpt")
+    tiny = build_tiny("tiny-internvl", tmp_path / "tiny")
+    out = run_loop(cfg, str(tiny), worker, REPO / cfg.deepspeed, 2, str(tmp_path / "run"))
+    assert [r["epoch"] for r in worker.reported] == [0, 1] and all("eval_accuracy" in r for r in worker.reported)
+    assert out["best_eval_accuracy"] == max(r["eval_accuracy"] for r in worker.reported)
+    assert (tmp_path / "run/best/model.safetensors").is_file()
+
+
 def test_training_deepspeed_skips_the_shared_memory_inference_op():
     """Its ~45 s compile is not waited for by any worker; ZeRO's collectives stay on torch.distributed."""
     from deepspeed.comm.torch import build_shm_op
@@ -186,6 +251,33 @@ def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data,
     family = load_backbone(backbone, out["export"])
     assert family.model.config.model_type in family.model_types
     assert out["eval"]["cot"]["n"] == 6
+
+
+def test_checkpoints_kept_are_the_best_by_the_metric_plus_the_latest_which_resumes(maze_data, tmp_path, monkeypatch):
+    """Retention by a named metric through Ray Train: `lr` (max) here, because its per-epoch values
+    are known in advance — warm-up over 4 of 8 steps, then cosine: epochs end at 0.5, 1.0, 0.87,
+    0.23 × lr. keep_checkpoints=2 keeps epochs 1 and 2 (the latest 2 would be 2 and 3) and epoch 3,
+    the latest, which the next run with more epochs resumes from. The final report says its split."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ("workers=1", "optim.batch_size=40", "optim.warmup_steps=4", "checkpoint_metric=lr", "checkpoint_mode=max", "keep_checkpoints=2",
+            "eval.epoch_examples=0", "eval.max_examples=2", "eval.modes={cot: {max_new_tokens: 8}}")
+    cfg = stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=4", *args)
+    assert train.checkpoint_config(cfg).checkpoint_score_attribute == "lr"
+    out = train.run_stage(cfg)
+    assert out["train"]["steps_per_epoch"] == 2 and out["train"]["epoch"] == 3
+
+    def kept() -> set[int]:
+        dirs = [d for d in (tmp_path / "runs/t").glob("checkpoint_*") if d.is_dir()]  # not Ray's snapshot file
+        return {json.loads((d / "progress.json").read_text())["epoch"] for d in dirs}
+
+    assert kept() == {1, 2, 3}
+    assert _latest_checkpoint_epoch(str(tmp_path / "runs/t")) == 3
+    results = json.loads((tmp_path / "runs/t/eval/results.json").read_text())
+    assert results["cot"]["split"] == "test" and results["cot"]["n"] == 2
+
+    again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=5", *args))
+    assert again["train"]["epoch"] == 4  # from epoch 3's checkpoint, not the best-ranked epoch 2
+    assert kept() == {1, 2, 4}  # epoch 4 ends at 0.16 × lr: now the latest, and 3 goes
 
 
 def test_on_s3_a_sigkilled_stage_resumes_at_the_right_epoch_and_stage_and_its_export_evaluates(s3, tmp_path):

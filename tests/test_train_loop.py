@@ -148,3 +148,15 @@ def test_cuda_bf16_stage_trains_like_cpu_fp32(tiny, tmp_path, ds):
                    eval_rows=held_out)
     assert [r["loss"] for r in gpu.reported] == pytest.approx([r["loss"] for r in cpu.reported], rel=0.03)
     assert "eval_accuracy" in out and (tmp_path / "gpu/run/export/model.safetensors").is_file()
+
+
+def test_a_checkpoint_metric_the_stage_does_not_report_is_named_after_the_first_epoch(tiny, tmp_path):
+    """Ray Train would rank such checkpoints last (it scores a missing metric -inf), keeping the
+    wrong ones; the loop stops instead, naming the setting and what the stage does report."""
+    rows = maze_rows("train", 8)
+    with pytest.raises(ConfigError, match="checkpoint_metric: 'val_loss' is not reported every epoch by the cot stage "
+                                          "\\(it reports: .*epoch, global_batch, loss, lr"):
+        run(tiny, tmp_path, rows, "optim.batch_size=8", "checkpoint_metric=val_loss", "checkpoint_mode=min")
+    assert not (tmp_path / "ckpt" / "latest").exists()  # stopped before the checkpoint was reported
+    out, worker, cfg = run(tiny, tmp_path, rows, "optim.batch_size=8", "checkpoint_metric=loss", "checkpoint_mode=min")
+    assert cfg.checkpoint_score == ("loss", "min") and worker.reported[0]["loss"] == out["loss"]

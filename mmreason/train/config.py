@@ -21,6 +21,10 @@ from mmreason.train.stages.rl import RLConfig
 
 STAGES = ("cot", "coconut", "rl", "dare", "cosre")
 """`mmreason.train.stages.RECIPES` holds one recipe per name."""
+EPOCH_METRICS = ("epoch", "stage", "lr", "samples_per_s", "global_batch", "data_wait_s", "loss")
+"""What every stage reports after every epoch (`mmreason.train.loop.run_loop`); recipes add their own."""
+EVAL_METRICS = ("eval_accuracy", "eval_tokens_per_answer")
+"""What the per-epoch evaluation of data.val_split adds, when eval.epoch_examples > 0."""
 
 
 @dataclass
@@ -100,7 +104,13 @@ class TrainConfig:
     """Worker failures after which Ray Train still restarts the workers from the last checkpoint
     (-1: always). A node drained for preemption (spot reclaim, autoscaler) is retried regardless."""
     keep_checkpoints: int = 2
-    """Ray Train keeps this many latest checkpoints; the best export is kept apart."""
+    """Ray Train keeps the best this many checkpoints by `checkpoint_metric`, and the latest one always
+    (a resume starts there); the `best` export is kept apart."""
+    checkpoint_metric: str | None = None
+    """The per-epoch metric that ranks checkpoints (`loss`, `eval_accuracy`, …); null: `eval_accuracy`
+    (on data.val_split) when eval.epoch_examples > 0, else `epoch` (the latest are kept)."""
+    checkpoint_mode: Literal["max", "min"] = "max"
+    """Whether a higher (`max`: accuracy) or a lower (`min`: loss) `checkpoint_metric` is better."""
     seed: int = 0
     experiment: str = "mmreason"
     """MLflow experiment."""
@@ -108,6 +118,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage: unknown stage {self.stage!r} (known: {', '.join(STAGES)})")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.checkpoint_metric is None and self.checkpoint_mode != "max":
+            raise ConfigError("checkpoint_mode: min needs a checkpoint_metric (the default ranks by eval_accuracy, "
+                              "or by epoch without per-epoch evaluation: higher is better)")
+        if self.checkpoint_metric in EVAL_METRICS and not self.eval.epoch_examples:
+            raise ConfigError(f"checkpoint_metric: {self.checkpoint_metric} comes from the per-epoch evaluation, "
+                              f"which eval.epoch_examples=0 turns off")
+        if self.checkpoint_metric == "cbp_replaced" and not self.continual_backprop.enabled:
+            raise ConfigError("checkpoint_metric: cbp_replaced is reported with continual_backprop.enabled only")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be >= -1, got {self.max_failures}")
         if self.workers < 1:
@@ -140,6 +160,13 @@ class TrainConfig:
         if self.coconut.thought != "latent" and self.stage != "coconut":
             raise ConfigError(f"coconut.thought: the coconut stage sets a model's thought kind; stage {self.stage!r} "
                               f"reads it from its starting checkpoint (init_from)")
+
+    @property
+    def checkpoint_score(self) -> tuple[str, str]:
+        """(metric, "max" | "min") that Ray Train ranks this stage's checkpoints by."""
+        if self.checkpoint_metric is not None:
+            return self.checkpoint_metric, self.checkpoint_mode
+        return ("eval_accuracy" if self.eval.epoch_examples else "epoch"), "max"
 
     @property
     def run_location(self) -> str:

@@ -7,8 +7,9 @@ asked) → the recipe (it decides what trains) → `deepspeed.initialize` with t
 precision, micro-batch and accumulation written into the DeepSpeed config → restore the last
 checkpoint → per epoch: optimizer steps over windows of `grad_accum` micro-batches (the recipe's
 `train_step`), continual backprop after each, then on rank 0 the recipe's metrics and an evaluation
-of held-out rows (ZeRO-3: of a gathered copy) that keeps the best export; a checkpoint reported by
-every worker → the final export (ZeRO-3: 16-bit weights gathered).
+of the validation rows (`data.val_split`; ZeRO-3: of a gathered copy) that keeps the best export; a
+checkpoint reported by every worker, ranked by `checkpoint_metric` → the final export (ZeRO-3: 16-bit
+weights gathered). The test split (`data.eval_split`) is not read here: it is for the final report.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ def load_family(cfg: TrainConfig, path: str, device: torch.device, trainable: bo
 def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str | Path | dict, steps_per_epoch: int,
              run_location: str, fit_rows: list[dict] = (), eval_rows: list[dict] | None = None) -> dict[str, Any]:
     """Train one stage on this worker; `steps_per_epoch` optimizer steps, each over `grad_accum`
-    micro-batches. Held-out rows for the per-epoch evaluation: `eval_rows`, else the config's
-    (`eval.epoch_examples` of `data`). Returns the last epoch's metrics and the best evaluation accuracy."""
-    from mmreason.data.selection import held_out_rows
+    micro-batches. Rows for the per-epoch evaluation: `eval_rows`, else `eval.epoch_examples` of the
+    config's validation rows (`validation_rows`). Returns the last epoch's metrics and the best
+    evaluation accuracy."""
+    from mmreason.data.selection import validation_rows
     from mmreason.train.continual_backprop import ContinualBackprop
 
     rank, world, device = worker.rank, worker.world, worker.device
@@ -164,7 +166,7 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
     if (rank != 0 and zero_stage < 3) or not cfg.eval.epoch_examples:
         eval_rows = []
     elif eval_rows is None:
-        eval_rows = held_out_rows(cfg.data, cfg.eval.epoch_examples, cfg.video.num_frames)
+        eval_rows = validation_rows(cfg.data, cfg.eval.epoch_examples, cfg.video.num_frames)
     else:
         eval_rows = eval_rows[: cfg.eval.epoch_examples]
     global_batch = cfg.optim.batch_size * cfg.grad_accum * world
@@ -197,7 +199,7 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
                    "lr": engine.optimizer.param_groups[0]["lr"], "samples_per_s": seen * world / max(seconds, 1e-9),
                    "global_batch": global_batch, "data_wait_s": waited, **fit_metrics,
                    **epoch_means(steps, recipe.metric_prefix)}
-        fit_metrics = {}  # reported with the first epoch
+        first_only, fit_metrics = fit_metrics, {}  # reported with the first epoch
         if cbp:
             metrics["cbp_replaced"] = cbp.replaced
         if eval_rows:
@@ -206,6 +208,8 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
             if result is not None:
                 metrics.update(result)
                 best = max(best, result["eval_accuracy"])
+        if rank == 0:  # Ray Train ranks checkpoints by rank 0's metrics
+            check_checkpoint_metric(cfg, metrics, first_only)
         per_step = recipe.metric_prefix  # those went to the tracking run every step
         worker.log({k: float(v) for k, v in metrics.items() if not (per_step and k.startswith(per_step))}, epoch)
         cbp_state = cbp.state_dict() if cbp else None  # on every rank: it averages utilities over them
@@ -223,6 +227,17 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
         if ready:
             publish(recipe, run_location, "export", extra=carried)
     return {**metrics, "best_eval_accuracy": best}
+
+
+def check_checkpoint_metric(cfg: TrainConfig, metrics: dict[str, Any], once: dict[str, Any]) -> None:
+    """The metric Ray Train ranks checkpoints by must come with every epoch's report: one missing
+    would rank that checkpoint last (Ray logs it and scores -inf). `once`: metrics reported with
+    the first epoch only."""
+    name, _ = cfg.checkpoint_score
+    if name not in metrics or name in once:
+        every = sorted(k for k in metrics if k not in once)
+        raise ConfigError(f"checkpoint_metric: {name!r} is not reported every epoch by the {cfg.stage} stage "
+                          f"(it reports: {', '.join(every)})")
 
 
 def epoch_means(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
