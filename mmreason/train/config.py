@@ -21,8 +21,6 @@ from mmreason.train.stages.rl import RLConfig
 
 STAGES = ("cot", "coconut", "rl", "dare", "cosre")
 """`mmreason.train.stages.RECIPES` holds one recipe per name."""
-EPOCH_METRICS = ("epoch", "stage", "lr", "samples_per_s", "global_batch", "data_wait_s", "loss")
-"""What every stage reports after every epoch (`mmreason.train.loop.run_loop`); recipes add their own."""
 EVAL_METRICS = ("eval_accuracy", "eval_tokens_per_answer")
 """What the per-epoch evaluation of data.val_split adds, when eval.epoch_examples > 0."""
 
