@@ -12,6 +12,13 @@ the true high-water mark of decoding. A generation starts at a forward with an e
 (prefill); every later forward (latent thoughts, decoded tokens) is decoding. Presses that act
 after the prompt hold the whole prompt for a moment inside the prefill forward; that transient is
 reported on its own (`kv_bytes_prefill_transient`).
+
+Under a press session the meter also records what the cache holds at its peak, per modality
+(`cache_composition`, read from the session's per-entry state after the forward that left the
+cache largest): `image_share_peak` is the share of those bytes that are image entries — prompt
+images and images the model drew (MVoT's visual thoughts). Without a session the meter cannot
+tell entries apart (a generation feeds embeddings, not ids); a press that keeps everything gives
+one (`Press()`: the model's output is unchanged).
 """
 
 from __future__ import annotations
@@ -60,6 +67,32 @@ def full_layer_bytes(cache: Any, columns: int) -> list[int]:
     return out
 
 
+def cache_composition(states: dict[int, Any], cache: Any) -> dict[str, int]:
+    """Bytes each modality's entries hold in `cache`: {"text", "vision", "shared"} (CoSRe's slots),
+    summed over layers, rows and heads (per-head pruning counts per head). `states` are a press
+    session's per-layer `LayerState`s (`Session.states`: each entry's modality and whether it is
+    real); padding and entries dropped for a row count in none. An entry's bytes are its layer's
+    key + value head dims × their element sizes."""
+    from mmreason.kv.modality import MODALITY_NAMES
+
+    out = dict.fromkeys(MODALITY_NAMES.values(), 0)
+    for index, state in states.items():
+        layer = cache.layers[index]
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or k.dim() != 4:
+            continue
+        per_entry = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+        for mod, name in MODALITY_NAMES.items():
+            out[name] += int(((state.mod == mod) & state.valid).sum()) * per_entry
+    return out
+
+
+def image_share(composition: dict[str, int]) -> float | None:
+    """Share of a cache's entry bytes (`cache_composition`) that are image entries; None when empty."""
+    total = sum(composition.values())
+    return composition.get("vision", 0) / total if total else None
+
+
 @dataclass
 class GenerationRecord:
     rows: int
@@ -75,6 +108,10 @@ class GenerationRecord:
     decode_forwards: int = 0
     retained_prefill: dict[str, float] = field(default_factory=dict)
     retained_final: dict[str, float] = field(default_factory=dict)
+    peak_composition: dict[str, int] = field(default_factory=dict)
+    """`cache_composition` after the forward that left the cache largest (a session's only)."""
+    peak_total: int = 0
+    """That forward's cache bytes."""
 
 
 class KVMeter:
@@ -126,7 +163,14 @@ class KVMeter:
         if self.session is not None and not self._new:  # inside a step: newest entry in, none dropped yet
             inner = self.session.layer_peak_bytes
             rec.peak_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(rec.peak_bytes)]
+            self._compose(rec, cache, now)
         rec.full_final_bytes = full_layer_bytes(cache, rec.columns)
+
+    def _compose(self, rec: GenerationRecord, cache: Any, now: list[int]) -> None:
+        """What the cache holds, if it is the largest it has been after a forward (ties: the later)."""
+        if sum(now) >= rec.peak_total and self.session.states:
+            rec.peak_total = sum(now)
+            rec.peak_composition = cache_composition(self.session.states, cache)
 
     def prompt_done(self, cache: Any, columns: int, seconds: float) -> None:
         """Start a generation's record from a prompt that did not run under this meter (`columns`
@@ -146,6 +190,7 @@ class KVMeter:
             rec.retained_prefill = self.session.retained()
             inner = self.session.layer_prefill_peak_bytes
             rec.prefill_transient_bytes = [max(a, inner.get(i, 0)) for i, a in enumerate(now)]
+            self._compose(rec, cache, now)
         rec.full_final_bytes = full_layer_bytes(cache, columns)
         self.records.append(rec)
         return rec
@@ -184,6 +229,9 @@ class KVMeter:
             "decode_seconds": sum(r.decode_seconds for r in recs),
             "decode_forwards": sum(r.decode_forwards for r in recs),
         }
+        composed = [r.peak_composition for r in recs if r.peak_composition]
+        if composed:  # bytes, so every generation weighs by its rows and length
+            out["image_share_peak"] = image_share({k: sum(c.get(k, 0) for c in composed) for k in composed[0]})
         for when in ("prefill", "final"):
             names = {k for r in recs for k in getattr(r, f"retained_{when}")}
             for name in sorted(names):

@@ -1,0 +1,88 @@
+"""The visual-thought benchmark (issue 26 items 3-4) without training anything: configs/bench/mvot-cpu.yaml
+passes `mmreason quickstart --check` (and so does its text-only control), and benchmarks/kv_presses.py
+--model mvot builds its presses — each one `make_press` accepts, at the budgets its settings are
+sized for — and its evaluation config."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import quickstart
+from mmreason.config import load_config
+from mmreason.kv import make_press
+from tests.test_check import checked, quiet  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/bench/mvot-cpu.yaml"
+IMAGE_TOKENS = 66
+"""A drawn tiny-anole image: <racm3:break>, 8 × 8 codes, <eoss>."""
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("kv_presses", REPO / "benchmarks" / "kv_presses.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_mvot_bench_config_trains_visual_thoughts_on_mazes_and_frozenlake_and_passes_check(tmp_path, quiet, capsys):
+    root = tmp_path / "mvot"
+    report = checked(quickstart.main, [str(CONFIG), f"root={root}"], capsys)
+    assert report["steps"] == ["data", "cot"]
+    assert report["stages"]["cot"]["starts_from"] == "tiny-anole" and report["stages"]["cot"]["workers"] == 2
+    assert report["data"]["shards"]["done"] == 0 and report["data"]["shards"]["to_build"] > 0
+    cot = report["config"]["cot"]
+    assert cot["visual_thoughts"]["enabled"] and cot["data"]["tasks"] == ["maze", "frozenlake"]
+    assert set(report["config"]["data"]["tasks"]) == {"maze", "frozenlake"} and report["config"]["data"]["step_images"]
+    # evaluation must be able to draw: the longest 4×4 maze reply draws 10 images
+    assert cot["eval"]["modes"]["cot"]["max_new_tokens"] >= 10 * IMAGE_TOKENS + 60
+    # the control named in the config's header: same data and epochs, no visual thoughts
+    control = checked(quickstart.main, [str(CONFIG), f"root={root}", "cot.visual_thoughts.enabled=false",
+                                        "cot.run_name=mvot-cot-text"], capsys)
+    assert not control["config"]["cot"]["visual_thoughts"]["enabled"]
+    assert control["config"]["cot"]["optim"] == cot["optim"] and control["config"]["data"] == report["config"]["data"]
+    assert not root.exists() and not quiet.exists()
+
+
+def test_kv_presses_mvot_builds_each_press_at_its_budget(bench):
+    kept = [0.5, 0.25]
+    settings = bench.press_settings("mvot", kept, {k: "/runs/dare" for k in kept}, {k: None for k in kept})
+    names = [s["name"] for s in settings]
+    assert names[0] == "none" and names.count("mvot_window") == 1 and names.count("dare") == 2
+    assert {n for n in names if n.startswith("kvpress:")} == {f"kvpress:{m}" for m in bench.KVPRESS}
+    assert not [s for s in settings if s["name"] == "cosre" and "model" in s]  # no fine-tuned CoSRe on mvot
+    share = bench.MVOT_IMAGE_SHARE
+    for s in settings:
+        s = dict(s)
+        s.pop("kept", None), s.pop("model", None), s.pop("router_path", None)
+        make_press(s.pop("name"), s, pending={"router_path"})  # every setting is one the press takes
+    for f in kept:
+        one = {s["name"]: s for s in settings if s.get("kept") == f}
+        assert one["kvpress:snapkv"]["compression_ratio"] == pytest.approx(1 - f)
+        assert one["tova"]["factor"] == f
+        dare = one["dare"]
+        assert dare["rho_vis"] < 1 and dare["router_path"] == "/runs/dare/dare_router.pt" and dare["model"] == "/runs/dare"
+        # the per-modality targets add up to the kept fraction at the model's image share
+        assert (1 - share) * dare["rho_text"] + share * dare["rho_vis"] == pytest.approx(f, abs=0.01)
+        cosre = one["cosre"]
+        assert cosre["keep_h"] * cosre["keep_w"] <= cosre["block"] ** 2 / 4  # drawn images: a quarter or less
+    assert "slots" not in bench.mvot_cosre_settings(0.5)  # at 50 % text is left whole
+    assert bench.mvot_cosre_settings(0.25)["slots"] > 0  # below, the DCT alone cannot reach it
+
+
+def test_kv_presses_mvot_evaluates_the_drawing_model_on_both_tasks_with_a_drawing_budget(bench, tmp_path):
+    model = bench.MODELS["mvot"]
+    cfg = bench.eval_config(model, model.checkpoint, model.data, [3, 4], 20, model.max_new_tokens, tmp_path)
+    assert cfg.model.backbone == "tiny-anole" and cfg.data.tasks == ["maze", "frozenlake"]
+    assert cfg.mode == "cot" and cfg.generation.max_new_tokens >= 10 * IMAGE_TOKENS + 60
+    assert model.out.endswith("kv_presses_mvot.json") and bench.MODELS["maze"].out.endswith("kv_presses.json")
+    maze = bench.press_settings("maze", [0.5], {0.5: None}, {0.5: None})
+    assert "mvot_window" not in [s["name"] for s in maze]  # the maze model's list is as before
+    assert load_config(type(cfg), None, ["press={name: mvot_window, latest: 1}"]).press["name"] == "mvot_window"
