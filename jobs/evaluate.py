@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
+from mmreason import console
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, apply_override, from_dict, load_config, to_dict
 from mmreason.eval.press_eval import (
@@ -117,9 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    row = run(cfg)
-    print(results_table(row))
-    print(f"results: {cfg.output_dir}/results.csv and {cfg.output_dir}/{cfg.run_name}/result.json")
+    with console.session(cfg.output_dir, "evaluate", args.verbose):
+        with console.step(f"evaluate: {cfg.run_name} (press {cfg.press.get('name', 'none')})") as step:
+            row = run(cfg)
+            step.done(f"accuracy {row['accuracy']:.3f} on {row['n']} rows")
+        console.echo(results_table(row))
+        console.echo(f"results: {cfg.output_dir}/results.csv and {cfg.output_dir}/{cfg.run_name}/result.json")
     return 0
 
 

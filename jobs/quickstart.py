@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import console
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config, to_dict
 from mmreason.data.gridworld import GridworldConfig, TaskSizes
@@ -42,6 +43,8 @@ from mmreason.sweep import SweepConfig
 from mmreason.train.config import DataConfig, OptimConfig, TrainConfig
 from mmreason.train.stages.dare import ROUTER_FILE, DareStageConfig
 from pipelines import gridworld
+
+echo = console.echo
 
 STEPS = ("cot", "coconut", "dare", "presses", "sweep")
 DATA_DIR = "data/gridworld"
@@ -267,6 +270,7 @@ def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any
     from mmreason.eval.press_eval import run_press_eval
 
     rows = []
+    bar = console.progress(len(cfg.presses), "presses")
     for name, settings in cfg.presses.items():
         one = copy.deepcopy(cfg.evaluate)
         one.run_name = press_run_name(name)
@@ -280,13 +284,14 @@ def evaluate_presses(cfg: QuickstartConfig, cot_export: str, dare: dict[str, Any
                          "layer": targets.layer, "router_width": targets.router_width, "window": targets.window,
                          "router_path": str(Path(dare["export"]) / ROUTER_FILE), **settings}
         rows.append(run_press_eval(one, log=lambda *a, **k: None))
+        bar.update(1, last=name, accuracy=rows[-1]["accuracy"])
+    bar.close()
     return rows
 
 
 def run(cfg: QuickstartConfig) -> dict[str, Any]:
     """The whole flow under one MLflow pipeline run; returns what each step produced."""
     from jobs import sweep as sweep_job
-    from jobs.train import run_stage
     from mmreason.eval.press_eval import results_table
     from mmreason.tracking import pipeline_run
 
@@ -296,28 +301,44 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"stages": []}
     with pipeline_run(cfg.cot.experiment, "quickstart") as parent_id:
         out["parent_run_id"] = parent_id
-        manifest = gridworld.run(cfg.data)
-        print(gridworld.summary_table(manifest))
-        cot = run_stage(cfg.cot)
+        with console.step("data: gridworld") as step:
+            manifest = gridworld.run(cfg.data)
+            step.done(f"{manifest['total_rows']} rows in {cfg.data.output_dir}")
+        echo(gridworld.summary_table(manifest))
+        cot = _train(cfg.cot)
         out["stages"].append(cot)
         if "coconut" in cfg.steps:
             cfg.coconut.init_from = cot["export"]
-            out["stages"].append(run_stage(cfg.coconut))
+            out["stages"].append(_train(cfg.coconut))
         dare = None
         if "dare" in cfg.steps:
             cfg.dare.init_from = cot["export"]
-            dare = run_stage(cfg.dare)
+            dare = _train(cfg.dare)
             out["stages"].append(dare)
         if "presses" in cfg.steps:
-            out["presses"] = evaluate_presses(cfg, cot["export"], dare)
-            print(f"\nthe cot model under each press ({cfg.evaluate.mode} mode, {out['presses'][0]['n']} held-out "
-                  f"rows; kv_fraction = KV bytes / the full cache's)")
-            print(results_table(out["presses"]))
+            with console.step(f"presses: {len(cfg.presses)} on the cot model") as step:
+                out["presses"] = evaluate_presses(cfg, cot["export"], dare)
+                step.done(f"results in {cfg.evaluate.output_dir}/results.csv")
+            echo(f"\nthe cot model under each press ({cfg.evaluate.mode} mode, {out['presses'][0]['n']} held-out "
+                 f"rows; kv_fraction = KV bytes / the full cache's)")
+            echo(results_table(out["presses"]))
         if "sweep" in cfg.steps:
             cfg.sweep.evaluate_overrides += [f"model.backbone={cfg.cot.model.backbone}",
                                              f"model.checkpoint={cot['export']}", f"data.path={cfg.data.output_dir}"]
-            out["sweep"] = sweep_job.run_sweep(cfg.sweep)
+            with console.step(f"sweep: {cfg.sweep.name}") as step:
+                out["sweep"] = sweep_job.run_sweep(cfg.sweep)
+                step.done(f"{len(out['sweep']['front'])} on the Pareto front")
     _print_summary(cfg, out)
+    return out
+
+
+def _train(stage: TrainConfig) -> dict[str, Any]:
+    """One training stage as a console step."""
+    from jobs.train import eval_summary, run_stage
+
+    with console.step(f"train: {stage.stage}") as step:
+        out = run_stage(stage)
+        step.done(eval_summary(out["eval"]))
     return out
 
 
@@ -325,22 +346,22 @@ def _print_summary(cfg: QuickstartConfig, out: dict[str, Any]) -> None:
     from mmreason.tracking import tracking_uri
 
     held_out = f"{cfg.cot.data.eval_split} split, tasks {cfg.cot.data.tasks}, sizes {cfg.cot.data.sizes or 'all'}"
-    print(f"\nquickstart results ({held_out})")
-    print(f"{'model':<10}{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'kv_fraction':>13}{'n':>6}")
+    echo(f"\nquickstart results ({held_out})")
+    echo(f"{'model':<10}{'mode':<10}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'kv_fraction':>13}{'n':>6}")
     for stage in out["stages"]:
         for mode, r in stage["eval"].items():
             kv = r.get("kv_fraction_peak")
-            print(f"{stage['stage']:<10}{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}"
-                  f"{r['latents_per_answer']:>9}{'' if kv is None else f'{kv:.3f}':>13}{r['n']:>6}")
-    print(f"\ndata: {cfg.data.output_dir}   models: " + ", ".join(s["export"] for s in out["stages"]))
+            echo(f"{stage['stage']:<10}{mode:<10}{r['accuracy']:>10.3f}{r['tokens_per_answer']:>15.1f}"
+                 f"{r['latents_per_answer']:>9}{'' if kv is None else f'{kv:.3f}':>13}{r['n']:>6}")
+    echo(f"\ndata: {cfg.data.output_dir}   models: " + ", ".join(s["export"] for s in out["stages"]))
     if "presses" in out:
-        print(f"press evaluations: {cfg.evaluate.output_dir}/results.csv")
+        echo(f"press evaluations: {cfg.evaluate.output_dir}/results.csv")
     if "sweep" in out:
         pareto = Path(out["sweep"]["run_dir"]) / "pareto"
-        print(f"Pareto front: {pareto / 'pareto.png'}  {pareto / 'pareto.html'}")
-    print(f"MLflow: pipeline run {out['parent_run_id']} in {tracking_uri()}")
-    print("  browse: mmreason mlflow   (http://127.0.0.1:5000; experiment "
-          f"{cfg.cot.experiment}-pipeline, run 'quickstart')")
+        echo(f"Pareto front: {pareto / 'pareto.png'}  {pareto / 'pareto.html'}")
+    echo(f"MLflow: pipeline run {out['parent_run_id']} in {tracking_uri()}")
+    echo("  browse: mmreason mlflow   (http://127.0.0.1:5000; experiment "
+         f"{cfg.cot.experiment}-pipeline, run 'quickstart')")
 
 
 @job_main
@@ -350,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check_report(cfg))
         return 0
-    run(cfg)
+    with console.session(cfg.root, "quickstart", args.verbose, steps=1 + len(cfg.steps)):
+        run(cfg)
     return 0
 
 

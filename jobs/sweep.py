@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmreason import console
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, from_dict, load_config, to_dict
 from mmreason.hardware import require_gpus
@@ -329,7 +330,7 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, log=console.echo) -> dict[str, Any]:
     """Check, run the trials on Ray Tune, compute and log the Pareto front; returns a summary."""
     import mlflow
     import ray.tune
@@ -378,7 +379,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
             param_space=param_space,
             tune_config=ray.tune.TuneConfig(**tune_config),
             run_config=ray.tune.RunConfig(name=run_dir.name, storage_path=str(run_dir / "tune"), verbose=1,
-                                          failure_config=ray.tune.FailureConfig(max_failures=0)),
+                                          failure_config=ray.tune.FailureConfig(max_failures=0),
+                                          callbacks=[trial_progress(n_trials(cfg, space))]),
         )
         grid = tuner.fit()
         rows = _rows(grid)
@@ -397,6 +399,28 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     log(f"\nplots: {run_dir / 'pareto' / 'pareto.png'}  {run_dir / 'pareto' / 'pareto.html'}")
     log(f"MLflow: sweep run {parent_id} ({plan['tracking_uri']}); browse with `mmreason mlflow`")
     return {"parent_run_id": parent_id, "rows": rows, "front": front, "run_dir": str(run_dir)}
+
+
+def trial_progress(total: int) -> Any:
+    """A Tune callback (Tune runs them in this process) that advances the console's trials bar as
+    each trial finishes, errs, or is stopped."""
+    import ray.tune
+
+    class TrialProgress(ray.tune.Callback):
+        def setup(self, **info: Any) -> None:
+            self.bar, self.failed = console.progress(total, "trials"), 0
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.bar.update(1, failed=self.failed or None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.failed += 1
+            self.bar.update(1, failed=self.failed)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.bar.close()
+
+    return TrialProgress()
 
 
 def _csv_header(trials_dir: Path) -> None:
@@ -470,7 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    run_sweep(cfg)
+    with console.session(cfg.output_dir, "sweep", args.verbose), console.step(f"sweep: {cfg.name}") as step:
+        out = run_sweep(cfg)
+        step.done(f"{sum(r['status'] == 'done' for r in out['rows'])} of {len(out['rows'])} trials done, "
+                  f"{len(out['front'])} on the Pareto front")
     return 0
 
 

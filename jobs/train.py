@@ -25,12 +25,12 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from mmreason import storage
+from mmreason import console, storage
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config
 from mmreason.data.cinepile import matches_filters
@@ -225,22 +225,73 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
         fit_rows = ds.take_batch(min(cfg.dare.fit_rows, micro_batches * cfg.optim.batch_size),
                                  batch_format="pyarrow").to_pylist()
     storage_path, storage_fs = storage.ray_storage(cfg.storage)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
-                           "deepspeed_config": ds_json, "mlflow_uri": tracking_uri(),
-                           "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows,
-                           "run_location": cfg.run_location},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=stage_resources(cfg)),
-        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                       checkpoint_config=checkpoint_config(cfg),
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                       callbacks=list(callbacks)),
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
+    with epoch_progress(cfg) as progress_callbacks:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"train": asdict(cfg), "model_path": model_path, "steps_per_epoch": steps_per_epoch,
+                               "deepspeed_config": ds_json, "mlflow_uri": tracking_uri(),
+                               "mlflow_run_id": mlflow_run_id, "dare_fit_rows": fit_rows,
+                               "run_location": cfg.run_location},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                                   resources_per_worker=stage_resources(cfg)),
+            run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                           checkpoint_config=checkpoint_config(cfg),
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                           callbacks=[*callbacks, *progress_callbacks]),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
     return dict(result.return_value or {}) | {"train_rows": n_rows, "steps_per_epoch": steps_per_epoch}
+
+
+@contextmanager
+def epoch_progress(cfg: TrainConfig) -> Iterator[list[Any]]:
+    """The console's epoch bar (epoch, loss, validation accuracy, ETA) while the trainer given the
+    callbacks this yields fits, when a job's console session is open here (else no callbacks). Ray
+    Train runs callbacks in its controller actor, not in this process: the callback puts rank 0's
+    metrics of each epoch on a Ray queue, which a thread here reads. Epoch level only: the loss per
+    step stays with the workers (and MLflow)."""
+    if not console.active():
+        yield []
+        return
+    import threading
+
+    import ray.train
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})  # no CPU: the workers may hold every one
+
+    class EpochReporter(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics:
+                queue.put({k: metrics[0].get(k) for k in ("epoch", "loss", "eval_accuracy")})
+
+    bar = console.progress(cfg.optim.epochs, "epoch")
+    stop = threading.Event()
+
+    def show(m: dict[str, Any]) -> None:
+        if bar.done == 0 and m["epoch"]:
+            bar.start = bar.done = m["epoch"]  # resumed: the ETA counts from here
+        bar.set(m["epoch"] + 1, loss=m["loss"], val_acc=m["eval_accuracy"])
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                show(queue.get(timeout=0.5))
+            except Empty:
+                continue
+        while not queue.empty():
+            show(queue.get_nowait())
+
+    thread = threading.Thread(target=drain, name="epoch-progress", daemon=True)
+    thread.start()
+    try:
+        yield [EpochReporter()]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        bar.close()
+        queue.shutdown()
 
 
 def checkpoint_config(cfg: TrainConfig) -> Any:
@@ -396,6 +447,12 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
             "steps_per_epoch": epoch_geometry(cfg, n_rows)}
 
 
+def eval_summary(results: dict[str, dict[str, Any]]) -> str:
+    """One line: each eval mode's accuracy on the held-out split (a step's done line)."""
+    return ", ".join(f"{mode} accuracy {r['accuracy']:.3f}" for mode, r in results.items()) + (
+        f" on {next(iter(results.values()))['split']}" if results else "")
+
+
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'mode':<10}{'split':>6}{'accuracy':>10}{'tokens/answer':>15}{'latents':>9}{'n':>6}"]
     for mode, r in results.items():
@@ -413,9 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check_stage(cfg))
         return 0
-    out = run_stage(cfg)
-    print(results_table(out["eval"]))
-    print(f"export: {out['export']}   MLflow run: {out['mlflow_run_id']}")
+    with console.session(cfg.run_location, "train", args.verbose):
+        with console.step(f"train: {cfg.stage} ({cfg.run_name})") as step:
+            out = run_stage(cfg)
+            step.done(eval_summary(out["eval"]))
+        console.echo(results_table(out["eval"]))
+        console.echo(f"export: {out['export']}   MLflow run: {out['mlflow_run_id']}")
     return 0
 
 

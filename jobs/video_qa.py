@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from mmreason import console
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, from_dict
 from mmreason.hardware import torch_dtype
@@ -212,13 +213,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    results = run(cfg)
-    print(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}, {cfg.scoring} scoring); "
-          + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))
-    print(f"press {cfg.press['name']}: KV cache {results['kv_fraction_prefill']:.3f} of the uncompressed after the "
-          f"prompt, {results['kv_fraction_peak']:.3f} at the peak")
-    print(f"results: {cfg.output_file}")
+    with console.session(Path(cfg.output_file).parent, "video_qa", args.verbose):
+        with console.step(f"video QA: {cfg.mode}, press {cfg.press['name']}") as step:
+            results = run(cfg)
+            step.done(f"accuracy {results['accuracy']:.3f} on {results['n']} questions")
+        _print_results(cfg, results)
     return 0
+
+
+def _print_results(cfg: VideoQAConfig, results: dict[str, Any]) -> None:
+    console.echo(f"accuracy {results['accuracy']:.3f} on {results['n']} questions ({cfg.mode}, {cfg.scoring} scoring); "
+                 + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in results["by_hard_split"].items()))
+    console.echo(f"press {cfg.press['name']}: KV cache {results['kv_fraction_prefill']:.3f} of the uncompressed after "
+                 f"the prompt, {results['kv_fraction_peak']:.3f} at the peak")
+    console.echo(f"results: {cfg.output_file}")
 
 
 if __name__ == "__main__":

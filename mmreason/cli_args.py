@@ -1,5 +1,6 @@
-"""Argument handling shared by every job entry point: `[ARG ...] [CONFIG.yaml] [key=value ...] [--flag ...]`,
-and one place that turns the errors a user can cause into a one-line message and exit code 2."""
+"""Argument handling shared by every job entry point: `[ARG ...] [CONFIG.yaml] [key=value ...] [--flag ...]
+[-v]`, and one place that turns errors into a one-line message (plus the job's log file): exit code 2
+for the errors a user can cause, 1 for any other."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class JobArgs:
     positionals: dict[str, str] = field(default_factory=dict)
     check: bool = False
     """`--check`: validate the config and inputs, print the resolved config and resources, start nothing."""
+    verbose: bool = False
+    """`-v` / `--verbose`: Ray's, the workers' and the libraries' output on the terminal too, not only in the log."""
 
 
 def parse_job_args(
@@ -40,6 +43,8 @@ def parse_job_args(
                         help="a YAML config file (optional, first) and key.sub=value overrides")
     for flag in flags:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true")
+    parser.add_argument("-v", "--verbose", dest="_verbose", action="store_true",
+                        help="show Ray's, the workers' and the libraries' full output here, not only in the log file")
     if check:
         parser.add_argument("--check", dest="_check", action="store_true",
                             help="validate the config and inputs, print the resolved config and the resources "
@@ -55,7 +60,7 @@ def parse_job_args(
             parser.error(f"argument {item!r} is neither the first (config file) nor key=value")
     overrides += [f"{flag}=true" for flag in flags if getattr(ns, flag)]
     return JobArgs(config, overrides, {name: getattr(ns, name) for name in positionals},
-                   check=bool(getattr(ns, "_check", False)))
+                   check=bool(getattr(ns, "_check", False)), verbose=ns._verbose)
 
 
 def print_check(report: dict[str, Any], out: Any = None) -> None:
@@ -69,14 +74,35 @@ def print_check(report: dict[str, Any], out: Any = None) -> None:
 
 
 def job_main(fn: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a `main(argv)`: user errors print `error: …` and exit code 2 instead of a traceback."""
+    """Wrap a `main(argv)`: a user error prints `error: …` and exits 2; any other error, once the job's
+    console session (`mmreason.console`) has started and unless it is verbose, prints `error: TYPE:
+    first line` and exits 1. Both name the log file, which holds the traceback. Errors before the
+    session (or in a verbose one) other than user errors keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
+        from mmreason import console
+
+        before = console.last_log()
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}{_log_hint(before)}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            log = console.last_log()
+            if log is None or log is before or console.was_verbose():
+                raise
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            print(f"error: {type(exc).__name__}: {lines[0] if lines else ''}{_log_hint(before)}", file=sys.stderr)
+            return 1
 
     return wrapper
+
+
+def _log_hint(before: Any) -> str:
+    """` (log: PATH)` when this job's console session wrote a log file, else nothing."""
+    from mmreason import console
+
+    log = console.last_log()
+    return f"\n  log (traceback, Ray and worker output): {log}" if log is not None and log is not before else ""

@@ -7,11 +7,25 @@ from typing import Any, Callable, Iterator
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+    `log_to_driver` stays on: the workers' output reaches this process's stdout, which a job's console
+    session (`mmreason.console`) sends to the run's log file."""
     import ray
 
+    from mmreason import console
+
+    if console.quiet():  # redraws would fill the log file; the job shows its own progress
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    _start_ray(num_cpus)
+    if console.redirected():
+        _worker_output_to_log()
+
+
+def _start_ray(num_cpus: int | None) -> None:
+    import ray
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
@@ -20,6 +34,32 @@ def init_ray(num_cpus: int | None = None) -> None:
         # it a training run that Tune stops (ASHA) keeps its workers' CPUs for good (measured:
         # 1.8 of 2 CPUs held after the sweep, the next Train run waits forever)
         ray.init(num_cpus=num_cpus, include_dashboard=True, configure_logging=True, logging_level="warning")
+
+
+def _worker_output_to_log() -> None:
+    """Ray prints the workers' output in a thread of this process to whatever sys.stdout is when it
+    arrives, and some arrives after the job's console session closed and the terminal is back (a
+    DeepSpeed warning, seen here). From a quiet session on, it goes to the latest log file for the
+    rest of the process (a later verbose session prints it). Ray has no public hook for this: the
+    handler is swapped where Ray keeps it, and left alone if that moves."""
+    from ray._private import worker as ray_worker
+
+    from mmreason import console
+
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None or not hasattr(ray_worker, "print_worker_logs"):
+        return
+
+    def to_log(data: dict[str, Any]) -> None:
+        log = console.last_log()
+        if log is None or (console.active() and not console.quiet()):
+            ray_worker.print_to_stdstream(data, ignore_prefix=False)
+            return
+        with open(log, "a") as fh:
+            ray_worker.print_worker_logs(data, fh)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_log)
 
 
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -64,17 +104,22 @@ def shard_tasks(n_tasks: int, concurrency: int | None = None) -> dict[str, Any]:
 
 def map_shards(
     items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], fn_kwargs: dict[str, Any],
-    concurrency: int | None = None,
+    concurrency: int | None = None, desc: str = "shards",
 ) -> Iterator[dict[str, Any]]:
     """Run `fn(item, **fn_kwargs)` as one Ray task per item (a shard to build, TASK_CPUS each), at most
     `concurrency` at once (None: as many as there are CPUs); yield each result row as it finishes, so
-    the caller can record progress (the manifest) shard by shard."""
+    the caller can record progress (the manifest) shard by shard. The console shows `desc` done/total."""
     import ray
+
+    from mmreason import console
 
     init_ray()
     # One map operator whose outputs are a few bytes each: Ray Data's per-operator resource
     # reservation only holds CPUs back from it (measured: ~1 of 2 CPUs idle, 2x slower).
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    bar = console.progress(len(items), desc)
     for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=TASK_CPUS, concurrency=concurrency).iter_rows():
+        bar.update(1)
         yield dict(row)
+    bar.close()

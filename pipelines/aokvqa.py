@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from mmreason import storage
+from mmreason import console, storage
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config, to_dict
 from mmreason.data.aokvqa import DATASET_NAME, AokvqaConfig, AokvqaShard, build_shard, plan_import, shard_info
@@ -96,7 +96,7 @@ def check(cfg: AokvqaConfig) -> dict[str, Any]:
             **summary, "ray": shard_tasks(len(work.output.todo))}
 
 
-def run(cfg: AokvqaConfig, log=print) -> dict[str, Any]:
+def run(cfg: AokvqaConfig, log=console.echo) -> dict[str, Any]:
     """Import the A-OKVQA data `cfg` names; returns the manifest (also written to output_dir)."""
     work = plan(cfg)
     clear_output(work.output)
@@ -136,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    manifest = run(cfg)
-    print(summary_table(manifest))
+    with console.session(cfg.output_dir, "aokvqa", args.verbose):
+        with console.step("data: aokvqa") as step:
+            manifest = run(cfg)
+            step.done(f"{manifest['total_rows']} rows in {cfg.output_dir}")
+        console.echo(summary_table(manifest))
     last = manifest["last_run"]
     print(f"{manifest['total_rows']} rows in {cfg.output_dir} "
           f"({last['imported_rows']} imported in {last['seconds']:.1f}s)")

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from mmreason import storage
+from mmreason import console, storage
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import ConfigError, load_config, to_dict
 from mmreason.data.cinepile import (
@@ -131,7 +131,7 @@ def check(cfg: CinepileConfig) -> dict[str, Any]:
             "ray": shard_tasks(len(work.todo), cfg.download.concurrency)}
 
 
-def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
+def run(cfg: CinepileConfig, log=console.echo) -> dict[str, Any]:
     """Build the CinePile dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
     work = plan(cfg)
     clear_output(work.output)
@@ -157,7 +157,7 @@ def run(cfg: CinepileConfig, log=print) -> dict[str, Any]:
     if todo:
         items = [{"plan": clip.to_json()} for clip in todo]
         kwargs = {"cfg": cfg, "root": root}
-        for result in map_shards(items, _process, kwargs, concurrency=cfg.download.concurrency):
+        for result in map_shards(items, _process, kwargs, concurrency=cfg.download.concurrency, desc="clips"):
             outcomes[result["clip_id"]] = result
             write_json_atomic(manifest_path, _manifest(cfg, plans, outcomes, plan_errors, work.rows_read))
     manifest = _manifest(cfg, plans, outcomes, plan_errors, work.rows_read)
@@ -176,8 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    manifest = run(cfg)
-    print(summary_table(manifest))
+    with console.session(cfg.output_dir, "cinepile", args.verbose):
+        with console.step("data: cinepile") as step:
+            manifest = run(cfg)
+            step.done(f"{manifest['total_rows']} rows in {cfg.output_dir}")
+        console.echo(summary_table(manifest))
     cov, last = manifest["coverage"], manifest["last_run"]
     print("clips: " + ", ".join(f"{cov[s]} {s}" for s in (*STATUSES, PENDING) if cov[s]) + f" (of {cov['clips']})")
     print(f"{manifest['total_rows']} questions of {cov['questions_planned']} in {cfg.output_dir} "

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from mmreason import storage
+from mmreason import console, storage
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config
 from mmreason.data.gridworld import (
@@ -86,7 +86,7 @@ def _manifest(cfg: GridworldConfig, entries: list[dict], n_planned: int) -> dict
     return build_manifest(DATASET_NAME, asdict(cfg), entries, n_planned, SHARD_KEYS)
 
 
-def run(cfg: GridworldConfig, log=print) -> dict[str, Any]:
+def run(cfg: GridworldConfig, log=console.echo) -> dict[str, Any]:
     """Render the dataset `cfg` asks for; returns the manifest (also written to output_dir)."""
     specs, output = plan(cfg)
     clear_output(output)
@@ -121,11 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    manifest = run(cfg)
-    print(summary_table(manifest))
-    last = manifest["last_run"]
-    print(f"{manifest['total_rows']} rows in {cfg.output_dir} "
-          f"({last['rendered_rows']} rendered in {last['seconds']:.1f}s)")
+    with console.session(cfg.output_dir, "gridworld", args.verbose):
+        with console.step("data: gridworld") as step:
+            manifest = run(cfg)
+            last = manifest["last_run"]
+            step.done(f"{manifest['total_rows']} rows in {cfg.output_dir} "
+                      f"({last['rendered_rows']} rendered in {last['seconds']:.1f}s)")
+        console.echo(summary_table(manifest))
     if manifest["errors"]:
         print(f"{len(manifest['errors'])} examples failed; see 'errors' in {cfg.output_dir}/{MANIFEST_NAME}",
               file=sys.stderr)

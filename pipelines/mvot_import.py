@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from mmreason import storage
+from mmreason import console, storage
 from mmreason.cli_args import job_main, parse_job_args, print_check
 from mmreason.config import load_config, to_dict
 from mmreason.data.mvot import (
@@ -108,7 +108,7 @@ def check(cfg: MvotImportConfig) -> dict[str, Any]:
             "records_rejected": len(work.plan_errors), **summary, "ray": shard_tasks(len(work.output.todo))}
 
 
-def run(cfg: MvotImportConfig, log=print) -> dict[str, Any]:
+def run(cfg: MvotImportConfig, log=console.echo) -> dict[str, Any]:
     """Import the MVoT data at `cfg.source`; returns the manifest (also written to output_dir)."""
     work = plan(cfg)
     clear_output(work.output)
@@ -151,8 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check(cfg))
         return 0
-    manifest = run(cfg)
-    print(summary_table(manifest))
+    with console.session(cfg.output_dir, "mvot_import", args.verbose):
+        with console.step("data: import-mvot") as step:
+            manifest = run(cfg)
+            step.done(f"{manifest['total_rows']} rows in {cfg.output_dir}")
+        console.echo(summary_table(manifest))
     last = manifest["last_run"]
     print(f"{manifest['total_rows']} rows in {cfg.output_dir} "
           f"({last['imported_rows']} imported in {last['seconds']:.1f}s)")
