@@ -191,6 +191,22 @@ def test_hico_merges_each_frame_then_each_clip_as_specified(family_name):
                     assert torch.allclose(st.log_mass[b, 0, vis], torch.full((8,), math.log(2 * side * side / 4)))
 
 
+def test_hico_masses_add_up_to_the_frames_tokens_when_bins_overlap():
+    """4 → 3 per side pools in overlapping adaptive bins; the merged entries must still stand for
+    exactly the frames' tokens (their +log(mass) attention would otherwise over-weigh the video)."""
+    fam = tiny_family("tiny-internvl")
+    batch = batch_of(fam, video_rows(4))
+    with torch.no_grad(), HicoPress(tokens_per_frame=9)(fam) as session:
+        prefill(fam, batch)
+        side = session.spec.grids[0].shape[0]
+        assert side % 3 != 0  # the bins overlap
+        for st in session.states.values():
+            for b in range(st.valid.shape[0]):
+                vis = (st.mod[b, 0] == VISION) & st.valid[b, 0]
+                assert int(vis.sum()) == 4 * 9
+                assert torch.allclose(st.log_mass[b, 0, vis].exp().sum(), torch.tensor(4.0 * side * side))
+
+
 def _positions(batch, b):
     mask = batch["attention_mask"][b]
     return (mask.cumsum(-1) - 1).clamp(min=0).float()

@@ -124,7 +124,10 @@ class HicoPress(Press):
                     ps.append(pool @ pos[idx].double())
                     cs.append(torch.stack([col[idx][pool[i] > 0].max() for i in range(pool.shape[0])]))
                 n = gh * gw
-                count = (pool > 0).sum(-1).double() * len(clip)
+                # adaptive bins overlap when a side does not divide: a token in two bins counts half
+                # in each, so the entries' masses add up to the tokens merged (+log(mass) attention)
+                member = (pool > 0).double()
+                count = (member / member.sum(0, keepdim=True)).sum(-1) * len(clip)
                 parts.append({"k": torch.stack(ks).mean(0), "v": torch.stack(vs).mean(0),
                               "col": torch.stack(cs).amax(0), "pos": torch.stack(ps).mean(0).float(),
                               "mod": torch.full((n,), VISION, dtype=torch.int8, device=dev),
