@@ -72,7 +72,7 @@ def _stage(stage: str, optim: OptimConfig, modes: Sequence[str], **kwargs: Any) 
 
 
 def _default_cot() -> TrainConfig:
-    return _stage("cot", OptimConfig(lr=3e-3, batch_size=16, epochs=7, warmup_steps=20), ["vanilla", "cot"])
+    return _stage("cot", OptimConfig(lr=3e-3, batch_size=16, epochs=10, warmup_steps=20), ["vanilla", "cot"])
 
 
 def _default_coconut() -> TrainConfig:
