@@ -60,9 +60,16 @@ is about to report)."""
 
 
 def log_dir(run_dir: str | os.PathLike) -> Path:
-    """`run_dir/logs` for a local run directory; FALLBACK_DIR for a bucket URI (logs are local files)."""
-    run_dir = str(run_dir)
-    return FALLBACK_DIR if "://" in run_dir else (Path(run_dir) / LOG_DIR).resolve()
+    """`run_dir/logs` for a local run directory; FALLBACK_DIR for a bucket URI (logs are local files)
+    or anything that is not a usable location (the job refuses it itself: no `./s3:/…` folder is made)."""
+    from mmreason.config import ConfigError
+    from mmreason.storage import check_location, is_remote
+
+    try:
+        where = check_location(str(run_dir), "run_dir")
+    except ConfigError:
+        return FALLBACK_DIR
+    return FALLBACK_DIR if is_remote(where) else Path(where) / LOG_DIR
 
 
 def _open_log(run_dir: str | os.PathLike, job: str) -> tuple[Path, IO[str]]:

@@ -154,26 +154,23 @@ def test_unknown_scoring_is_refused():
         score_cinepile("B", 1, KEY, scoring="strict")
 
 
-def test_video_qa_scores_whole_replies_and_names_the_scoring(monkeypatch):
-    """answer_questions on schema rows, the model's replies given: official by default, `scoring`
-    in the results; lenient reads our models' answer sentence."""
-    from types import SimpleNamespace
-
+def test_video_qa_scores_whole_replies_and_names_the_scoring():
+    """score_replies (what answer_questions scores with) on schema rows, the model's replies given:
+    official by default; lenient reads our models' answer sentence."""
     from mmreason.data.cinepile import question_draft
     from mmreason.eval import video_qa
+    from mmreason.eval.cinepile import cinepile_accuracy
 
     drafts = [question_draft(cinepile_row("https://youtu.be/BBBBBBBBBBB", k), "test", k) for k in range(3)]
     rows = [{**d, "meta": json.dumps(d["meta"])} for d in drafts]
     # answers A, B, C (position k); replies: official-right, our sentence (right letter), wrong letter
     outputs = ["**Answer:** A", "Reasoning.\nThe answer is B.", "Answer: D"]
     preds = [{"id": r["id"], "prediction": None, "output": o, "n_tokens": 3} for r, o in zip(rows, outputs)]
-    fake = SimpleNamespace(predictions=preds, tokens_per_answer=3.0, latents_per_answer=0)
-    monkeypatch.setattr(video_qa, "evaluate", lambda *args, **kwargs: fake)
-    official = video_qa.answer_questions(None, rows, "cot", None)
-    assert official["scoring"] == "official" and [s["correct"] for s in official["samples"]] == [True, False, False]
-    assert official["accuracy"] == pytest.approx(1 / 3)
-    lenient = video_qa.answer_questions(None, rows, "cot", None, scoring="lenient")
-    assert lenient["scoring"] == "lenient" and [s["correct"] for s in lenient["samples"]] == [True, True, False]
+    official = video_qa.score_replies(rows, preds)
+    assert [s["correct"] for s in official] == [True, False, False]
+    assert cinepile_accuracy(official)["accuracy"] == pytest.approx(1 / 3)
+    lenient = video_qa.score_replies(rows, preds, scoring="lenient")
+    assert [s["correct"] for s in lenient] == [True, True, False]
 
 
 def test_video_qa_config_takes_the_scoring(tmp_path):

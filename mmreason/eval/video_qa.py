@@ -56,8 +56,19 @@ def answer_questions(family: Family, rows: list[dict[str, Any]], mode: str, sett
     question."""
     with metered_press(family, press) as meter:
         res = evaluate(family, rows, mode, settings, n_latent_steps, c_thought, batch_size, seed)
+    samples = score_replies(rows, res.predictions, scoring)
+    summary = cinepile_accuracy(samples)
+    kv = kv_columns(meter, sum(p["n_tokens"] for p in res.predictions))
+    return {"mode": mode, "scoring": scoring, **summary, "tokens_per_answer": res.tokens_per_answer,
+            "latents_per_answer": res.latents_per_answer, **kv, "samples": samples}
+
+
+def score_replies(rows: list[dict[str, Any]], predictions: list[dict[str, Any]],
+                  scoring: Scoring = "official") -> list[dict[str, Any]]:
+    """One record per question: the row's CinePile fields and its model reply (`predictions`, in
+    row order) scored whole by CinePile's rules (`scoring`)."""
     samples = []
-    for row, pred in zip(rows, res.predictions):
+    for row, pred in zip(rows, predictions):
         meta = json.loads(row["meta"])
         question = _QUESTION.search(row["prompt"])
         position = LETTERS.index(row["answer"])
@@ -69,10 +80,7 @@ def answer_questions(family: Family, rows: list[dict[str, Any]], mode: str, sett
             "answer_key": meta.get("answer_key"), "prediction": pred["prediction"], "output": pred["output"],
             "correct": score_cinepile(pred["output"], position, answer_key, scoring), "n_tokens": pred["n_tokens"],
         })
-    summary = cinepile_accuracy(samples)
-    kv = kv_columns(meter, sum(p["n_tokens"] for p in res.predictions))
-    return {"mode": mode, "scoring": scoring, **summary, "tokens_per_answer": res.tokens_per_answer,
-            "latents_per_answer": res.latents_per_answer, **kv, "samples": samples}
+    return samples
 
 
-__all__ = ["answer_questions", "select_questions"]
+__all__ = ["answer_questions", "score_replies", "select_questions"]
