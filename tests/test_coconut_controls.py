@@ -16,25 +16,16 @@ import torch.nn.functional as F
 from mmreason.config import ConfigError, load_config
 from mmreason.eval.runner import evaluate
 from mmreason.latent.coconut import CurriculumSchedule, GenerationSettings, generate, generate_uncached, latent_forward
-from mmreason.models import build_tiny, load_backbone
+from mmreason.models import load_backbone
 from mmreason.models.base import IGNORE, position_ids
 from mmreason.tasks import TASKS, RenderOptions, answer_sentence, generate_example
 from mmreason.train.config import TrainConfig
 from mmreason.train.stages.base import StageEnv
 from mmreason.train.stages.sft import SFT, encode_batch
+from tests.test_coconut import family  # noqa: F401  (the same spread-weight tiny model, a fixture)
 
 ALL_TRAIN = {"train": 1.0, "val": 0.0, "test": 0.0}
 SCHEDULE = "coconut={c_thought: 2, epochs_per_stage: 1, max_latent_stage: 2, thought: %s}"
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    fam = load_backbone("tiny-internvl", build_tiny("tiny-internvl", tmp_path_factory.mktemp("ti")))
-    # a random tiny model greedily repeats one token; spread the weights so outputs differ per row
-    with torch.no_grad():
-        for p in fam.model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return fam
 
 
 @pytest.fixture(scope="module")
