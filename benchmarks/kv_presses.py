@@ -73,13 +73,22 @@ def presses(kept: float, dare_export: str | None, cosre_export: str | None) -> l
     if cosre_export:
         out.append({"name": "cosre", **cosre_settings(kept), "model": cosre_export})
     if dare_export:
-        rho_text, rho_vis = dare_targets(kept)
-        out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0, "window": DARE_WINDOW,
-                    "router_path": str(Path(dare_export) / ROUTER_FILE), "model": dare_export})
+        out.append(dare_press(dare_targets(kept), dare_export))
+    return out + kvpress_presses(kept)
+
+
+def dare_press(targets: tuple[float, float], dare_export: str) -> dict:
+    """DARE at (rho_text, rho_vis) with the router and model of a dare stage's export."""
+    rho_text, rho_vis = targets
+    return {"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0, "window": DARE_WINDOW,
+            "router_path": str(Path(dare_export) / ROUTER_FILE), "model": dare_export}
+
+
+def kvpress_presses(kept: float) -> list[dict]:
+    """The kvpress baselines at compression 1 − kept."""
     # kvpress's SnapKV observation window defaults to 64 queries: a maze prompt is ~70 tokens
-    out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
+    return [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
             for m in KVPRESS]
-    return out
 
 
 def dare_targets(kept: float) -> tuple[float, float]:
@@ -145,12 +154,8 @@ def mvot_presses(kept: float, dare_export: str | None) -> list[dict]:
     out = [{"name": "tova", "factor": kept, "min_size": 4},
            {"name": "cosre", **mvot_cosre_settings(kept)}]
     if dare_export:
-        rho_text, rho_vis = mvot_dare_targets(kept)
-        out.append({"name": "dare", "rho_text": rho_text, "rho_vis": rho_vis, "layer": 0, "window": DARE_WINDOW,
-                    "router_path": str(Path(dare_export) / ROUTER_FILE), "model": dare_export})
-    out += [{"name": f"kvpress:{m}", "compression_ratio": round(1 - kept, 4), **({"window_size": 16} if m == "snapkv" else {})}
-            for m in KVPRESS]
-    return out
+        out.append(dare_press(mvot_dare_targets(kept), dare_export))
+    return out + kvpress_presses(kept)
 
 
 def mvot_cosre_settings(kept: float) -> dict:
