@@ -188,6 +188,10 @@ def main() -> None:
     for p in (run_p, table_p):
         p.add_argument("--root", default="runs/bench-blocked", help="the cot config's root")
     args = parser.parse_args()
+    from mmreason.storage import is_remote
+
+    if is_remote(args.root):  # the table reads and caches results as local files
+        parser.error(f"--root {args.root}: a local folder (copy the runs down first, e.g. aws s3 sync)")
     if args.command == "run":
         run(args.rows, args.root, args.seed)
     else:
