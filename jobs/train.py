@@ -470,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print_check(check_stage(cfg))
         return 0
+    resolve_locations(cfg)
+    train_shards(cfg)  # a bad setting or shard is named before the console makes the run's log folder
     with console.session(cfg.run_location, "train", args.verbose):
         with console.step(f"train: {cfg.stage} ({cfg.run_name})") as step:
             out = run_stage(cfg)

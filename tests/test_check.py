@@ -315,7 +315,7 @@ def test_quickstart_check_lists_the_steps_and_each_stages_resources_and_starts_n
     assert report["data"]["output_dir"] == f"{root}/data/gridworld"
     assert report["data"]["shards"] == {"planned": 4, "done": 0, "to_build": 4}  # 16 train rows in 2, val, test
     assert report["stages"]["cot"] == {"run": f"{root}/train/quickstart-cot", "starts_from": "tiny-internvl",
-                                       "epochs": 7, "workers": 2, "per_worker": {"CPU": 1.0}, "total": {"CPU": 2.0}}
+                                       "epochs": 10, "workers": 2, "per_worker": {"CPU": 1.0}, "total": {"CPU": 2.0}}
     assert {report["stages"][s]["starts_from"] for s in ("coconut", "dare")} == {f"{root}/train/quickstart-cot/export"}
     assert "quickstart-eval-kvpress-snapkv" in report["presses"]["runs"] and report["presses"]["device"] == "cpu"
     assert report["sweep"] == {"trials": 2, "per_trial": {"CPU": 1.0, "GPU": 0.0}, "output_dir": f"{root}/sweep"}
