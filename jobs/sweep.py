@@ -15,6 +15,12 @@ Pareto front over the objectives is printed and written — `pareto.csv`, `paret
 `pareto.html`, `trials.csv` — to `output_dir/<name>-<time>/` and logged to the sweep's run under
 `pareto/`.
 
+Select on validation, report on test: trials are evaluated on the validation rows (`data.val_split`,
+carved out of train where a dataset has none — and then never trained on), so the front is chosen
+on them; each trial on the front is then evaluated on `data.eval_split` and its numbers join its row
+as `test_<metric>`. A press sweep also evaluates the checkpoint with no press (`uncompressed: true`):
+a reference row, and a black star in the plots.
+
 Everything a user can get wrong — an unknown press or setting, an empty search space, a bad value,
 a continuous range under grid search, an objective no trial reports, a tracking URI that cannot be
 reached, a checkpoint or dataset that is not there, trials larger than the cluster, `use_gpu` where
@@ -32,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +64,7 @@ def load(config: str | None, overrides: Sequence[str]) -> SweepConfig:
 def _eval_metrics() -> set[str]:
     from mmreason.eval.press_eval import CSV_COLUMNS
 
-    text = {"run_name", "backbone", "checkpoint", "mode", "press", "press_settings"}
+    text = {"run_name", "backbone", "checkpoint", "split", "mode", "press", "press_settings"}
     return {c for c in CSV_COLUMNS if c not in text} | {LATENCY}
 
 
@@ -74,6 +80,7 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
     """Check everything and return the search space and the plan every trial gets (plain data)."""
     from jobs import evaluate as eval_job
     from mmreason.kv import make_press
+    from mmreason.data.selection import held_out_rows
     from mmreason.eval.press_eval import check_inputs, held_out
     from mmreason.models import CheckpointError, check_checkpoint
     from mmreason.tracking import check_tracking_uri, git_state
@@ -99,7 +106,10 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         data = eval_cfg.data  # trials run in their own folders: absolute paths
         data.path = str(Path(data.path).resolve())
         data.eval_path = str(Path(data.eval_path).resolve()) if data.eval_path else None
-        held_out(eval_cfg)  # the data: there, and with held-out rows
+        eval_cfg.data.evaluate_on = "eval_split"
+        held_out(eval_cfg)  # the data: there, with the rows the front is reported on
+        eval_cfg.data.evaluate_on = "val_split"  # trials are evaluated, hence selected, on validation rows
+        held_out(eval_cfg)
         if not cfg.is_stage_sweep:
             eval_cfg.model.checkpoint = check_inputs(eval_cfg)
         eval_cfg.use_gpu, eval_cfg.precision = _trial_hardware(cfg, eval_cfg)
@@ -110,7 +120,8 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
         from jobs import train
 
         stage_path = str(Path(cfg.stage).resolve())
-        plan.update(stage=stage_path, stage_overrides=list(cfg.stage_overrides),
+        # each trial's export is evaluated (and selected) on validation rows; the front's on eval_split
+        plan.update(stage=stage_path, stage_overrides=[*cfg.stage_overrides, "data.evaluate_on=val_split"],
                     stage_storage=str(run_dir / "train"), asha=asdict(cfg.asha) if cfg.asha.enabled else None)
         base = _stage_point(plan, {}, "check")
         check_points(space, lambda _group, values: _stage_point(plan, values, "check"))
@@ -124,6 +135,10 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
                 raise ConfigError(f"init_from: {exc}") from None
             plan["stage_overrides"].append(f"init_from={Path(base.init_from).resolve()}")
         train.train_shards(base)
+        for evaluate_on in ("val_split", "eval_split"):  # the rows trials are selected and reported on
+            if not held_out_rows(replace(base.data, evaluate_on=evaluate_on), 1, base.video.num_frames):
+                raise ConfigError(f"data: no {replace(base.data, evaluate_on=evaluate_on).evaluated_split} rows "
+                                  f"for tasks {base.data.tasks} and sizes {base.data.sizes} in {base.data.path}")
         known |= set(PER_EPOCH_METRICS) | {"best_eval_accuracy", "train_rows", "steps_per_epoch"}
         per_mode = {"accuracy", "tokens_per_answer", "latents_per_answer", "n", "seconds", LATENCY}
         per_mode |= {m for m in _eval_metrics() if m.startswith(("kv_fraction", "retained_", "kv_bytes_p"))}
@@ -233,6 +248,8 @@ def check(cfg: SweepConfig) -> dict[str, Any]:
         report["evaluate"] = {"checkpoint": None if cfg.is_stage_sweep else evaluated["model"]["checkpoint"],
                               "data": evaluated["data"]["path"], "max_examples": evaluated["max_examples"],
                               "mode": evaluated["mode"], "precision": evaluated["precision"]}
+    split = report_splits(cfg, plan)
+    report["splits"] = {"trials_selected_on": split["val"], "front_reported_on": split["test"]}
     report["run_dir"] = plan["run_dir"]
     report["mlflow"] = {"tracking_uri": plan["tracking_uri"], "experiment": family_experiment(cfg.experiment, "sweep")}
     return report
@@ -244,14 +261,19 @@ def _enter_trial(plan: dict[str, Any]) -> str:
     """Point this process at the sweep's MLflow store and run; returns the trial id."""
     import ray.tune
 
+    trial_id = ray.tune.get_context().get_trial_id()
+    _mlflow_env(plan, trial_id)
+    return trial_id
+
+
+def _mlflow_env(plan: dict[str, Any], trial_id: str) -> None:
+    """MLflow runs this process starts become children of the sweep's run, tagged with the trial."""
     from mmreason.tracking import COMMIT_ENV, PARENT_ENV, TAGS_ENV
 
-    trial_id = ray.tune.get_context().get_trial_id()
     os.environ["MLFLOW_TRACKING_URI"] = plan["tracking_uri"]
     os.environ[PARENT_ENV] = plan["parent_run_id"]
     os.environ[COMMIT_ENV] = plan["tags"]["git_commit"]
     os.environ[TAGS_ENV] = json.dumps({**plan["tags"], "sweep": plan["name"], "trial_id": trial_id})
-    return trial_id
 
 
 def _label(point: dict[str, Any]) -> str:
@@ -277,14 +299,15 @@ def _press_eval(plan: dict[str, Any], press: dict[str, Any], run_name: str, **mo
     return out
 
 
-def _log_to_trial_run(run_name: str, metrics: dict[str, float]) -> None:
-    """Metrics the sweep derives, added to the child run the evaluation just logged."""
+def _log_to_trial_run(run_name: str, metrics: dict[str, float], parent: str | None = None) -> None:
+    """Metrics the sweep derives, added to the child run `run_name` of the sweep's run (`parent`,
+    else this trial's)."""
     import mlflow
 
     from mmreason.tracking import PARENT_ENV
 
     client = mlflow.MlflowClient()
-    parent = os.environ[PARENT_ENV]
+    parent = parent or os.environ[PARENT_ENV]
     experiment = client.get_run(parent).info.experiment_id
     run, = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and "
                                             f"attributes.run_name = '{run_name}'")
@@ -325,7 +348,93 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         press = {k: v.replace("{export}", out["export"]) if isinstance(v, str) else v for k, v in plan["press"].items()}
         metrics.update(_press_eval(plan, press, f"{run_name}-eval", checkpoint=out["export"],
                                    backbone=cfg.model.backbone))
-    ray.tune.report({**metrics, "label": _label(point), "run_name": run_name})
+    ray.tune.report({**metrics, "label": _label(point), "run_name": run_name, "export": out["export"]})
+
+
+# ---------------------------------------------------------------- after the trials: the report split
+
+def _press_on(plan: dict[str, Any], evaluate_on: str) -> dict[str, Any]:
+    """The plan with its press evaluations reading `evaluate_on`'s rows."""
+    evaluate = dict(plan["evaluate"], data=dict(plan["evaluate"]["data"], evaluate_on=evaluate_on))
+    return dict(plan, evaluate=evaluate)
+
+
+def _press_task(plan: dict[str, Any], press: dict[str, Any], run_name: str, trial_id: str,
+                model: dict[str, Any]) -> dict[str, float]:
+    """A press evaluation in a Ray task of the driver's (plan's rows), logged as a child of the sweep's run."""
+    _mlflow_env(plan, trial_id)
+    return _press_eval(plan, press, run_name, **model)
+
+
+def _stage_test_task(plan: dict[str, Any], cfg_dict: dict[str, Any], export: str, run_name: str,
+                     trial_id: str) -> dict[str, float]:
+    """A stage trial's export evaluated on the report split: its eval modes (`test_<mode>_<metric>`)
+    and, when the sweep has one, the press (`test_<metric>`)."""
+    import torch
+
+    from jobs import train
+    from mmreason.train.config import TrainConfig
+
+    cfg = from_dict(TrainConfig, cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    results, _ = train.evaluate_export(cfg, export)
+    out = {f"{mode}_{k}": v for mode, res in results.items() for k, v in _numeric(res).items()}
+    if plan.get("press"):
+        press = {k: v.replace("{export}", export) if isinstance(v, str) else v for k, v in plan["press"].items()}
+        _mlflow_env(plan, trial_id)
+        out.update(_press_eval(_press_on(plan, "eval_split"), press, f"{run_name}-test", checkpoint=export,
+                               backbone=cfg.model.backbone))
+    return out
+
+
+def report_front(cfg: SweepConfig, plan: dict[str, Any], rows: list[dict[str, Any]], front: list[int]) -> None:
+    """Select on validation rows, report on the test split: every trial on the front (selected on
+    `data.val_split`) is evaluated again on `data.eval_split`, in Ray tasks with a trial's
+    resources, all at once; the numbers join its row as `test_<metric>` (and its MLflow run). A
+    failed evaluation leaves `test_error` in the row."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    outside = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+    refs = {}
+    for i in front:
+        row = rows[i]
+        if cfg.is_stage_sweep:
+            stage = _stage_point(plan, json.loads(row["settings"]), row["run_name"])
+            stage.data.evaluate_on = "eval_split"
+            task = ray.remote(_stage_test_task).options(num_cpus=stage.cpus_per_worker,
+                                                          num_gpus=stage.gpus_per_worker if stage.use_gpu else 0, **outside)
+            refs[i] = task.remote(plan, asdict(stage), row["export"], row["run_name"], row["trial_id"])
+        else:
+            task = ray.remote(_press_task).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.trial_gpus, **outside)
+            press = {"name": row["group"], **json.loads(row["settings"])}
+            refs[i] = task.remote(_press_on(plan, "eval_split"), press, f"{row['run_name']}-test", row["trial_id"], {})
+    for i, ref in refs.items():
+        try:
+            test = {f"test_{k}": v for k, v in ray.get(ref).items()}
+        except Exception as exc:  # the trial's own numbers stand; the row says why its test ones are missing
+            rows[i]["test_error"] = str(exc).strip().splitlines()[-1][:300]
+            continue
+        rows[i].update(test)
+        if rows[i]["trial_id"]:
+            _log_to_trial_run(rows[i]["run_name"], test, plan["parent_run_id"])
+
+
+def uncompressed_row(cfg: SweepConfig, plan: dict[str, Any]) -> dict[str, Any]:
+    """Press sweeps: the checkpoint with no press on the trials' rows, as a row of the table."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    run_name = f"{plan['name']}-uncompressed"
+    task = ray.remote(_press_task).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.trial_gpus,
+                                           scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    metrics = ray.get(task.remote(plan, {"name": "none"}, run_name, "", {}))
+    return {**metrics, "label": UNCOMPRESSED, "run_name": run_name, "trial_id": "", "group": "none",
+            "settings": "{}", "status": "done"}
+
+
+UNCOMPRESSED = "uncompressed"
+"""The label of a press sweep's reference row (no press)."""
 
 
 # ---------------------------------------------------------------- the driver
@@ -336,10 +445,12 @@ def run_sweep(cfg: SweepConfig, log=console.echo) -> dict[str, Any]:
     import ray.tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from mmreason.eval.pareto import pareto_front
     from mmreason.tracking import pipeline_run
 
     space, plan, n_parallel = prepare_on_cluster(cfg)
     objectives = cfg.objective_pairs
+    split = report_splits(cfg, plan)
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     _csv_header(Path(plan["trials_dir"]))
@@ -389,12 +500,19 @@ def run_sweep(cfg: SweepConfig, log=console.echo) -> dict[str, Any]:
         if not done:
             errors = [r.get("error", "") for r in rows]
             raise RuntimeError(f"sweep {cfg.name}: every trial failed; first error:\n{errors[0] if errors else '?'}")
-        front = _write_front(rows, objectives, run_dir, cfg.name)
+        if cfg.uncompressed and not cfg.is_stage_sweep and not any(r["group"] == "none" for r in rows):
+            rows.append(uncompressed_row(cfg, plan))
+            log(f"  uncompressed: accuracy {rows[-1].get('accuracy', float('nan')):.3f} on {split['val']}")
+        front = pareto_front([r if r["status"] == "done" else {} for r in rows], objectives)  # on val
+        log(f"  the Pareto front's {len(front)} trial(s), selected on {split['val']}: evaluated on {split['test']}")
+        report_front(cfg, plan, rows, front)
+        _write_front(rows, front, objectives, run_dir, cfg.name, split)
         mlflow.log_metrics({"trials": len(rows), "trials_done": len(done), "pareto_size": len(front)})
         mlflow.log_artifacts(str(run_dir / "pareto"), artifact_path="pareto")
     table = (run_dir / "pareto" / "pareto.txt").read_text()
     log(f"\nPareto front ({len(front)} of {len(done)} finished trials; "
-        + ", ".join(f"{m} {'↑' if d == 'max' else '↓'}" for m, d in objectives) + ")")
+        + ", ".join(f"{m} {'↑' if d == 'max' else '↓'}" for m, d in objectives)
+        + f"; selected on {split['val']}, test_* columns on {split['test']})")
     log(table)
     log(f"\nplots: {run_dir / 'pareto' / 'pareto.png'}  {run_dir / 'pareto' / 'pareto.html'}")
     log(f"MLflow: sweep run {parent_id} ({plan['tracking_uri']}); browse with `mmreason mlflow`")
@@ -465,14 +583,24 @@ def _close_trial_runs(parent_id: str, rows: list[dict[str, Any]]) -> None:
             client.set_terminated(run.info.run_id, "FAILED" if trial == "error" else "KILLED")
 
 
-def _write_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], run_dir: Path, name: str) -> list[int]:
-    from mmreason.eval.pareto import front_table, pareto_front, plot_front
+def report_splits(cfg: SweepConfig, plan: dict[str, Any]) -> dict[str, str]:
+    """The splits the sweep selects on (`val`) and reports the front on (`test`), as its tables name them."""
+    from mmreason.data.selection import DataConfig
+
+    data = _stage_point(plan, {}, "check").data if cfg.is_stage_sweep else from_dict(DataConfig, plan["evaluate"]["data"])
+    return {"val": data.val_split, "test": data.eval_split}
+
+
+def _write_front(rows: list[dict[str, Any]], front: list[int], objectives: list[tuple[str, str]], run_dir: Path,
+                 name: str, split: dict[str, str]) -> None:
+    """trials.csv, pareto.csv, pareto.txt (the front, selected on `split['val']`, with its test_*
+    columns) and the plots, marking the uncompressed reference."""
+    from mmreason.eval.pareto import front_table, plot_front
 
     out = run_dir / "pareto"
     out.mkdir(parents=True, exist_ok=True)
     metrics = [m for m, _ in objectives]
-    columns = ["label", *metrics, "run_name", "trial_id"]
-    front = pareto_front([r if r["status"] == "done" else {} for r in rows], objectives)
+    columns = ["label", *metrics, *[f"test_{m}" for m in metrics], "run_name", "trial_id"]
     for path, members in ((out / "trials.csv", range(len(rows))), (out / "pareto.csv", front)):
         keys = columns + ["status"] + sorted({k for i in members for k in rows[i]} - set(columns) - {"status"})
         with open(path, "w", newline="") as fh:
@@ -482,9 +610,9 @@ def _write_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], 
                 writer.writerow(rows[i])
     (out / "pareto.txt").write_text(front_table(rows, front, columns) + "\n")
     if len(objectives) >= 2 and front:
+        reference = next((i for i, r in enumerate(rows) if r.get("label") == UNCOMPRESSED), None)
         plot_front(rows, front, objectives, "label", out / "pareto.png", out / "pareto.html",
-                   title=f"{name}: Pareto front")
-    return front
+                   title=f"{name}: Pareto front on {split['val']}", reference=reference)
 
 
 @job_main

@@ -129,7 +129,8 @@ def check_visual_thoughts(cfg: TrainConfig) -> None:
 def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     """A Ray Dataset over the training shards (lazy unless filtered) and its row count (from the
     manifest unless filtered). Groups carved out of train as validation rows (a dataset without
-    `data.val_split`, when the stage evaluates each epoch) are left out."""
+    `data.val_split`, when the stage evaluates each epoch or its export on them — a sweep's trial)
+    are left out."""
     import ray.data
 
     entries = train_shards(cfg)
@@ -140,7 +141,8 @@ def train_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     if filtered:
         hard, visual = cfg.data.hard_split, cfg.data.visual_reliance
         ds = ds.filter(lambda row: matches_filters(json.loads(row["meta"]), hard, visual))
-    held = carved_validation(cfg.data) if cfg.eval.epoch_examples else frozenset()
+    reads_validation = cfg.eval.epoch_examples or cfg.data.evaluate_on == "val_split"
+    held = carved_validation(cfg.data) if reads_validation else frozenset()
     if held:  # before max_train_rows: the validation slice does not depend on it
         ds, filtered = ds.filter(lambda row: validation_group(row) not in held), True
     if cfg.data.max_train_rows is not None and (filtered or cfg.data.max_train_rows < n_rows):
@@ -328,7 +330,7 @@ def evaluate_export(cfg: TrainConfig, export: str | Path) -> tuple[dict[str, dic
         kv = {k: v for k, v in meter.summary().items() if k.startswith(("kv_fraction", "retained_", "kv_bytes_p"))
               and not isinstance(v, list)}
         predictions[mode] = res.predictions
-        results[mode] = {"split": cfg.data.eval_split, "accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
+        results[mode] = {"split": cfg.data.evaluated_split, "accuracy": res.accuracy, "tokens_per_answer": res.tokens_per_answer,
                          "latents_per_answer": res.latents_per_answer, "n": res.n, "accuracy_by_size": res.by("size"),
                          "seconds": time.perf_counter() - t0, **kv,
                          **({"direct_answer": res.direct_answer} if res.direct_answer is not None else {})}
@@ -376,8 +378,8 @@ def prepare_stage(cfg: TrainConfig) -> str:
     deepspeed_file(cfg)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)
-    if cfg.eval.epoch_examples:  # no validation rows (nor train groups to carve them from) fails here
-        validation_rows(cfg.data, 1, cfg.video.num_frames)
+    if cfg.eval.epoch_examples or cfg.data.evaluate_on == "val_split":  # no validation rows (nor train groups
+        validation_rows(cfg.data, 1, cfg.video.num_frames)               # to carve them from) fails here
     if cfg.stage == "rl":  # the rewards on a real row: bad settings fail here, not in a worker
         rows = held_out_rows(cfg.data, 1, cfg.video.num_frames)
         if rows:

@@ -97,6 +97,9 @@ class SweepConfig:
     """With use_gpu: GPUs each trial asks Ray for (a fraction packs several trials onto one GPU)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter dtype each trial's evaluation loads the model in (replaces the evaluation config's)."""
+    uncompressed: bool = True
+    """Press sweeps: the checkpoint is also evaluated with no press on the same rows — a reference row
+    `uncompressed` in the tables, a marked point in the plots (it takes part in the front)."""
     output_dir: str = "runs/sweep"
     experiment: str = "mmreason"
     """MLflow experiment prefix: the sweep goes to `<experiment>-sweep`."""

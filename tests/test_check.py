@@ -270,6 +270,7 @@ def test_sweep_check_counts_the_trials_and_their_resources_without_starting_one(
     assert report["evaluate"] == {"checkpoint": str(model_dir), "data": str(maze_dir), "max_examples": 2,
                                   "mode": "cot", "precision": "fp32"}
     assert report["run_dir"].startswith(f"{out}/presses-maze-") and report["mlflow"]["experiment"] == "mmreason-sweep"
+    assert report["splits"] == {"trials_selected_on": "val", "front_reported_on": "test"}
     assert not out.exists() and not quiet.exists()
     if not torch.cuda.is_available():
         assert sweep.main([*sweep_args(maze_dir, model_dir, out, "use_gpu=true"), "--check"]) == 2

@@ -14,7 +14,7 @@ TOY = [
     "minibehavior: {sizes: [8], examples: 10}}",
     *(f"{stage}.{key}" for stage in ("cot", "coconut", "dare")
       for key in ("optim.batch_size=4", "optim.epochs=1", "eval.max_examples=4", "eval.epoch_examples=0")),
-    "coconut.coconut.epochs_per_stage=1",
+    "coconut.coconut.epochs_per_stage=1", "dare.dare.fit_rows=4",
     "evaluate.max_examples=4", "evaluate.batch_size=4", "evaluate.generation.max_new_tokens=48",
     "presses={none: {}, tova: {factor: 0.5, min_size: 4}, dare: {}, cosre: {block: 4, keep_h: 2, keep_w: 2}, "
     "'kvpress:snapkv': {compression_ratio: 0.5, window_size: 4}}",
@@ -65,9 +65,13 @@ def test_quickstart_full_flow_leaves_one_pipeline_run_with_stages_presses_and_sw
     assert top["quickstart-eval-dare"].data.params["press.router_path"].endswith("quickstart-dare/export/dare_router.pt")
 
     sweep = top["quickstart-sweep"]
-    trials = children(sweep.info.run_id)
+    on_val = {n: r for n, r in children(sweep.info.run_id).items() if r.data.params["data.evaluate_on"] == "val_split"}
+    trials = {n: r for n, r in on_val.items() if r.data.tags["trial_id"]}
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
     assert all("accuracy" in r.data.metrics and "kv_bytes_peak" in r.data.metrics for r in trials.values())
+    assert set(on_val) - set(trials) == {"quickstart-sweep-uncompressed"}  # the plot's reference point
+    front = [row for i, row in enumerate(out["sweep"]["rows"]) if i in out["sweep"]["front"]]
+    assert front and all(0 <= row["test_accuracy"] <= 1 for row in front)  # selected on val, reported on test
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id, "pareto")}
     assert {"pareto/pareto.png", "pareto/pareto.html", "pareto/pareto.csv", "pareto/trials.csv"} <= artifacts
     assert sweep.data.metrics["trials_done"] == 2 and sweep.data.metrics["pareto_size"] >= 1

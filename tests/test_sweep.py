@@ -118,7 +118,7 @@ def test_search_space_mistakes_are_named(overrides, needle):
 
 @pytest.fixture(scope="module")
 def eval_inputs(tmp_path_factory):
-    """A tiny model saved to disk and four generated 3×3 maze rows (two held out), without Ray."""
+    """A tiny model saved to disk and four generated 3×3 maze rows (val and test ones among them), without Ray."""
     from mmreason.data.gridworld import GridworldConfig, plan_shards
     from mmreason.data.shards import MANIFEST_NAME, write_json_atomic
     from mmreason.models import build_tiny
@@ -127,7 +127,7 @@ def eval_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweepin")
     data = root / "gw"
     cfg = load_config(GridworldConfig, None, [f"output_dir={data}", "examples=4", "tasks={maze: {sizes: [3]}}",
-                                              "splits={train: 0.5, val: 0.0, test: 0.5}", "step_images=false"])
+                                              "splits={train: 0.34, val: 0.33, test: 0.33}", "step_images=false"])
     specs = plan_shards(cfg)
     entries = [gridworld._render_shard(asdict(s), cfg, str(data)) for s in specs]
     write_json_atomic(data / MANIFEST_NAME, gridworld._manifest(cfg, entries, len(specs)))
@@ -256,29 +256,48 @@ def test_press_grid_sweep_tracks_each_trial_and_the_pareto_front(eval_inputs, ra
     client = mlflow.MlflowClient(mlflow_store)
     parent = client.get_run(out["parent_run_id"])
     assert client.get_experiment(parent.info.experiment_id).name == "mmreason-sweep"
-    assert parent.data.tags["stage"] == "sweep" and parent.data.metrics["trials"] == 3
+    assert parent.data.tags["stage"] == "sweep" and parent.data.metrics["trials"] == 4  # 3 + uncompressed
     children = _children(client, parent.info.run_id)
-    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
-    assert {r.data.tags["press"] for r in children} == {"tova", "cosre"}
-    assert len({r.data.tags["trial_id"] for r in children}) == 3
+    assert {r.info.status for r in children} == {"FINISHED"}
+    on_val = [r for r in children if r.data.params["data.evaluate_on"] == "val_split"]
+    on_test = {r.info.run_name: r for r in children if r.data.params["data.evaluate_on"] == "eval_split"}
+    trials = [r for r in on_val if r.data.tags["trial_id"]]
+    uncompressed, = [r for r in on_val if not r.data.tags["trial_id"]]
+    assert len(trials) == 3 and len(on_val) + len(on_test) == len(children)
+    assert {r.data.tags["press"] for r in trials} == {"tova", "cosre"} and uncompressed.data.tags["press"] == "none"
+    assert len({r.data.tags["trial_id"] for r in trials}) == 3
     assert {r.data.tags["sweep"] for r in children} == {"grid"}
-    for run in children:
+    for run in trials:
         tags, metrics = run.data.tags, run.data.metrics
         assert tags["git_commit"] == parent.data.tags["git_commit"] and len(tags["config_hash"]) == 16
         assert tags["dataset_manifest_hash"] and tags["stage"] == "evaluate"
         assert {"accuracy", "kv_bytes_peak", "latency_ms_per_example", "retained_vision_prefill"} <= set(metrics)
-    by_factor = {r.data.params.get("press.factor"): r.data.metrics["kv_bytes_peak"] for r in children}
+    by_factor = {r.data.params.get("press.factor"): r.data.metrics["kv_bytes_peak"] for r in trials}
     assert by_factor["0.25"] < by_factor["1.0"]  # a quarter of the budget: fewer bytes
 
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
     assert names == {f"pareto/{f}" for f in ("pareto.csv", "pareto.txt", "pareto.png", "pareto.html", "trials.csv")}
     with open(client.download_artifacts(parent.info.run_id, "pareto/pareto.csv")) as fh:
-        logged_front = {row["run_name"] for row in csv.DictReader(fh)}
-    # the front the sweep logged is the front of what its trials logged
-    rows = [{"run_name": r.info.run_name, **r.data.metrics} for r in children]
+        logged = {row["run_name"]: row for row in csv.DictReader(fh)}
+    # selected on val: the front the sweep logged is the front of what its trials (and the
+    # uncompressed reference) measured on the validation rows
+    rows = [{"run_name": r.info.run_name, **r.data.metrics} for r in on_val]
     objectives = [("accuracy", "max"), ("kv_bytes_peak", "min"), ("latency_ms_per_example", "min")]
-    assert logged_front == {rows[i]["run_name"] for i in pareto_front(rows, objectives)}
-    assert parent.data.metrics["pareto_size"] == len(logged_front) >= 1
+    assert set(logged) == {rows[i]["run_name"] for i in pareto_front(rows, objectives)}
+    assert parent.data.metrics["pareto_size"] == len(logged) >= 1
+    # reported on test: each front member evaluated again on the test rows, and only those
+    assert set(on_test) == {f"{name}-test" for name in logged}
+    for name, row in logged.items():
+        test = on_test[f"{name}-test"]
+        assert float(row["test_accuracy"]) == test.data.metrics["accuracy"]
+        assert float(row["test_kv_bytes_peak"]) == test.data.metrics["kv_bytes_peak"]
+        if row["trial_id"]:  # the trial's own run carries its test numbers too
+            trial, = [r for r in trials if r.info.run_name == name]
+            assert client.get_run(trial.info.run_id).data.metrics["test_accuracy"] == test.data.metrics["accuracy"]
+    with open(Path(out["run_dir"]) / "trials" / "results.csv") as fh:
+        splits = {row["run_name"]: row["split"] for row in csv.DictReader(fh)}
+    assert {splits[r.info.run_name] for r in on_val} == {"val"} and {splits[n] for n in on_test} == {"test"}
+    assert any(r["label"] == "uncompressed" for r in out["rows"])
 
 
 @pytest.mark.integration
@@ -289,10 +308,11 @@ def test_optuna_multi_objective_sweep(eval_inputs, ray_session, mlflow_store):
                       "presses={tova: {factor: {uniform: [0.2, 1.0]}, min_size: 1}}", "precision=bf16",
                       "objectives=[{metric: accuracy, mode: max}, {metric: kv_bytes_peak, mode: min}]")
     out = job.run_sweep(job.load(args[0], args[1:]))
-    assert [r["status"] for r in out["rows"]] == ["done", "done"]
+    assert [(r["label"] == "uncompressed", r["status"]) for r in out["rows"]] == [(False, "done")] * 2 + [(True, "done")]
     children = _children(mlflow.MlflowClient(mlflow_store), out["parent_run_id"])
     assert {r.data.params["precision"] for r in children} == {"bf16"}  # each trial evaluated in the sweep's dtype
-    factors = sorted(float(r.data.params["press.factor"]) for r in children)
+    trials = [r for r in children if r.data.tags["trial_id"] and r.data.params["data.evaluate_on"] == "val_split"]
+    factors = sorted(float(r.data.params["press.factor"]) for r in trials)
     assert len(factors) == 2 and factors[0] != factors[1] and 0.2 <= factors[0] and factors[1] <= 1.0
 
 
@@ -321,6 +341,12 @@ def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maz
         assert row["epoch"] == 1 and 0 <= row["cot_accuracy"] <= 1 and row["cot_kv_bytes_peak"] > 0
     if len(done) == 2:  # keeping a quarter of the image entries holds fewer bytes than keeping all
         assert done[0.25]["cot_retained_vision_prefill"] < done[1.0]["cot_retained_vision_prefill"]
+    for row in done.values():  # each trial's export evaluated on the validation rows: what the front is chosen on
+        results = json.loads((Path(out["run_dir"]) / "train" / row["run_name"] / "eval" / "results.json").read_text())
+        assert results["cot"]["split"] == "val"
+    assert out["front"] and all(rows[i]["status"] == "done" for i in out["front"])
+    for i in out["front"]:  # and the front's exports on the test rows
+        assert 0 <= rows[i]["test_cot_accuracy"] <= 1 and rows[i]["test_cot_n"] == 2 and rows[i]["test_cot_kv_bytes_peak"] > 0
     client = mlflow.MlflowClient(mlflow_store)
     children = _children(client, out["parent_run_id"])
     assert {r.data.tags["stage"] for r in children} == {"dare"} and len(children) == 2

@@ -25,23 +25,36 @@ def stage_cfg(data: Path, storage: Path, *extra: str) -> TrainConfig:
         "eval.modes.vanilla.max_new_tokens=8", *extra])
 
 
-def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_path, monkeypatch):
+def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_and_resumes(maze_data, tmp_path,
+                                                                                         monkeypatch):
+    """One cot stage on 2 workers: its export (HF format), evaluation on test and MLflow record
+    (the experiment opens on runs, the data an input, the export a logged model with no weights
+    copied); checkpoint retention by a named metric through Ray Train — `lr` (max), whose per-epoch
+    values are known in advance: warm-up over 4 of 8 steps, then cosine, so epochs end at 0.5, 1.0,
+    0.87, 0.23 × lr and keep_checkpoints=2 keeps epochs 1 and 2 (the latest 2 would be 2 and 3) and
+    epoch 3, the latest; and the same command with more epochs resumes from epoch 3, not from the
+    best-ranked epoch 1."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cfg = stage_cfg(maze_data, tmp_path / "runs")
+    args = ("optim.batch_size=20", "optim.warmup_steps=4", "checkpoint_metric=lr", "checkpoint_mode=max",
+            "keep_checkpoints=2", "eval.epoch_examples=0")
+    cfg = stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=4", *args)
+    assert train.checkpoint_config(cfg).checkpoint_score_attribute == "lr"
     out = train.run_stage(cfg)
-    assert out["train"]["epoch"] == 0 and out["train"]["steps_per_epoch"] == 80 // 16
-    assert set(out["eval"]) == {"vanilla", "cot"}
+    assert out["train"]["epoch"] == 3 and out["train"]["steps_per_epoch"] == 80 // 40  # 2 workers x 20
+    assert set(out["eval"]) == {"vanilla", "cot"} and out["eval"]["cot"]["split"] == "test"
     export = Path(out["export"])
     assert (export / "model.safetensors").is_file()
     family = load_backbone("tiny-internvl", export)  # HF format, through from_pretrained
     assert family.model.config.model_type == "internvl"
     preds = (cfg.run_dir / "eval" / "predictions-cot.jsonl").read_text().splitlines()
     assert len(preds) == 6 and {"id", "prediction", "correct", "n_tokens"} <= set(json.loads(preds[0]))
+    results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    assert results["cot"]["split"] == "test" and results["cot"]["n"] == 6
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
-    assert run.data.tags.get("mlflow.parentRunId")
+    assert run.data.tags.get("mlflow.parentRunId") and "data_wait_s" in run.data.metrics
     # reviewable in MLflow 3: the experiment opens on runs, the data is an input, the export a model
     client = mlflow.MlflowClient()
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -53,12 +66,19 @@ def test_cot_stage_trains_exports_evaluates_tracks_and_resumes(maze_data, tmp_pa
     assert model.tags["export_uri"] == str(export)
     assert client.list_artifacts(run.info.run_id, "model") == []  # the weights stay in the export
 
-    # same run name and storage, more epochs: resumes after epoch 0 instead of starting over
-    again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=2"))
-    assert again["train"]["epoch"] == 1
+    def kept() -> set[int]:
+        dirs = [d for d in (tmp_path / "runs/t").glob("checkpoint_*") if d.is_dir()]  # not Ray's snapshot file
+        return {json.loads((d / "progress.json").read_text())["epoch"] for d in dirs}
+
+    assert kept() == {1, 2, 3}
+    assert _latest_checkpoint_epoch(str(tmp_path / "runs/t")) == 3
+
+    # same run name and storage, more epochs: resumes after epoch 3 (the latest) instead of starting over
+    again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=5", *args))
+    assert again["train"]["epoch"] == 4
     history = mlflow.MlflowClient().get_metric_history(again["mlflow_run_id"], "epoch")
-    assert [m.value for m in history] == [1.0]
-    assert "data_wait_s" in run.data.metrics
+    assert [m.value for m in history] == [4.0]
+    assert kept() == {1, 2, 4}  # epoch 4 ends at 0.16 × lr: now the latest, and 3 goes
 
 
 def test_training_rows_are_cut_into_whole_batches_on_block_boundaries(maze_data, tmp_path):
@@ -251,33 +271,6 @@ def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data,
     family = load_backbone(backbone, out["export"])
     assert family.model.config.model_type in family.model_types
     assert out["eval"]["cot"]["n"] == 6
-
-
-def test_checkpoints_kept_are_the_best_by_the_metric_plus_the_latest_which_resumes(maze_data, tmp_path, monkeypatch):
-    """Retention by a named metric through Ray Train: `lr` (max) here, because its per-epoch values
-    are known in advance — warm-up over 4 of 8 steps, then cosine: epochs end at 0.5, 1.0, 0.87,
-    0.23 × lr. keep_checkpoints=2 keeps epochs 1 and 2 (the latest 2 would be 2 and 3) and epoch 3,
-    the latest, which the next run with more epochs resumes from. The final report says its split."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = ("workers=1", "optim.batch_size=40", "optim.warmup_steps=4", "checkpoint_metric=lr", "checkpoint_mode=max", "keep_checkpoints=2",
-            "eval.epoch_examples=0", "eval.max_examples=2", "eval.modes={cot: {max_new_tokens: 8}}")
-    cfg = stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=4", *args)
-    assert train.checkpoint_config(cfg).checkpoint_score_attribute == "lr"
-    out = train.run_stage(cfg)
-    assert out["train"]["steps_per_epoch"] == 2 and out["train"]["epoch"] == 3
-
-    def kept() -> set[int]:
-        dirs = [d for d in (tmp_path / "runs/t").glob("checkpoint_*") if d.is_dir()]  # not Ray's snapshot file
-        return {json.loads((d / "progress.json").read_text())["epoch"] for d in dirs}
-
-    assert kept() == {1, 2, 3}
-    assert _latest_checkpoint_epoch(str(tmp_path / "runs/t")) == 3
-    results = json.loads((tmp_path / "runs/t/eval/results.json").read_text())
-    assert results["cot"]["split"] == "test" and results["cot"]["n"] == 2
-
-    again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=5", *args))
-    assert again["train"]["epoch"] == 4  # from epoch 3's checkpoint, not the best-ranked epoch 2
-    assert kept() == {1, 2, 4}  # epoch 4 ends at 0.16 × lr: now the latest, and 3 goes
 
 
 def test_on_s3_a_sigkilled_stage_resumes_at_the_right_epoch_and_stage_and_its_export_evaluates(s3, tmp_path):

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import Any
+from typing import Any, Literal
 
 from mmreason.config import ConfigError
 from mmreason.data.reader import read_table
@@ -31,6 +31,10 @@ class DataConfig:
     eval_split: str = "test"
     """Split of the final evaluation that reports a stage's numbers (its `eval/` results and MLflow
     metrics) and of press evaluation; training never selects anything on it."""
+    evaluate_on: Literal["eval_split", "val_split"] = "eval_split"
+    """Which rows the final and press evaluations read: `eval_split` (the reported numbers), or the
+    validation rows (`val_split`, carved out of train where there are none) — a sweep's trials are
+    evaluated on these, because it selects on them; its Pareto front is then evaluated on `eval_split`."""
     eval_path: str | None = None
     """Dataset directory of the `eval_split` rows (None = `path`; CinePile writes one split per directory)."""
     val_split: str = "val"
@@ -55,10 +59,19 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+    @property
+    def evaluated_split(self) -> str:
+        """The split `held_out_rows` reads (`evaluate_on`): what an evaluation's results say they are on."""
+        return self.val_split if self.evaluate_on == "val_split" else self.eval_split
+
+
 def held_out_rows(data: DataConfig, limit: int | None, num_frames: int | None = None) -> list[dict]:
     """Up to `limit` rows of `data.eval_split` (from `data.eval_path`, else `data.path`) for the
     tasks, sizes and CinePile filters of `data`; video questions come with their frames
-    (`num_frames` of each clip, None = all). What final evaluation reports on."""
+    (`num_frames` of each clip, None = all). What final evaluation reports on. With
+    `data.evaluate_on: val_split` (a sweep's trials), `validation_rows` instead."""
+    if data.evaluate_on == "val_split":
+        return validation_rows(data, limit, num_frames)
     root = data.eval_path or data.path
     return _interleaved(_selected(data, root, data.eval_split), root, limit, num_frames)
 

@@ -57,10 +57,11 @@ def front_table(rows: Sequence[dict[str, Any]], front: Sequence[int], columns: S
 
 
 def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[int], objectives: Objectives, label: str,
-               png: str | Path, html: str | Path, title: str = "Pareto front") -> None:
+               png: str | Path, html: str | Path, title: str = "Pareto front", reference: int | None = None) -> None:
     """The first objective against each other one (one panel per pair): every row in grey, the front
-    in red and labelled by `row[label]`. PNG with matplotlib; a self-contained interactive HTML with
-    plotly whose hover shows the label and every objective."""
+    in red and labelled by `row[label]`, the `reference` row (an uncompressed model) as a black star
+    with a dashed line at its first objective. PNG with matplotlib; a self-contained interactive
+    HTML with plotly whose hover shows the label and every objective."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,12 +73,19 @@ def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[int], objectives:
         raise ValueError("a Pareto plot needs at least two objectives")
     (y_metric, y_mode), others = objectives[0], list(objectives[1:])
     ok = [i for i, row in enumerate(rows) if _values(row, objectives) is not None]
-    on_front = set(front)
+    if reference is not None and reference not in ok:
+        reference = None  # it misses an objective: nothing to mark
+    on_front = set(front) | ({reference} if reference is not None else set())
 
     fig, axes = plt.subplots(1, len(others), figsize=(5.5 * len(others), 4.5), squeeze=False)
     for ax, (x_metric, x_mode) in zip(axes[0], others):
         rest = [i for i in ok if i not in on_front]
         ax.scatter([rows[i][x_metric] for i in rest], [rows[i][y_metric] for i in rest], c="0.6", s=25, label="trials")
+        if reference is not None:
+            ref = rows[reference]
+            ax.axhline(ref[y_metric], c="black", ls="--", lw=0.8)
+            ax.scatter([ref[x_metric]], [ref[y_metric]], c="black", marker="*", s=140, zorder=4,
+                       label=str(ref.get(label, "reference")))
         pts = sorted(front, key=lambda i: rows[i][x_metric])
         ax.scatter([rows[i][x_metric] for i in pts], [rows[i][y_metric] for i in pts], c="tab:red", s=40,
                    label="Pareto front", zorder=3)
@@ -98,15 +106,19 @@ def plot_front(rows: Sequence[dict[str, Any]], front: Sequence[int], objectives:
     names = [m for m, _ in objectives]
     figure = make_subplots(rows=1, cols=len(others), subplot_titles=[f"{y_metric} vs {m}" for m, _ in others])
     for col, (x_metric, _) in enumerate(others, start=1):
-        for group, color, members in (("trials", "#999999", [i for i in ok if i not in on_front]),
-                                      ("Pareto front", "#d62728", sorted(front, key=lambda i: rows[i][x_metric]))):
+        groups = [("trials", "#999999", [i for i in ok if i not in on_front], "circle"),
+                  ("Pareto front", "#d62728", sorted(front, key=lambda i: rows[i][x_metric]), "circle")]
+        if reference is not None:
+            groups.append((str(rows[reference].get(label, "reference")), "#000000", [reference], "star"))
+        for group, color, members, symbol in groups:
             hover = ["<br>".join([str(rows[i].get(label, i))] + [f"{m}: {_cell(rows[i][m])}" for m in names])
                      for i in members]
-            joined = group != "trials" and len(objectives) == 2
+            joined = group == "Pareto front" and len(objectives) == 2
             figure.add_trace(go.Scatter(x=[rows[i][x_metric] for i in members], y=[rows[i][y_metric] for i in members],
                                         mode="markers+lines" if joined else "markers",
                                         name=group, legendgroup=group, showlegend=col == 1, hovertext=hover,
-                                        hoverinfo="text", marker={"color": color, "size": 9}), row=1, col=col)
+                                        hoverinfo="text", marker={"color": color, "size": 14 if symbol == "star" else 9,
+                                                                  "symbol": symbol}), row=1, col=col)
         figure.update_xaxes(title_text=x_metric, row=1, col=col)
         figure.update_yaxes(title_text=y_metric, row=1, col=col)
     figure.update_layout(title=title, height=480, width=520 * len(others))

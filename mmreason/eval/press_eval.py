@@ -32,7 +32,7 @@ from mmreason.latent.coconut import GenerationSettings
 from mmreason.models import ModelConfig
 
 CSV_COLUMNS = (
-    "run_name", "backbone", "checkpoint", "mode", "press", "press_settings", "n", "accuracy", "tokens_per_answer",
+    "run_name", "backbone", "checkpoint", "split", "mode", "press", "press_settings", "n", "accuracy", "tokens_per_answer",
     "kv_bytes_prefill", "kv_bytes_peak", "kv_bytes_full_prefill", "kv_bytes_full_final", "kv_fraction_prefill",
     "kv_fraction_peak", "retained_text_prefill", "retained_vision_prefill", "retained_shared_prefill",
     "retained_text_final", "retained_vision_final", "prefill_ms_per_example", "decode_tokens_per_s",
@@ -114,7 +114,7 @@ def held_out(cfg: PressEvalConfig) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"data.path {cfg.data.path} is not a dataset (no manifest.json)")
     rows = held_out_rows(cfg.data, cfg.max_examples)  # the training stages' own reader of held-out rows
     if not rows:
-        raise ConfigError(f"data: no {cfg.data.eval_split} rows for tasks {cfg.data.tasks} and sizes {cfg.data.sizes} "
+        raise ConfigError(f"data: no {cfg.data.evaluated_split} rows for tasks {cfg.data.tasks} and sizes {cfg.data.sizes} "
                           f"in {cfg.data.path}")
     return rows
 
@@ -183,7 +183,8 @@ def measure_press(cfg: PressEvalConfig, checkpoint: str, rows: list[dict[str, An
     name = cfg.press["name"]
     settings = {k: v for k, v in cfg.press.items() if k != "name"}
     row: dict[str, Any] = {
-        "run_name": cfg.run_name, "backbone": cfg.model.backbone, "checkpoint": checkpoint, "mode": cfg.mode,
+        "run_name": cfg.run_name, "backbone": cfg.model.backbone, "checkpoint": checkpoint, "split": cfg.data.evaluated_split,
+        "mode": cfg.mode,
         "press": name, "press_settings": json.dumps(settings, sort_keys=True), "n": result.n,
         "accuracy": result.accuracy, "tokens_per_answer": result.tokens_per_answer,
         **kv_columns(meter, sum(p["n_tokens"] for p in result.predictions)), "seconds": seconds,
