@@ -45,13 +45,15 @@ def kv_press_list() -> list[dict]:
     """No press, then the presses `benchmarks/kv_presses.py` compares, at half the cache."""
     spec = importlib.util.spec_from_file_location("kv_presses", REPO / "benchmarks/kv_presses.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return [{"name": "none"}, *module.presses(0.5, "ROUTER_DIR", None)]
 
 
-def stage(init: Path, root: Path, device: str, precision: str, train: list[dict], test: list[dict],
+def stage(init: Path, root: Path, device: str, precision: str, train: list[dict], val: list[dict],
           args: argparse.Namespace) -> dict:
-    """One cot stage through the shared loop; returns its last epoch's metrics and the export dir."""
+    """One cot stage through the shared loop, evaluated each epoch on `val` (it picks `best`);
+    returns its last epoch's metrics and the export dir."""
     import torch
 
     from mmreason.config import load_config
@@ -60,7 +62,7 @@ def stage(init: Path, root: Path, device: str, precision: str, train: list[dict]
 
     cfg = load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", [
         f"precision={precision}", f"use_gpu={device != 'cpu'}", f"optim.batch_size={args.batch_size}",
-        f"optim.epochs={args.epochs}", f"eval.epoch_examples={len(test)}", f"eval.batch_size={len(test)}",
+        f"optim.epochs={args.epochs}", f"eval.epoch_examples={len(val)}", f"eval.batch_size={len(val)}",
         "eval.modes={cot: {max_new_tokens: 128}}", f"seed={args.seed}"])
     dev = torch.device(device)
     single_process_env(dev)
@@ -68,7 +70,7 @@ def stage(init: Path, root: Path, device: str, precision: str, train: list[dict]
     steps = len(train) // cfg.optim.batch_size
     t0 = time.perf_counter()
     out = run_loop(cfg, str(init), worker, REPO / "configs/deepspeed/zero2.json", steps, str(root / "run"),
-                   eval_rows=test)
+                   eval_rows=val)
     return {"loss": out["loss"], "eval_accuracy": out.get("eval_accuracy"), "samples_per_s": out["samples_per_s"],
             "losses": [r["loss"] for r in worker.reported], "seconds": time.perf_counter() - t0,
             "export": str(root / "run" / "export")}
@@ -124,6 +126,7 @@ def main() -> int:
     from mmreason.models import build_tiny
 
     train, test = maze_rows("train", args.train_rows, args.seed), maze_rows("test", args.test_rows, args.seed)
+    val = maze_rows("val", args.test_rows, args.seed)  # per-epoch evaluation (and `best`) never reads test
     report = {"device": args.device, "precision": args.precision, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
               "train_rows": len(train), "test_rows": len(test), "epochs": args.epochs}
@@ -133,8 +136,8 @@ def main() -> int:
         for device, precision in settings:
             key = f"{device}-{precision}"
             print(f"{key}: cot stage, {args.epochs} epoch(s) of {len(train)} rows", flush=True)
-            report[key] = stage(init, Path(tmp) / key, device, precision, train, test, args)
-            print(f"  loss {report[key]['loss']:.4f}  held-out accuracy {report[key]['eval_accuracy']:.3f}  "
+            report[key] = stage(init, Path(tmp) / key, device, precision, train, val, args)
+            print(f"  loss {report[key]['loss']:.4f}  val accuracy {report[key]['eval_accuracy']:.3f}  "
                   f"{report[key]['samples_per_s']:.1f} samples/s", flush=True)
             report[key]["decode"] = decode_all(report[key]["export"], device, precision, test, args)
     ref, dev = report["cpu-fp32"], report[f"{args.device}-{args.precision}"]
