@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import warnings
 from contextlib import contextmanager
@@ -193,7 +194,8 @@ def log_export(export: str | Path, name: str, params: dict[str, Any] | None = No
     """Log `export` (a local folder or an s3:// / gs:// location) as an MLflow model of the active
     run: an external model — MLflow keeps no copy of the weights, only where they are
     (`EXPORT_URI_TAG`, also set on the run) — listed as the run's output, so the UI's Model column
-    shows it and it can be registered (`models:/<model id>`). Returns the model id."""
+    shows it and it can be registered (`models:/<model id>`). A character MLflow refuses in a model
+    name (`/ : . % " '`, as in a run name `dare-0.5`) becomes `-`. Returns the model id."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
@@ -201,6 +203,7 @@ def log_export(export: str | Path, name: str, params: dict[str, Any] | None = No
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_export needs an active MLflow run (stage_run)")
+    name = re.sub(r"""[/:.%"']""", "-", name)
     model = mlflow.create_external_model(name=name, source_run_id=run.info.run_id, model_type=model_type,
                                          tags={EXPORT_URI_TAG: location},
                                          params={k: str(v) for k, v in (params or {}).items()})

@@ -211,6 +211,9 @@ def test_an_export_is_a_logged_model_that_points_at_it(mlflow_store, tmp_path):
     assert client.list_artifacts(run.info.run_id) == []  # nor in the run's artifacts
     version = client.get_model_version("cot-maze", mlflow.register_model(f"models:/{model_id}", "cot-maze").version)
     assert (version.source, version.run_id) == (f"models:/{model_id}", run.info.run_id)
+    with tracking.stage_run("mmreason", "dare-0.5", {"stage": "dare"}, tags={"stage": "dare"}):
+        dotted = tracking.log_export(export, "dare-0.5", model_type="mmreason-dare")  # MLflow refuses "." in names
+    assert client.get_logged_model(dotted).name == "dare-0-5"
 
     bucket = "s3://mmreason-runs/train/cot-maze/export"  # a remote export: its URI as it is
     with tracking.stage_run("mmreason", "remote", {"stage": "cot"}, tags={"stage": "cot"}):
