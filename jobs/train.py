@@ -258,15 +258,24 @@ def epoch_progress(cfg: TrainConfig) -> Iterator[list[Any]]:
         return
     import threading
 
+    import ray
     import ray.train
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(actor_options={"num_cpus": 0})  # no CPU: the workers may hold every one
+    # no CPU: the workers may hold every one; on this process's node, not on a worker node whose
+    # loss (a preempted spot node) would take the queue with it and, through the callback, fail the run
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     class EpochReporter(ray.train.UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics:
-                queue.put({k: metrics[0].get(k) for k in ("epoch", "loss", "eval_accuracy")})
+            if not metrics:
+                return
+            try:
+                queue.put({k: metrics[0].get(k) for k in ("epoch", "loss", "eval_accuracy")}, timeout=10)
+            except Exception as exc:  # the bar is only a display: training goes on without it
+                print(f"epoch progress: not shown ({type(exc).__name__}: {exc})", file=sys.stderr)
 
     bar = console.progress(cfg.optim.epochs, "epoch")
     stop = threading.Event()
@@ -277,13 +286,16 @@ def epoch_progress(cfg: TrainConfig) -> Iterator[list[Any]]:
         bar.set(m["epoch"] + 1, loss=m["loss"], val_acc=m["eval_accuracy"])
 
     def drain() -> None:
-        while not stop.is_set():
-            try:
-                show(queue.get(timeout=0.5))
-            except Empty:
-                continue
-        while not queue.empty():
-            show(queue.get_nowait())
+        try:
+            while not stop.is_set():
+                try:
+                    show(queue.get(timeout=0.5))
+                except Empty:
+                    continue
+            while not queue.empty():
+                show(queue.get_nowait())
+        except ray.exceptions.RayError:  # the queue's actor is gone (its node with it): no more epochs to show
+            return
 
     thread = threading.Thread(target=drain, name="epoch-progress", daemon=True)
     thread.start()
