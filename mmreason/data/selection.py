@@ -58,7 +58,6 @@ class DataConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
-
     @property
     def evaluated_split(self) -> str:
         """The split `held_out_rows` reads (`evaluate_on`): what an evaluation's results say they are on."""
