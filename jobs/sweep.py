@@ -135,10 +135,10 @@ def prepare(cfg: SweepConfig) -> tuple[SearchSpace, dict[str, Any]]:
                 raise ConfigError(f"init_from: {exc}") from None
             plan["stage_overrides"].append(f"init_from={Path(base.init_from).resolve()}")
         train.train_shards(base)
-        for evaluate_on in ("val_split", "eval_split"):  # the rows trials are selected and reported on
-            if not held_out_rows(replace(base.data, evaluate_on=evaluate_on), 1, base.video.num_frames):
-                raise ConfigError(f"data: no {replace(base.data, evaluate_on=evaluate_on).evaluated_split} rows "
-                                  f"for tasks {base.data.tasks} and sizes {base.data.sizes} in {base.data.path}")
+        for data in (replace(base.data, evaluate_on=e) for e in ("val_split", "eval_split")):  # selected, reported on
+            if not held_out_rows(data, 1, base.video.num_frames):
+                raise ConfigError(f"data: no {data.evaluated_split} rows for tasks {data.tasks} and sizes "
+                                  f"{data.sizes} in {data.path}")
         known |= set(PER_EPOCH_METRICS) | {"best_eval_accuracy", "train_rows", "steps_per_epoch"}
         per_mode = {"accuracy", "tokens_per_answer", "latents_per_answer", "n", "seconds", LATENCY}
         per_mode |= {m for m in _eval_metrics() if m.startswith(("kv_fraction", "retained_", "kv_bytes_p"))}
@@ -345,8 +345,7 @@ def stage_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         metrics.update({f"{mode}_{k}": v for k, v in _numeric(res).items()})
         metrics[f"{mode}_{LATENCY}"] = 1000.0 * res["seconds"] / max(1, res["n"])
     if plan.get("press"):
-        press = {k: v.replace("{export}", out["export"]) if isinstance(v, str) else v for k, v in plan["press"].items()}
-        metrics.update(_press_eval(plan, press, f"{run_name}-eval", checkpoint=out["export"],
+        metrics.update(_press_eval(plan, _export_press(plan, out["export"]), f"{run_name}-eval", checkpoint=out["export"],
                                    backbone=cfg.model.backbone))
     ray.tune.report({**metrics, "label": _label(point), "run_name": run_name, "export": out["export"]})
 
@@ -370,21 +369,29 @@ def _stage_test_task(plan: dict[str, Any], cfg_dict: dict[str, Any], export: str
                      trial_id: str) -> dict[str, float]:
     """A stage trial's export evaluated on the report split: its eval modes (`test_<mode>_<metric>`)
     and, when the sweep has one, the press (`test_<metric>`)."""
-    import torch
-
     from jobs import train
-    from mmreason.train.config import TrainConfig
 
-    cfg = from_dict(TrainConfig, cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    results, _ = train.evaluate_export(cfg, export)
+    results, _ = train._evaluate_task(cfg_dict, export)  # what a stage's own evaluation task runs
     out = {f"{mode}_{k}": v for mode, res in results.items() for k, v in _numeric(res).items()}
     if plan.get("press"):
-        press = {k: v.replace("{export}", export) if isinstance(v, str) else v for k, v in plan["press"].items()}
         _mlflow_env(plan, trial_id)
-        out.update(_press_eval(_press_on(plan, "eval_split"), press, f"{run_name}-test", checkpoint=export,
-                               backbone=cfg.model.backbone))
+        out.update(_press_eval(_press_on(plan, "eval_split"), _export_press(plan, export), f"{run_name}-test",
+                               checkpoint=export, backbone=cfg_dict["model"]["backbone"]))
     return out
+
+
+def _export_press(plan: dict[str, Any], export: str) -> dict[str, Any]:
+    """A stage sweep's press settings for one trial's export (`{export}` filled in)."""
+    return {k: v.replace("{export}", export) if isinstance(v, str) else v for k, v in plan["press"].items()}
+
+
+def _driver_task(fn: Any, cpus: float, gpus: float) -> Any:
+    """`fn` as a Ray task the sweep's driver starts after the trials, outside any trial's placement group."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
 
 
 def report_front(cfg: SweepConfig, plan: dict[str, Any], rows: list[dict[str, Any]], front: list[int]) -> None:
@@ -393,20 +400,20 @@ def report_front(cfg: SweepConfig, plan: dict[str, Any], rows: list[dict[str, An
     resources, all at once; the numbers join its row as `test_<metric>` (and its MLflow run). A
     failed evaluation leaves `test_error` in the row."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    outside = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+    from jobs.train import stage_resources
+
     refs = {}
     for i in front:
         row = rows[i]
         if cfg.is_stage_sweep:
             stage = _stage_point(plan, json.loads(row["settings"]), row["run_name"])
             stage.data.evaluate_on = "eval_split"
-            task = ray.remote(_stage_test_task).options(num_cpus=stage.cpus_per_worker,
-                                                          num_gpus=stage.gpus_per_worker if stage.use_gpu else 0, **outside)
+            res = stage_resources(stage)  # one training worker's, as the stage's own evaluation asks
+            task = _driver_task(_stage_test_task, res["CPU"], res.get("GPU", 0))
             refs[i] = task.remote(plan, asdict(stage), row["export"], row["run_name"], row["trial_id"])
         else:
-            task = ray.remote(_press_task).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.trial_gpus, **outside)
+            task = _driver_task(_press_task, cfg.cpus_per_trial, cfg.trial_gpus)
             press = {"name": row["group"], **json.loads(row["settings"])}
             refs[i] = task.remote(_press_on(plan, "eval_split"), press, f"{row['run_name']}-test", row["trial_id"], {})
     for i, ref in refs.items():
@@ -423,11 +430,9 @@ def report_front(cfg: SweepConfig, plan: dict[str, Any], rows: list[dict[str, An
 def uncompressed_row(cfg: SweepConfig, plan: dict[str, Any]) -> dict[str, Any]:
     """Press sweeps: the checkpoint with no press on the trials' rows, as a row of the table."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     run_name = f"{plan['name']}-uncompressed"
-    task = ray.remote(_press_task).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.trial_gpus,
-                                           scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    task = _driver_task(_press_task, cfg.cpus_per_trial, cfg.trial_gpus)
     metrics = ray.get(task.remote(plan, {"name": "none"}, run_name, "", {}))
     return {**metrics, "label": UNCOMPRESSED, "run_name": run_name, "trial_id": "", "group": "none",
             "settings": "{}", "status": "done"}
