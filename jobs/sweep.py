@@ -501,6 +501,9 @@ def run_sweep(cfg: SweepConfig, log=console.echo) -> dict[str, Any]:
         grid = tuner.fit()
         rows = _rows(grid)
         _close_trial_runs(parent_id, rows)
+        for row in rows:  # Tune only names an error file; its last line belongs in the sweep's output
+            if row["status"] == "error":
+                log(f"  trial {row['trial_id'] or row['label']} failed: {row['error']}")
         done = [r for r in rows if r["status"] == "done"]
         if not done:
             errors = [r.get("error", "") for r in rows]

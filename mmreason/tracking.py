@@ -31,6 +31,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +157,10 @@ def _enter_experiment(mlflow: Any, experiment: str, parent_id: str | None) -> No
     mlflow.set_experiment(experiment)
 
 
+DATASET_LOG_ATTEMPTS = 5
+"""How often `log_dataset_inputs` tries when a concurrent run inserted the same dataset first."""
+
+
 def log_dataset_inputs(run_id: str, data: dict[str, Any], training: bool) -> None:
     """The datasets a run's config reads (`data.path`; `data.eval_path`) as MLflow dataset inputs
     of the run: named after their folder, the manifest hash as digest, the location as source, the
@@ -185,8 +190,20 @@ def log_dataset_inputs(run_id: str, data: dict[str, Any], training: bool) -> Non
                           source_type=source._get_source_type(), source=source.to_json(),
                           profile=json.dumps(profile, sort_keys=True))
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    if inputs:
-        mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
+    if not inputs:
+        return
+    client = mlflow.MlflowClient()
+    for attempt in range(DATASET_LOG_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # MLflow looks a dataset up, then inserts it: stages or trials that start together on a
+            # new dataset race, and all but one fail on the UNIQUE constraint (nothing of theirs was
+            # written). Again, the dataset is found and only the run's input is added.
+            if "UNIQUE constraint" not in str(exc) or attempt == DATASET_LOG_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def log_export(export: str | Path, name: str, params: dict[str, Any] | None = None,

@@ -335,7 +335,7 @@ def test_dare_stage_sweep_over_retention_targets_reports_every_epoch_to_tune(maz
     rows = out["rows"]
     assert len(rows) == 2 and any(r["status"] == "done" for r in rows)
     for row in rows:  # 2 epochs reported as they ended (+ the trial's final report), or stopped by ASHA
-        assert row["training_iteration"] == 3 if row["status"] == "done" else row["status"] == "stopped"
+        assert row["training_iteration"] == 3 if row["status"] == "done" else row["status"] == "stopped", row
     done = {json.loads(r["settings"])["dare.rho_vis"]: r for r in rows if r["status"] == "done"}
     for row in done.values():
         assert row["epoch"] == 1 and 0 <= row["cot_accuracy"] <= 1 and row["cot_kv_bytes_peak"] > 0

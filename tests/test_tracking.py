@@ -167,6 +167,46 @@ def test_a_stage_run_logs_its_datasets_as_inputs_without_reading_them(mlflow_sto
     assert client.get_run(run.info.run_id).inputs.dataset_inputs == []
 
 
+def _log_input_with_others(data: str, run_id: str, start, done) -> None:
+    """One of several processes logging the same dataset as their run's input at once."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    resolve_dataset_source(data)  # imports and the store's connection made before the start: the
+    mlflow.MlflowClient().get_run(run_id)  # processes reach MLflow's lookup-then-insert together
+    start.wait()
+    try:
+        tracking.log_dataset_inputs(run_id, {"path": data}, training=True)
+        done.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        done.put(f"{type(exc).__name__}: {exc}"[:300])
+
+
+def test_stages_starting_together_on_a_new_dataset_all_log_it(mlflow_store, tmp_path):
+    """Concurrent trials of a sweep log the same dataset as they start: MLflow looks it up and then
+    inserts it, so all but one of them hit its UNIQUE constraint (an errored sweep trial in CI):
+    every run gets the input."""
+    import multiprocessing
+
+    import mlflow
+
+    data = str(_dataset(tmp_path / "gw"))
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment = client.create_experiment("race")
+    runs = [client.create_run(experiment).info.run_id for _ in range(3)]
+    ctx = multiprocessing.get_context("spawn")  # MLFLOW_TRACKING_URI comes with the environment
+    start, done = ctx.Barrier(len(runs)), ctx.Queue()
+    procs = [ctx.Process(target=_log_input_with_others, args=(data, run_id, start, done)) for run_id in runs]
+    for proc in procs:
+        proc.start()
+    outcomes = [done.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert outcomes == ["ok"] * len(runs), outcomes
+    logged = {(d.name, d.digest) for d in (_inputs(client, run_id)["training"] for run_id in runs)}
+    assert logged == {("gw", tracking.manifest_hash(Path(data)))}
+
+
 def test_a_dataset_on_s3_is_an_input_named_by_its_uri(mlflow_store, s3):
     import mlflow
 
