@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -157,12 +158,13 @@ def table(root: str, out: Path) -> dict[str, Any]:
         if coco is not None and other is not None:
             checks[f"coconut_over_{control}"] = {"margin": coco - other, "target": ">= 0.05",
                                                  "met": coco - other >= TARGETS["coconut_over_controls"]}
+    paired = paired_tests(entries)
     result = {"data": "blocked mazes (tasks.maze.blocked=0.3), trained on 3x3 + 4x4, test split; OOD: 5x5 test split",
               "selection": "per-epoch evaluation and the best export on val; these numbers: the final export on test",
               "commands": ["mmreason quickstart configs/bench/maze-blocked-cot.yaml",
                            "python benchmarks/reasoning_controls.py run coconut pause none reference [--seed N]",
                            "python benchmarks/reasoning_controls.py table"],
-              "rows": entries, "targets": checks}
+              "rows": entries, "targets": checks, "paired": paired}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{'row':<10}{'seed':>5}{'all':>8}{'3x3':>8}{'4x4':>8}{'tokens':>8}{'latents':>8}{'5x5 (OOD)':>11}{'n':>6}")
@@ -173,8 +175,43 @@ def table(root: str, out: Path) -> dict[str, Any]:
               f"{e['ood_5x5_accuracy']:>11.3f}{e['n']:>6}")
     for name, check in checks.items():
         print(f"{name}: {check}")
+    for name, test in paired.items():
+        print(f"{name}: {test}")
     print(f"wrote {out}")
     return result
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the discordant pairs as a fair coin's flips."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_tests(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """CoCoNuT against each control on the same test mazes, per seed and pooled: the mazes only
+    CoCoNuT gets right, those only the control gets right, and the exact McNemar p-value."""
+    def correct(entry: dict[str, Any]) -> dict[str, bool]:
+        lines = (Path(entry["run"]) / "eval" / f"predictions-{entry['mode']}.jsonl").read_text().splitlines()
+        return {p["id"]: p["correct"] for p in map(json.loads, lines)}
+
+    by = {(e["row"], e["seed"]): e for e in entries}
+    out: dict[str, Any] = {}
+    for control in ("pause", "none"):
+        seeds, pooled = {}, [0, 0]
+        for (row, seed), entry in sorted(by.items()):
+            if row != "coconut" or (control, seed) not in by:
+                continue
+            a, b = correct(entry), correct(by[(control, seed)])
+            only_a = sum(a[i] and not b[i] for i in a.keys() & b.keys())
+            only_b = sum(b[i] and not a[i] for i in a.keys() & b.keys())
+            seeds[seed] = {"coconut_only": only_a, f"{control}_only": only_b, "p": mcnemar_p(only_a, only_b)}
+            pooled[0], pooled[1] = pooled[0] + only_a, pooled[1] + only_b
+        if seeds:
+            out[f"coconut_vs_{control}"] = {"per_seed": seeds, "pooled": {
+                "coconut_only": pooled[0], f"{control}_only": pooled[1], "p": mcnemar_p(*pooled)}}
+    return out
 
 
 def main() -> None:
