@@ -1,6 +1,8 @@
 """The jobs' console (`mmreason.console`): steps, progress bars and results on the terminal; Ray's,
 Ray Data's and the workers' output in the run's log file; `-v` for the full stream; errors as one
-line plus the log path."""
+line plus the log path. The training job's console (its epoch bar from Ray Train's reports, the
+workers' lines in the log only) is checked by tests/test_train_job.py's cot stage test, which
+starts its stage through `mmreason train`."""
 
 from __future__ import annotations
 
@@ -95,27 +97,3 @@ def test_data_job_is_quiet_logs_the_rest_and_fails_in_one_line(tmp_path, ray_ses
     assert "[1/1] data: gridworld: done" in loud.stdout
 
 
-@pytest.mark.integration
-def test_train_job_shows_epochs_and_keeps_the_workers_output_in_the_log(maze_data, tmp_path, ray_session):
-    """`mmreason train` (2 Ray Train + DeepSpeed workers, 2 epochs): the epoch bar comes from Ray
-    Train's reports through the controller's callback; the workers' lines only reach the log."""
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = [str(REPO / "configs/train/cot-maze.yaml"), f"data.path={maze_data}", f"storage={tmp_path / 'runs'}",
-            "run_name=q", "optim.batch_size=8", "optim.epochs=2", "eval.max_examples=6", "eval.batch_size=6",
-            "eval.modes.cot.max_new_tokens=8", "eval.modes.vanilla.max_new_tokens=4"]
-    done = subprocess.run([sys.executable, "-m", "mmreason.cli", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert len(lines) <= 12 and not done.stderr.strip(), done.stdout + done.stderr
-    assert lines[1] == "[1/1] train: cot (q)"
-    epochs = [line for line in lines if line.startswith("  epoch ")]
-    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
-    assert "loss" in epochs[0] and "ETA" in epochs[0] and "val_acc" in epochs[-1]
-    assert re.fullmatch(r"\[1/1\] train: cot \(q\): done in .* — vanilla accuracy [0-9.]+, cot accuracy [0-9.]+ on test",
-                        lines[-5])
-    assert lines[-4].split()[:3] == ["mode", "split", "accuracy"] and lines[-1].startswith("export: ")
-    log = next((tmp_path / "runs" / "q" / console.LOG_DIR).glob("train-*.log")).read_text()
-    for hidden in ("Reporting training result", "RayTrainWorker"):
-        assert hidden in log and hidden not in done.stdout

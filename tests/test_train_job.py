@@ -18,42 +18,76 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
+def stage_args(data: Path, storage: Path, *extra: str) -> list[str]:
+    """configs/train/cot-maze.yaml's overrides for a toy stage, as a command line gives them."""
+    return [f"data.path={data}", f"storage={storage}", "run_name=t", "optim.batch_size=8", "optim.epochs=1",
+            "eval.max_examples=6", "eval.batch_size=6", "eval.modes.cot.max_new_tokens=24",
+            "eval.modes.vanilla.max_new_tokens=8", *extra]
+
+
 def stage_cfg(data: Path, storage: Path, *extra: str) -> TrainConfig:
-    return load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", [
-        f"data.path={data}", f"storage={storage}", "run_name=t", "optim.batch_size=8", "optim.epochs=1",
-        "eval.max_examples=6", "eval.batch_size=6", "eval.modes.cot.max_new_tokens=24",
-        "eval.modes.vanilla.max_new_tokens=8", *extra])
+    return load_config(TrainConfig, REPO / "configs/train/cot-maze.yaml", stage_args(data, storage, *extra))
 
 
 def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_and_resumes(maze_data, tmp_path,
-                                                                                         monkeypatch):
-    """One cot stage on 2 workers: its export (HF format), evaluation on test and MLflow record
-    (the experiment opens on runs, the data an input, the export a logged model with no weights
-    copied); checkpoint retention by a named metric through Ray Train — `lr` (max), whose per-epoch
-    values are known in advance: warm-up over 4 of 8 steps, then cosine, so epochs end at 0.5, 1.0,
-    0.87, 0.23 × lr and keep_checkpoints=2 keeps epochs 1 and 2 (the latest 2 would be 2 and 3) and
-    epoch 3, the latest; and the same command with more epochs resumes from epoch 3, not from the
-    best-ranked epoch 1."""
+                                                                                         ray_session, monkeypatch):
+    """One cot stage on 2 workers under ZeRO-3 with 2 micro-batches per step — its per-epoch
+    evaluation needs both ranks to gather the weights — started as a user does (`mmreason train`,
+    on the tests' Ray): the
+    console shows its epoch bar — from Ray Train's reports through the controller's callback —
+    while the workers' lines only reach the run's log; its export (HF format), evaluation on test and
+    MLflow record (the experiment opens on runs, the data an input, the export a logged model with
+    no weights copied); checkpoint retention by a named metric through Ray Train — `lr` (max), whose
+    per-epoch values are known in advance: warm-up over 4 of 8 steps, then cosine, so epochs end at
+    0.5, 1.0, 0.87, 0.23 × lr and keep_checkpoints=2 keeps epochs 1 and 2 (the latest 2 would be 2
+    and 3) and epoch 3, the latest; and the same stage with more epochs resumes from epoch 3, not
+    from the best-ranked epoch 1."""
+    import os
+    import re
+    import subprocess
+    import sys
+
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = ("optim.batch_size=20", "optim.warmup_steps=4", "checkpoint_metric=lr", "checkpoint_mode=max",
-            "keep_checkpoints=2", "eval.epoch_examples=0")
+    from mmreason import console
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # for the subprocess, this process's reads and the resume
+    args = ("deepspeed=configs/deepspeed/zero3.json", "optim.batch_size=10", "grad_accum=2", "optim.warmup_steps=4",
+            "checkpoint_metric=lr", "checkpoint_mode=max", "keep_checkpoints=2", "eval.epoch_examples=4")
     cfg = stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=4", *args)
     assert train.checkpoint_config(cfg).checkpoint_score_attribute == "lr"
-    out = train.run_stage(cfg)
-    assert out["train"]["epoch"] == 3 and out["train"]["steps_per_epoch"] == 80 // 40  # 2 workers x 20
-    assert set(out["eval"]) == {"vanilla", "cot"} and out["eval"]["cot"]["split"] == "test"
-    export = Path(out["export"])
-    assert (export / "model.safetensors").is_file()
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # no cluster start
+    done = subprocess.run([sys.executable, "-m", "mmreason.cli", "train", str(REPO / "configs/train/cot-maze.yaml"),
+                           *stage_args(maze_data, tmp_path / "runs", "optim.epochs=4", *args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    # the console: the step, one line per epoch, the done line, the results table, the export
+    lines = done.stdout.splitlines()
+    assert len(lines) <= 14 and not done.stderr.strip(), done.stdout + done.stderr
+    assert lines[1] == "[1/1] train: cot (t)"
+    epochs = [line for line in lines if line.startswith("  epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "loss" in epochs[0] and "ETA" in epochs[0] and "val_acc" in epochs[-1]
+    assert re.fullmatch(r"\[1/1\] train: cot \(t\): done in .* — vanilla accuracy [0-9.]+, cot accuracy [0-9.]+ on test",
+                        lines[-5])
+    assert lines[-4].split()[:3] == ["mode", "split", "accuracy"]
+    assert lines[-1] == f"export: {cfg.run_dir / 'export'}   MLflow run: {lines[-1].split()[-1]}"
+    log = next((cfg.run_dir / console.LOG_DIR).glob("train-*.log")).read_text()
+    for hidden in ("Reporting training result", "RayTrainWorker"):
+        assert hidden in log and hidden not in done.stdout
+
+    export = cfg.run_dir / "export"
+    assert (export / "model.safetensors").is_file() and (cfg.run_dir / "best" / "model.safetensors").is_file()
     family = load_backbone("tiny-internvl", export)  # HF format, through from_pretrained
     assert family.model.config.model_type == "internvl"
     preds = (cfg.run_dir / "eval" / "predictions-cot.jsonl").read_text().splitlines()
     assert len(preds) == 6 and {"id", "prediction", "correct", "n_tokens"} <= set(json.loads(preds[0]))
     results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
     assert results["cot"]["split"] == "test" and results["cot"]["n"] == 6
-    run = mlflow.get_run(out["mlflow_run_id"])
+    run = mlflow.get_run(lines[-1].split()[-1])
     assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
+    assert [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2, 3]
     assert run.data.tags.get("mlflow.parentRunId") and "data_wait_s" in run.data.metrics
     # reviewable in MLflow 3: the experiment opens on runs, the data is an input, the export a model
     client = mlflow.MlflowClient()
@@ -75,7 +109,8 @@ def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_an
 
     # same run name and storage, more epochs: resumes after epoch 3 (the latest) instead of starting over
     again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=5", *args))
-    assert again["train"]["epoch"] == 4
+    assert again["train"]["epoch"] == 4 and again["train"]["global_batch"] == 40
+    assert again["train"]["steps_per_epoch"] == 80 // 40  # 2 workers × 10 × 2 micro-batches
     history = mlflow.MlflowClient().get_metric_history(again["mlflow_run_id"], "epoch")
     assert [m.value for m in history] == [4.0]
     assert kept() == {1, 2, 4}  # epoch 4 ends at 0.16 × lr: now the latest, and 3 goes
@@ -248,20 +283,16 @@ def test_check_validates_and_prints_resources_without_starting_a_stage(maze_data
 
 
 @pytest.mark.parametrize("backbone, extra", [("tiny-anole", "visual_thoughts.enabled=true"),
-                                             ("tiny-phi4mm", "visual_thoughts.enabled=false"),
-                                             ("tiny-internvl", "deepspeed=configs/deepspeed/zero3.json")])
+                                             ("tiny-phi4mm", "visual_thoughts.enabled=false")])
 def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone,
                                                                       extra):
-    """tiny-internvl: test_cot_stage_…; tiny-anole with MVoT's visual thoughts (drawn step images in
-    the targets, the discrepancy loss logged); tiny-internvl under ZeRO-3 on two workers, whose
-    per-epoch evaluation needs both ranks to gather the weights, with 2 micro-batches per step.
-    (tiny-phi4mm under ZeRO-3 fails in a partitioned linear layer — "mat2 must be a matrix" — a
-    weight its model code reads outside that layer's forward; not supported yet.)"""
+    """tiny-internvl (under ZeRO-3 too): test_cot_stage_…; tiny-anole with MVoT's visual thoughts
+    (drawn step images in the targets, the discrepancy loss logged); tiny-phi4mm. (tiny-phi4mm under
+    ZeRO-3 fails in a partitioned linear layer — "mat2 must be a matrix" — a weight its model code
+    reads outside that layer's forward; not supported yet.)"""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    zero3 = extra.startswith("deepspeed")
     out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}", extra,
-                                    "eval.modes={cot: {max_new_tokens: 8}}", "eval.epoch_examples=4",
-                                    *(["grad_accum=2", "optim.batch_size=4"] if zero3 else [])))
+                                    "eval.modes={cot: {max_new_tokens: 8}}", "eval.epoch_examples=4"))
     assert out["train"]["steps_per_epoch"] == 5 and out["train"]["loss"] > 0
     assert out["train"]["global_batch"] == 16 and "eval_accuracy" in out["train"]
     assert (tmp_path / "runs/t/best/model.safetensors").is_file()
