@@ -85,12 +85,12 @@ def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_an
     assert len(preds) == 6 and {"id", "prediction", "correct", "n_tokens"} <= set(json.loads(preds[0]))
     results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
     assert results["cot"]["split"] == "test" and results["cot"]["n"] == 6
-    run = mlflow.get_run(lines[-1].split()[-1])
+    client = mlflow.MlflowClient(store)  # this process's MLflow may still point at an earlier test's store
+    run = client.get_run(lines[-1].split()[-1])
     assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
-    assert [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2, 3]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2, 3]
     assert run.data.tags.get("mlflow.parentRunId") and "data_wait_s" in run.data.metrics
     # reviewable in MLflow 3: the experiment opens on runs, the data is an input, the export a model
-    client = mlflow.MlflowClient()
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     training, = run.inputs.dataset_inputs
     assert training.dataset.name == maze_data.name
@@ -111,7 +111,7 @@ def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_an
     again = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", "optim.epochs=5", *args))
     assert again["train"]["epoch"] == 4 and again["train"]["global_batch"] == 40
     assert again["train"]["steps_per_epoch"] == 80 // 40  # 2 workers × 10 × 2 micro-batches
-    history = mlflow.MlflowClient().get_metric_history(again["mlflow_run_id"], "epoch")
+    history = client.get_metric_history(again["mlflow_run_id"], "epoch")
     assert [m.value for m in history] == [4.0]
     assert kept() == {1, 2, 4}  # epoch 4 ends at 0.16 × lr: now the latest, and 3 goes
 
