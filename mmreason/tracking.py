@@ -199,9 +199,12 @@ def log_dataset_inputs(run_id: str, data: dict[str, Any], training: bool) -> Non
             return
         except mlflow.exceptions.MlflowException as exc:
             # MLflow looks a dataset up, then inserts it: stages or trials that start together on a
-            # new dataset race, and all but one fail on the UNIQUE constraint (nothing of theirs was
-            # written). Again, the dataset is found and only the run's input is added.
-            if "UNIQUE constraint" not in str(exc) or attempt == DATASET_LOG_ATTEMPTS - 1:
+            # new dataset race, and all but one fail on the unique key (nothing of theirs was
+            # written). Again, the dataset is found and only the run's input is added. The words
+            # are SQLite's and PostgreSQL's ("unique constraint") and MySQL's ("duplicate entry").
+            message = str(exc).lower()
+            duplicate = "unique constraint" in message or "duplicate entry" in message
+            if not duplicate or attempt == DATASET_LOG_ATTEMPTS - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
 
