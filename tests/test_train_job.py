@@ -33,9 +33,8 @@ def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_an
                                                                                          ray_session, monkeypatch):
     """One cot stage on 2 workers under ZeRO-3 with 2 micro-batches per step — its per-epoch
     evaluation needs both ranks to gather the weights — started as a user does (`mmreason train`,
-    on the tests' Ray): the
-    console shows its epoch bar — from Ray Train's reports through the controller's callback —
-    while the workers' lines only reach the run's log; its export (HF format), evaluation on test and
+    on the tests' Ray): the console shows its epoch bar — from Ray Train's reports through the
+    controller's callback — while the workers' lines only reach the run's log; its export (HF format), evaluation on test and
     MLflow record (the experiment opens on runs, the data an input, the export a logged model with
     no weights copied); checkpoint retention by a named metric through Ray Train — `lr` (max), whose
     per-epoch values are known in advance: warm-up over 4 of 8 steps, then cosine, so epochs end at
@@ -84,7 +83,7 @@ def test_cot_stage_trains_exports_evaluates_tracks_keeps_the_best_checkpoints_an
     preds = (cfg.run_dir / "eval" / "predictions-cot.jsonl").read_text().splitlines()
     assert len(preds) == 6 and {"id", "prediction", "correct", "n_tokens"} <= set(json.loads(preds[0]))
     results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
-    assert results["cot"]["split"] == "test" and results["cot"]["n"] == 6
+    assert set(results) == {"vanilla", "cot"} and results["cot"]["split"] == "test" and results["cot"]["n"] == 6
     client = mlflow.MlflowClient(store)  # this process's MLflow may still point at an earlier test's store
     run = client.get_run(lines[-1].split()[-1])
     assert run.data.params["stage"] == "cot" and "loss" in run.data.metrics and "cot_accuracy" in run.data.metrics
