@@ -286,9 +286,8 @@ def test_check_validates_and_prints_resources_without_starting_a_stage(maze_data
 def test_every_tiny_family_trains_cot_through_ray_train_and_deepspeed(maze_data, tmp_path, monkeypatch, backbone,
                                                                       extra):
     """tiny-internvl (under ZeRO-3 too): test_cot_stage_…; tiny-anole with MVoT's visual thoughts
-    (drawn step images in the targets, the discrepancy loss logged); tiny-phi4mm. (tiny-phi4mm under
-    ZeRO-3 fails in a partitioned linear layer — "mat2 must be a matrix" — a weight its model code
-    reads outside that layer's forward; not supported yet.)"""
+    (drawn step images in the targets, the discrepancy loss logged); tiny-phi4mm (under ZeRO-3:
+    tests/test_train_loop.py::test_phi4mm_trains_under_zero3_as_under_zero2)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = train.run_stage(stage_cfg(maze_data, tmp_path / "runs", f"model.backbone={backbone}", extra,
                                     "eval.modes={cot: {max_new_tokens: 8}}", "eval.epoch_examples=4"))

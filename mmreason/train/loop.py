@@ -90,6 +90,23 @@ def check_zero_stage(cfg: TrainConfig, zero_stage: int, world: int) -> None:
                           f"(configs/deepspeed/zero2.json) or one worker")
 
 
+def register_unhooked_weights(model: torch.nn.Module) -> int:
+    """ZeRO-3 gathers a module's partitioned weights when that module's forward runs. torch's
+    `nn.MultiheadAttention` (Phi-4-MM's vision pooling head) reads its `out_proj` weight and bias
+    in its own forward without calling `out_proj`, so they would stay partitioned there ("mat2 must
+    be a matrix"): register them with the attention module (DeepSpeed's external parameters). Returns
+    how many were registered."""
+    register_external_parameter = training_deepspeed().zero.register_external_parameter
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for param in (module.out_proj.weight, module.out_proj.bias):
+                if param is not None:
+                    register_external_parameter(module, param)
+                    count += 1
+    return count
+
+
 def training_deepspeed() -> Any:
     """`deepspeed`, with its CPU shared-memory all-reduce op marked unavailable. DeepSpeed compiles
     that op at the first `initialize` on each machine and venv (45 s on 2 cores, in every worker's
@@ -140,6 +157,8 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
     ds_config = deepspeed_config(cfg, deepspeed, world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     check_zero_stage(cfg, zero_stage, world)
+    if zero_stage == 3:
+        register_unhooked_weights(recipe.module)
     trainable = [p for p in recipe.module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, *_ = training_deepspeed().initialize(model=recipe.module, optimizer=optimizer, config=ds_config)
