@@ -41,7 +41,7 @@ from mmreason.data.selection import carved_validation, held_out_rows, validation
 from mmreason.eval.runner import evaluate
 from mmreason.hardware import local_device, require_gpus, torch_dtype
 from mmreason.kv.accounting import KVMeter
-from mmreason.models import CheckpointError, build_tiny, check_checkpoint, get_spec, load_backbone
+from mmreason.models import build_tiny, check_checkpoint, get_spec, load_backbone
 from mmreason.train.config import TrainConfig
 from mmreason.train.rewards import Rewards
 from mmreason.train.stages.dare import ROUTER_FILE
@@ -84,6 +84,9 @@ def resolve_model_path(cfg: TrainConfig) -> str:
                           f"`mmreason models build {cfg.model.backbone} DIR` and set model.checkpoint=DIR")
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
+    if cfg.model.codebook_rows and spec.family.name != "anole":
+        raise ConfigError(f"model.codebook_rows: only an anole-family backbone has a VQ codebook to fit, not "
+                          f"{cfg.model.backbone}")
     if cfg.video.use_hico and spec.family.name != "phi4mm":
         raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not "
                           f"{cfg.model.backbone} ({spec.family.name})")
@@ -91,12 +94,31 @@ def resolve_model_path(cfg: TrainConfig) -> str:
     if not storage.exists(storage.join(init, "config.json")):
         with tempfile.TemporaryDirectory() as tmp:  # built whole, then put in place
             built = build_tiny(cfg.model.backbone, Path(tmp) / "init", seed=cfg.seed)
+            if cfg.model.codebook_rows:
+                fit_tiny_codebook(cfg, built)
             if storage.is_remote(init):
                 storage.upload_dir(built, init)
             else:
                 Path(init).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(built, init)
     return init
+
+
+def fit_tiny_codebook(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
+    """Fit the fresh tiny-anole's VQ codebook at `checkpoint` to the images of `model.codebook_rows`
+    training rows (prompt and step images), and save it there."""
+    from mmreason.data.selection import training_rows
+
+    rows = training_rows(cfg.data, cfg.model.codebook_rows)
+    images = [im for row in rows for im in (*row["images"], *(row.get("step_images") or []))]
+    if not images:
+        raise ConfigError(f"model.codebook_rows: the training rows of {cfg.data.path} hold no images to fit to")
+    family = load_backbone(cfg.model.backbone, checkpoint)
+    stats = family.fit_codebook(images, seed=cfg.seed)
+    family.save(checkpoint)
+    print(f"tiny-anole codebook fitted to {len(images)} images of {len(rows)} rows: {int(stats['codes_used'])} codes "
+          f"used, latent residual {stats['residual_before']:.3f} -> {stats['residual_after']:.3f}", flush=True)
+    return stats
 
 
 def train_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -208,16 +230,15 @@ def fit(cfg: TrainConfig, model_path: str, mlflow_run_id: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from mmreason.tracking import tracking_uri
-    from mmreason.train.loop import check_zero_stage, deepspeed_config
+    from mmreason.train.loop import deepspeed_config
     from mmreason.train.worker import train_loop_per_worker
 
     # read before Ray starts, and handed to the workers as content: a path in this job's working
     # directory need not exist on another node (nor, for a moment after ray.init, here)
     ds_json = json.loads(deepspeed_file(cfg).read_text())
-    ds = deepspeed_config(cfg, ds_json, cfg.workers)  # a file that sets what the stage config owns fails here
+    deepspeed_config(cfg, ds_json, cfg.workers)  # a file that sets what the stage config owns fails here
     init_ray()
     check_gpus(cfg)
-    check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     ds, n_rows = train_dataset(cfg)
     steps_per_epoch = epoch_geometry(cfg, n_rows)
     micro_batches = cfg.workers * steps_per_epoch * cfg.grad_accum
@@ -439,10 +460,9 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
     else:
         get_spec(cfg.model.backbone)
     entries = train_shards(cfg)
-    from mmreason.train.loop import check_zero_stage, deepspeed_config
+    from mmreason.train.loop import deepspeed_config
 
     ds = deepspeed_config(cfg, deepspeed_file(cfg), cfg.workers)
-    check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0), cfg.workers)
     if cfg.visual_thoughts.enabled:
         check_visual_thoughts(cfg)
     if cfg.eval.epoch_examples:

@@ -316,7 +316,12 @@ def remove(location: str | os.PathLike) -> None:
     if kind == pafs.FileType.File:
         fs.delete_file(path)
     elif kind == pafs.FileType.Directory:
-        (fs.delete_dir_contents if "/" not in path else fs.delete_dir)(path)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        # a folder that exists only as its objects' prefix is gone now; one with a marker object (`path/`)
+        # still lists, and deleting that marker is left to delete_dir (GCS answers 404 for a marker that
+        # was never written, where S3 answers 204)
+        if "/" in path and fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
 
 
 def list_files(location: str | os.PathLike, recursive: bool = True) -> list[str]:
@@ -366,8 +371,20 @@ def download_dir(location: str, local_dir: str | os.PathLike, threads: int = 8) 
     fs, path = filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise _missing(location)
+    return download_tree(fs, path, local_dir, threads)
+
+
+def download_tree(fs: pafs.FileSystem, path: str, local_dir: str | os.PathLike, threads: int = 8) -> Path:
+    """Copy the folder `path` on `fs` into `local_dir` (created); returns `local_dir`. The local folders
+    are made first: pyarrow's GcsFileSystem lists a tree's objects without the folders they imply, and
+    `pyarrow.fs.copy_files` (Ray Train's checkpoint download too) then fails to open `a/b/x.bin` under
+    a missing `a/b`."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
+    root = path.rstrip("/") + "/"
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File and info.path.startswith(root):
+            (local_dir / info.path[len(root):]).parent.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local_dir.resolve()), source_filesystem=fs, destination_filesystem=_local(),
                     use_threads=threads > 1)
     return local_dir

@@ -1,6 +1,7 @@
 """The rl stage for real: Ray Train (2 workers) + DeepSpeed ZeRO-2 + MLflow at toy scale, with
 continual backprop on; continual backprop's writes under ZeRO-2 (and ZeRO-3) checked against
-DeepSpeed's own view of the master weights and optimizer state; bad rl input fails before workers."""
+DeepSpeed's own view of the master weights and optimizer state; GRPO under ZeRO-3 with ranks that
+sample replies of different lengths; bad rl input fails before workers."""
 
 from __future__ import annotations
 
@@ -143,7 +144,53 @@ def _cbp_under_zero(config: dict) -> dict:
     return out
 
 
-def test_continual_backprop_under_deepspeed_zero2_and_zero3(tmp_path, ray_session):
+def _grpo_under_zero3(config: dict) -> dict:
+    """A Ray Train worker: two GRPO steps under ZeRO-3 with every weight partitioned (persistence
+    threshold 0; DeepSpeed's default keeps a tiny model's small weights whole, which hides the
+    problem), rank 0 sampling up to 16 tokens per reply and rank 1 up to 3. Every forward under
+    ZeRO-3 is a collective, so without `whole_weights_for_sampling` the ranks' decode loops take
+    different numbers of steps and the group breaks (measured: rank 0 "Connection reset by peer",
+    rank 1 no answer); with it both finish and agree on the weights."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from mmreason.latent.coconut import GenerationSettings
+    from mmreason.models import load_backbone
+    from mmreason.train.loop import training_deepspeed
+    from mmreason.train.rewards import Rewards
+    from mmreason.train.stages.rl import RLConfig, grpo_step
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    family = load_backbone("tiny-internvl", config["model"])
+    family.model.train()
+    ds = {"zero_optimization": {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
+    engine, *_ = training_deepspeed().initialize(model=family.model, config=ds,
+                                                 optimizer=torch.optim.AdamW(family.model.parameters(), lr=1e-3))
+    partitioned = sum(p.ds_tensor.numel() < p.ds_numel for p in family.model.parameters())
+    rl = RLConfig(group_size=2, sampling=GenerationSettings(max_new_tokens=16 if rank == 0 else 3, do_sample=True))
+    generator = torch.Generator().manual_seed(rank)
+    lengths = [grpo_step(engine, family, config["rows"][rank::2], rl, Rewards(rl.rewards), generator)["response_length"]
+               for _ in range(2)]
+    total = torch.tensor([float(sum(safe_get_full_fp32_param(p).double().sum() for p in family.model.parameters()))],
+                         dtype=torch.float64)
+    both = [torch.zeros_like(total) for _ in range(2)]
+    dist.all_gather(both, total)
+    per_rank = [None, None]
+    dist.all_gather_object(per_rank, lengths)
+    engine.destroy()
+    return {"partitioned": partitioned, "lengths": per_rank, "ranks_agree": bool(both[0] == both[1])}
+
+
+def _under_zero(config: dict) -> dict:
+    return {**_cbp_under_zero(config), "grpo_zero3": _grpo_under_zero3(config)}
+
+
+def test_continual_backprop_under_zero2_and_zero3_and_grpo_under_zero3(tmp_path, ray_session):
+    """One Ray Train run of 2 workers: `_cbp_under_zero` (ZeRO-2 and ZeRO-3), then `_grpo_under_zero3`
+    (replies of different lengths on the two ranks)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -153,10 +200,13 @@ def test_continual_backprop_under_deepspeed_zero2_and_zero3(tmp_path, ray_sessio
     model = build_tiny("tiny-internvl", tmp_path / "model")
     rows = [generate_example(get_task("maze"), 3, "train", i, 0, {"train": 1.0}, RenderOptions(64, False))
             for i in range(4)]
-    trainer = TorchTrainer(_cbp_under_zero, train_loop_config={"model": str(model), "rows": rows},
+    trainer = TorchTrainer(_under_zero, train_loop_config={"model": str(model), "rows": rows},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name="cbp", storage_path=str(tmp_path / "ray")))
     checks = trainer.fit().return_value
     expected = {"replaced": 2 * 4, "moments_zero": True, "moments_kept": True, "master_equals_model": True,
                 "outgoing_zero": True, "ranks_agree": True}
+    grpo = checks.pop("grpo_zero3")
     assert checks == {"zero2": expected, "zero3": expected}
+    assert grpo["partitioned"] > 0 and grpo["ranks_agree"]
+    assert min(grpo["lengths"][0]) > 3 >= max(grpo["lengths"][1])  # mean reply lengths: the ranks decoded unevenly

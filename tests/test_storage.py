@@ -1,6 +1,7 @@
-"""mmreason.storage and the data layer on an object store: a real S3-API server (moto) on loopback,
-spoken to over the wire by pyarrow — locations checked, atomic writes, trees up and down, the
-grid-world job writing to s3:// end to end, and a job killed mid-write then re-run."""
+"""mmreason.storage and the data layer on an object store: a real S3-API server (moto) and a real
+GCS-API server (gcp-storage-emulator) on loopback, spoken to over the wire by pyarrow — locations
+checked, atomic writes, trees up and down, Ray Train checkpoints and the grid-world job writing to
+s3:// and gs:// end to end, and a job killed mid-write then re-run."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from mmreason.data import shards
 from mmreason.data.gridworld import GridworldConfig, build_shard, plan_shards, shard_info
 from mmreason.data.reader import shard_paths
 from mmreason.data.shards import read_manifest, read_shard_info, write_shard
+from mmreason.train.worker import checkpoint_directory
+from tests.gcs import gcs, gcs_server  # noqa: F401  (pytest fixtures)
 from tests.s3 import s3, s3_server  # noqa: F401  (pytest fixtures)
 
 BAD_LOCATIONS = [
@@ -104,12 +107,18 @@ def test_filesystem_takes_endpoint_region_and_credentials_from_the_environment(m
     assert isinstance(local, pafs.LocalFileSystem) and where == os.path.abspath("relative/dir")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def root(request, tmp_path):
     """A fresh dataset location of each kind."""
     if request.param == "local":
         return str(tmp_path / "store")
-    return request.getfixturevalue("s3").uri
+    return request.getfixturevalue({"s3": "s3", "gs": "gcs"}[request.param]).uri
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request):
+    """A fresh prefix on each kind of object store (moto's S3 server, the GCS emulator)."""
+    return request.getfixturevalue({"s3": "s3", "gs": "gcs"}[request.param])
 
 
 def test_files_round_trip_alike_on_both_kinds_of_location(root):
@@ -134,10 +143,10 @@ def test_files_round_trip_alike_on_both_kinds_of_location(root):
     assert storage.list_files(root) == [] and not storage.exists(root)
 
 
-def test_reads_see_whole_versions_of_an_object_being_rewritten(s3):
+def test_reads_see_whole_versions_of_an_object_being_rewritten(store):
     """A job rewrites its manifest after every shard while others read it: every read is one whole
     version (pyarrow alone returns the new version cut to the old length, broken JSON)."""
-    manifest = storage.join(s3.uri, "manifest.json")
+    manifest = storage.join(store.uri, "manifest.json")
     versions = [json.dumps({"shards": ["x" * 40] * n}) for n in range(1, 8)]
     storage.write_text_atomic(manifest, versions[0])
     stop = threading.Event()
@@ -197,11 +206,11 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_trees_go_up_and_come_down_and_local_copy_downloads_once(s3, tmp_path, monkeypatch):
+def test_trees_go_up_and_come_down_and_local_copy_downloads_once(store, tmp_path, monkeypatch):
     files = make_tree(tmp_path / "ckpt")
-    uri = storage.join(s3.uri, "ckpt")
+    uri = storage.join(store.uri, "ckpt")
     assert sorted(storage.upload_dir(tmp_path / "ckpt", uri)) == sorted(files)
-    assert s3.keys() == sorted(f"ckpt/{rel}" for rel in files)  # files only: no folder-marker objects
+    assert store.keys() == sorted(f"ckpt/{rel}" for rel in files)  # files only: no folder-marker objects
     storage.write_text_atomic(storage.join(uri, "COMPLETE"), "")  # the caller's marker, last
     down = storage.download_dir(uri, tmp_path / "down")
     assert {rel: (down / rel).read_bytes() for rel in files} == files
@@ -220,14 +229,15 @@ def test_trees_go_up_and_come_down_and_local_copy_downloads_once(s3, tmp_path, m
     assert storage.local_copy(str(tmp_path / "ckpt")) == tmp_path / "ckpt"  # a local path is used in place
 
 
-def test_ray_storage_gives_ray_train_a_path_and_filesystem(s3, tmp_path):
+def test_ray_storage_gives_ray_train_a_path_and_filesystem(store, tmp_path):
     assert storage.ray_storage(str(tmp_path / "runs")) == (str(tmp_path / "runs"), None)
-    path, fs = storage.ray_storage(storage.join(s3.uri, "runs"))
-    assert path == f"{s3.server.bucket}/{s3.prefix}/runs" and isinstance(fs, pafs.S3FileSystem)
+    path, fs = storage.ray_storage(storage.join(store.uri, "runs"))
+    kind = pafs.S3FileSystem if store.uri.startswith("s3://") else pafs.GcsFileSystem
+    assert path == f"{store.server.bucket}/{store.prefix}/runs" and isinstance(fs, kind)
 
 
 @pytest.mark.integration
-def test_a_ray_train_checkpoint_lands_in_the_bucket_and_loads_back(s3, ray_session, tmp_path, monkeypatch):
+def test_a_ray_train_checkpoint_lands_in_the_bucket_and_loads_back(store, ray_session, tmp_path, monkeypatch):
     from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -238,20 +248,26 @@ def test_a_ray_train_checkpoint_lands_in_the_bucket_and_loads_back(s3, ray_sessi
 
         with tempfile.TemporaryDirectory() as d:
             Path(d, "weights.txt").write_text("trained")
+            Path(d, "state", "tag").mkdir(parents=True)  # DeepSpeed's layout: a folder per tag
+            Path(d, "state", "tag", "optim.pt").write_text("moments")
             ray.train.report({"step": 1}, checkpoint=Checkpoint.from_directory(d))
 
-    storage_path, storage_filesystem = storage.ray_storage(storage.join(s3.uri, "runs"))
+    storage_path, storage_filesystem = storage.ray_storage(storage.join(store.uri, "runs"))
     result = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
                           run_config=RunConfig(name="tiny", storage_path=storage_path,
                                                storage_filesystem=storage_filesystem)).fit()
     assert result.checkpoint.path.startswith(f"{storage_path}/tiny/")
-    assert any(k.startswith("runs/tiny/") and k.endswith("/weights.txt") for k in s3.keys())
+    assert any(k.startswith("runs/tiny/") and k.endswith("/weights.txt") for k in store.keys())
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    local = storage.local_copy(f"s3://{result.checkpoint.path}")  # what from_pretrained would be handed
+    scheme = store.uri.split("://")[0]
+    local = storage.local_copy(f"{scheme}://{result.checkpoint.path}")  # what from_pretrained would be handed
     assert (local / "weights.txt").read_text() == "trained"
+    assert (local / "state/tag/optim.pt").read_text() == "moments"
+    with checkpoint_directory(result.checkpoint) as d:  # what a resumed stage reads
+        assert (d / "weights.txt").read_text() == "trained" and (d / "state/tag/optim.pt").read_text() == "moments"
 
 
-# --- the grid-world job on s3:// ----------------------------------------------------------------------
+# --- the grid-world job on s3:// and gs:// ----------------------------------------------------------------------
 
 JOB = ["examples=20", "rows_per_shard=8", "tasks={maze: {sizes: [3]}, frozenlake: {sizes: [4]}}", "image_size=32"]
 
@@ -262,17 +278,17 @@ def run_job(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 
 @pytest.mark.integration
-def test_gridworld_job_writes_to_s3_and_reads_back_with_and_without_ray(s3, ray_session, tmp_path, monkeypatch):
+def test_gridworld_job_writes_to_a_bucket_and_reads_back_with_and_without_ray(store, ray_session, tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    root = storage.join(s3.uri, "data")
+    root = storage.join(store.uri, "data")
     done = run_job(f"output_dir={root}/", *JOB, cwd=cwd)
     assert done.returncode == 0, done.stderr
     assert f"40 rows in {root}/" in done.stdout
     manifest = read_manifest(root)
     assert manifest["complete"] and manifest["total_rows"] == 40 and manifest["errors"] == []
-    keys = [k for k in s3.keys() if k != "data/"]  # the folder marker the write probe leaves, as mkdir would
+    keys = [k for k in store.keys() if k != "data/"]  # the folder marker the write probe leaves, as mkdir would
     assert "data/manifest.json" in keys and all(k == "data/manifest.json" or k.endswith(".parquet") for k in keys)
     assert sorted(f"data/{e['path']}" for e in manifest["shards"]) == [k for k in keys if k.endswith(".parquet")]
     assert all(p.startswith(f"{root}/") for p in shard_paths(root))
@@ -285,7 +301,7 @@ def test_gridworld_job_writes_to_s3_and_reads_back_with_and_without_ray(s3, ray_
 
     again = run_job(f"output_dir={root}", *JOB, cwd=cwd)  # every shard is there: nothing rendered
     assert again.returncode == 0 and "(0 rendered" in again.stdout, again.stderr
-    assert sorted(cwd.rglob("*")) == []  # nothing landed in the working directory (no ./s3:/…)
+    assert sorted(cwd.rglob("*")) == []  # nothing landed in the working directory (no ./s3:/… or ./gs:/…)
 
 
 @pytest.mark.integration

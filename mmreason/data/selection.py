@@ -86,6 +86,15 @@ def validation_rows(data: DataConfig, limit: int | None, num_frames: int | None 
     return _interleaved(rows, data.path, limit, num_frames)
 
 
+def training_rows(data: DataConfig, limit: int | None) -> list[dict]:
+    """Up to `limit` rows of the train split in `data.path` for the tasks, sizes and filters of
+    `data`, round-robin over (task, size) — what a fitting step before training reads (the tiny
+    Anole's codebook). Rows a carved validation slice holds out are left out."""
+    held = carved_validation(data) if data.val_split else frozenset()
+    rows = [row for row in _selected(data, data.path, "train") if validation_group(row) not in held]
+    return _interleaved(rows, data.path, limit, None)
+
+
 def carved_validation(data: DataConfig) -> frozenset[str]:
     """The training groups (`validation_group`) held out as validation rows when `data.path` has no
     `val_split` rows for `data`'s selection; empty when it has some. Groups are ranked by a hash of

@@ -43,6 +43,10 @@ class ModelConfig:
     """Registry name: tiny-internvl, tiny-anole, tiny-phi4mm, internvl-smollm2, internvl3-1b, anole-7b, phi4-mm."""
     checkpoint: str | None = None
     """Local checkpoint dir or hub id; None for a tiny backbone builds a fresh random one."""
+    codebook_rows: int = 0
+    """A fresh tiny-anole (no checkpoint, no init_from): fit its VQ-VAE codebook by k-means to the
+    images (prompt and step images) of this many training rows before training (`AnoleFamily.
+    fit_codebook`) — a random codebook cannot tell the cells of a small drawing apart. 0: random."""
 
 
 @dataclass(frozen=True)

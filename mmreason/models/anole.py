@@ -216,6 +216,41 @@ class AnoleFamily(Family):
         """(K, D) VQ codebook, row k = code k: the space MVoT's discrepancy loss measures distance in."""
         return self.model.model.vqmodel.quantize.embedding.weight
 
+    @torch.no_grad()
+    def fit_codebook(self, images: Iterable[Any], iters: int = 25, seed: int = 0, batch: int = 256) -> dict[str, float]:
+        """Fit the VQ-VAE's codebook to `images` by k-means (Lloyd's) on its encoder's latents, the
+        encoder unchanged. A random codebook (a fresh tiny-anole) maps these drawings to codes that
+        barely tell one cell from another — nearest codes of random vectors — while a real Anole's
+        VQ-VAE was trained on images; this is the cheapest stand-in for that training: each code
+        becomes the mean of the latents nearest to it, so similar patches share a code and different
+        ones do not. Returns the fraction of latents' variance the codebook leaves (lower is better)
+        before and after, and how many codes are used."""
+        vq = self.model.model.vqmodel
+        pixels = torch.cat([self.image_inputs([as_pil(im) for im in chunk])["pixel_values"]
+                            for chunk in _chunks(list(images), batch)])
+        latents = torch.cat([vq.quant_conv(vq.encoder(pixels[i : i + batch].to(vq.device, vq.dtype))).float()
+                             for i in range(0, len(pixels), batch)])
+        z = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        book = vq.quantize.embedding.weight
+        total = float(((z - z.mean(0)) ** 2).sum())
+
+        def residual(centres: torch.Tensor) -> tuple[float, torch.Tensor]:
+            nearest = torch.cdist(z, centres).argmin(1)
+            return float(((z - centres[nearest]) ** 2).sum()) / total, nearest
+
+        before, _ = residual(book.float())
+        g = torch.Generator().manual_seed(seed)
+        centres = z[torch.randperm(len(z), generator=g)[: book.shape[0]]].clone()
+        for _ in range(iters):
+            _, nearest = residual(centres)
+            sums = torch.zeros_like(centres).index_add_(0, nearest, z)
+            counts = torch.bincount(nearest, minlength=len(centres)).unsqueeze(1)
+            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty code keeps its place
+        after, nearest = residual(centres)
+        book.copy_(centres.to(book.dtype))
+        return {"residual_before": before, "residual_after": after, "latents": float(len(z)),
+                "codes_used": float(len(torch.unique(nearest)))}
+
     def visual_token_discrepancy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`visual_token_discrepancy` with this model's codebook and code → token mapping."""
         return visual_token_discrepancy(logits, labels, self.codebook_embeddings(), self.code_token_ids)
@@ -232,6 +267,10 @@ class AnoleFamily(Family):
                 )
             ids = ids.masked_scatter(slots, tokens)
         return self.model.get_input_embeddings()(ids)
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    return (items[i : i + n] for i in range(0, len(items), n))
 
 
 __all__ = ["AnoleFamily", "AnoleForConditionalGeneration", "IMAGE_END", "IMAGE_START", "build_processor",

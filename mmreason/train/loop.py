@@ -80,16 +80,6 @@ def deepspeed_config(cfg: TrainConfig, source: str | Path | dict[str, Any], worl
     return ds
 
 
-def check_zero_stage(cfg: TrainConfig, zero_stage: int, world: int) -> None:
-    """GRPO samples a different number of tokens on each rank, and under ZeRO-3 every forward is a
-    collective: ranks would wait on each other forever (HF's `synced_gpus` keeps them stepping
-    together; our sampler does not)."""
-    if cfg.stage == "rl" and zero_stage == 3 and world > 1:
-        raise ConfigError(f"deepspeed: the rl stage samples replies on each worker, which ZeRO-3 cannot do on "
-                          f"{world} workers (every forward gathers weights from all of them); use ZeRO-2 "
-                          f"(configs/deepspeed/zero2.json) or one worker")
-
-
 def register_unhooked_weights(model: torch.nn.Module) -> int:
     """ZeRO-3 gathers a module's partitioned weights when that module's forward runs. torch's
     `nn.MultiheadAttention` (Phi-4-MM's vision pooling head) reads its `out_proj` weight and bias
@@ -156,7 +146,6 @@ def run_loop(cfg: TrainConfig, model_path: str, worker: Worker, deepspeed: str |
 
     ds_config = deepspeed_config(cfg, deepspeed, world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    check_zero_stage(cfg, zero_stage, world)
     if zero_stage == 3:
         register_unhooked_weights(recipe.module)
     trainable = [p for p in recipe.module.parameters() if p.requires_grad]  # Anole's VQ-VAE stays frozen

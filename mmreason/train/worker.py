@@ -8,8 +8,9 @@ This and `jobs/train.py` are the only places that touch Ray Train.
 
 from __future__ import annotations
 
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +20,23 @@ from mmreason.config import from_dict
 from mmreason.train.config import TrainConfig
 from mmreason.train.loop import run_loop
 
-__all__ = ["RayWorker", "train_loop_per_worker"]
+__all__ = ["RayWorker", "checkpoint_directory", "train_loop_per_worker"]
+
+
+@contextmanager
+def checkpoint_directory(checkpoint: Any) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder: in place when it is on this machine's filesystem,
+    else downloaded into a temporary folder for the block (`storage.download_tree`: Ray's own
+    download cannot fetch nested folders from gs://)."""
+    import pyarrow.fs as pafs
+
+    from mmreason import storage
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        yield storage.download_tree(checkpoint.filesystem, checkpoint.path, Path(tmp) / "checkpoint")
 
 
 class RayWorker:
@@ -48,10 +65,8 @@ class RayWorker:
     def has_checkpoint(self) -> bool:
         return self.checkpoint is not None
 
-    @contextmanager
-    def restore(self) -> Iterator[Path]:
-        with self.checkpoint.as_directory() as d:
-            yield Path(d)
+    def restore(self) -> AbstractContextManager[Path]:
+        return checkpoint_directory(self.checkpoint)
 
     def batches(self, epoch: int) -> Iterator[list[dict]]:
         from mmreason.data.cinepile import video_rows

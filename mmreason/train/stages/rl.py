@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -221,13 +223,41 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+@contextmanager
+def whole_weights_for_sampling(engine: Any) -> Iterator[None]:
+    """Under ZeRO-3 every forward gathers each layer's weights from all ranks, so ranks whose replies
+    stop at different lengths would wait on each other forever. For the rollout, every rank gathers
+    the full weights once and DeepSpeed's module hooks come off: each rank then samples as many
+    tokens as its own replies need, with no collective; the hooks go back on before the update (as
+    TRL's `unwrap_model_for_generation` does for its GRPO). Costs one full copy of the weights per
+    rank while sampling. A no-op for other engines (ZeRO-0/1/2, `TorchEngine`)."""
+    stage = getattr(engine, "zero_optimization_stage", None)
+    if stage is None or stage() != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        for param in engine.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
 def grpo_step(engine: Any, family: Family, rows: list[dict[str, Any]], rl: RLConfig, rewards: Rewards,
               generator: torch.Generator | None = None, reference: Family | None = None, n_latent_steps: int = 0,
               c_thought: int = 1) -> dict[str, float]:
     """Sample, score, and update on one batch of prompt rows; returns the step's metrics (means over
     this worker's replies; `gen_seconds` / `update_seconds` split the wall time)."""
     t0 = time.perf_counter()
-    ro = rollout(family, rows, rl, rewards, generator, n_latent_steps, c_thought)
+    with whole_weights_for_sampling(engine):
+        ro = rollout(family, rows, rl, rewards, generator, n_latent_steps, c_thought)
     t1 = time.perf_counter()
     advantages = group_advantages(ro.rewards.view(len(rows), rl.group_size), rl.scale_by_std).flatten()
     old_logp = ref_logp = None
@@ -291,4 +321,4 @@ class RL(Recipe):
 
 
 __all__ = ["RL", "RLConfig", "Rollout", "TorchEngine", "aggregate", "group_advantages", "grpo_step", "policy_loss",
-           "rollout", "sequence_logprobs", "token_logprobs"]
+           "rollout", "sequence_logprobs", "token_logprobs", "whole_weights_for_sampling"]
