@@ -70,6 +70,12 @@ def resolve_model_path(cfg: TrainConfig) -> str:
         spec = get_spec(cfg.model.backbone)
     except ValueError as exc:
         raise ConfigError(f"model.backbone: {exc}") from None
+    if cfg.model.codebook_rows and spec.family.name != "anole":
+        raise ConfigError(f"model.codebook_rows: only an anole-family backbone has a VQ codebook to fit, not "
+                          f"{cfg.model.backbone}")
+    if cfg.model.codebook_rows and (cfg.init_from is not None or cfg.model.checkpoint is not None):
+        raise ConfigError("model.codebook_rows: the codebook is fitted only for a fresh tiny backbone; this stage "
+                          "starts from " + (cfg.init_from or cfg.model.checkpoint) + " (set model.codebook_rows=0)")
     if cfg.init_from is not None:
         check_checkpoint(cfg.model.backbone, cfg.init_from)
         return cfg.init_from if storage.is_remote(cfg.init_from) else str(Path(cfg.init_from).resolve())
@@ -84,9 +90,6 @@ def resolve_model_path(cfg: TrainConfig) -> str:
                           f"`mmreason models build {cfg.model.backbone} DIR` and set model.checkpoint=DIR")
     if not spec.tiny:
         raise ConfigError(f"model.checkpoint: {cfg.model.backbone} needs a checkpoint path or hub id")
-    if cfg.model.codebook_rows and spec.family.name != "anole":
-        raise ConfigError(f"model.codebook_rows: only an anole-family backbone has a VQ codebook to fit, not "
-                          f"{cfg.model.backbone}")
     if cfg.video.use_hico and spec.family.name != "phi4mm":
         raise ConfigError(f"video.use_hico: HiCo frame merging is implemented for the phi4mm family, not "
                           f"{cfg.model.backbone} ({spec.family.name})")

@@ -187,6 +187,22 @@ def test_anole_embed_writes_vq_tokens_at_placeholders(tiny_dir, rows):
         family.embed(dict(batch, pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1)))
 
 
+def test_anole_codebook_fitted_to_images_quantises_them_closer_and_survives_save(tmp_path):
+    """k-means on the encoder's latents: the fitted codebook leaves less of their variance than the
+    random one (a random codebook is no better than the latents' mean), uses more codes on these
+    images, and is what a reloaded checkpoint quantises with."""
+    images = [png_bytes for i in range(6) for task in ("maze", "frozenlake")
+              for png_bytes in generate_example(TASKS[task], 3, "train", i, 0, FRACTIONS, RenderOptions()).get("images")]
+    family = load_backbone("tiny-anole", build_tiny("tiny-anole", tmp_path / "m"))
+    random_codes = family.image_token_ids(images)
+    stats = family.fit_codebook(images, iters=10)
+    assert stats["residual_after"] < 0.8 * stats["residual_before"] and stats["residual_before"] > 0.9
+    fitted_codes = family.image_token_ids(images)
+    assert len(set(fitted_codes.flatten().tolist())) > len(set(random_codes.flatten().tolist()))
+    family.save(tmp_path / "m")
+    assert torch.equal(load_backbone("tiny-anole", tmp_path / "m").image_token_ids(images), fitted_codes)
+
+
 def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
     """MVoT's visual thoughts: step-image codes in the labels give a normal loss (Chameleon's stock
     forward masks image logits to -inf-ish, which would make it ~1e38)."""

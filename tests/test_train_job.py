@@ -214,11 +214,14 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
         ("use_gpu=true", ConfigError, "use_gpu: true asks for 1 GPU\\(s\\) per worker, but the cluster has 0 GPU\\(s\\)"),
         ("storage=hdfs://nn/runs", ConfigError, "storage: 'hdfs://nn/runs' is not a supported location"),
         ("deepspeed=configs/deepspeed/nope.json", ConfigError, "deepspeed: config file not found"),
+        ("model.codebook_rows=100", ConfigError, "model.codebook_rows: only an anole-family backbone has a VQ codebook"),
+        ("model.backbone=tiny-anole model.codebook_rows=100 model.checkpoint=/x", ConfigError,
+         "model.codebook_rows: the codebook is fitted only for a fresh tiny backbone; this stage starts from /x"),
     ],
 )
 def test_bad_stage_inputs_fail_before_any_worker_starts(maze_data, tmp_path, override, error, needle):
     with pytest.raises(error, match=needle):
-        train.run_stage(stage_cfg(maze_data, tmp_path / "runs", override))
+        train.run_stage(stage_cfg(maze_data, tmp_path / "runs", *override.split(" ")))
     assert not (tmp_path / "runs" / "t").exists() or not list((tmp_path / "runs" / "t").glob("checkpoint_*"))
 
 
