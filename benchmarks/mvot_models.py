@@ -1,0 +1,86 @@
+"""The visual-thought benchmark's models beside their controls (issue 26 item 3): what each cot export
+of `configs/bench/mvot-cpu.yaml` (and its text-only control) scores on the test rows it was evaluated
+on, against the majority answer's rate per task, and whether it reads the image at all — the first
+line of a reply transcribes the layout ("The agent starts at cell 0. The goal is at cell 8. …" /
+"Start 0. A 7. …"), so its first three sentences are compared with the row's own first step.
+
+    mmreason quickstart configs/bench/mvot-cpu.yaml root=ROOT                        # mvot-cot
+    mmreason quickstart configs/bench/mvot-cpu.yaml root=ROOT cot.visual_thoughts.enabled=false \\
+        cot.run_name=mvot-cot-text                                                   # the control
+    python benchmarks/mvot_models.py --root ROOT mvot-cot mvot-cot-text [...]        # → benchmarks/results/mvot_models.json
+
+Reads `ROOT/train/RUN/eval/{results.json,predictions-cot.jsonl}` and the test rows of
+`ROOT/data/gridworld`; trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mmreason.data import read_table  # noqa: E402
+
+TRANSCRIPTION = ("start", "second", "third")  # the first three sentences of the first step
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=\.)\s", text) if s.strip()]
+
+
+def summarise(root: Path, run: str, gold: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    eval_dir = root / "train" / run / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())["cot"]
+    preds = [json.loads(line) for line in (eval_dir / "predictions-cot.jsonl").read_text().splitlines()]
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    answers: dict[str, Counter] = defaultdict(Counter)
+    read_right = Counter()
+    for p in preds:
+        row = gold[p["id"]]
+        by_task[p["task"]].append(bool(p["correct"]))
+        answers[p["task"]][row["answer"]] += 1
+        want, got = sentences(row["steps"][0]), sentences(p["output"].split("\n")[0])
+        for k, name in enumerate(TRANSCRIPTION[: len(want)]):
+            read_right[name] += int(k < len(got) and got[k] == want[k])
+    return {
+        "run": run, "n": len(preds), "accuracy": results["accuracy"],
+        "tokens_per_answer": results["tokens_per_answer"], "kv_bytes_peak": results["kv_bytes_peak"],
+        "by_task": {t: {"n": len(v), "accuracy": sum(v) / len(v),
+                        "majority_answer_rate": max(answers[t].values()) / sum(answers[t].values())}
+                    for t, v in sorted(by_task.items())},
+        "transcription_right": {name: read_right[name] for name in TRANSCRIPTION},
+        "checkpoint": str(root / "train" / run / "export"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="cot run names under ROOT/train")
+    parser.add_argument("--root", default="runs/bench-mvot")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/mvot_models.json"))
+    args = parser.parse_args()
+    root = Path(args.root)
+    test = read_table(root / "data" / "gridworld", split="test", columns=["id", "steps", "answer"]).to_pylist()
+    gold = {row["id"]: row for row in test}
+    rows = [summarise(root, run, gold) for run in args.runs]
+    print(f"{'run':<22}{'acc':>7}{'tokens':>8}{'peak kB':>9}  per task (majority)                   start/2nd/3rd read")
+    for r in rows:
+        tasks = "  ".join(f"{t} {v['accuracy']:.2f} ({v['majority_answer_rate']:.2f})" for t, v in r["by_task"].items())
+        read = "/".join(str(r["transcription_right"][k]) for k in TRANSCRIPTION)
+        print(f"{r['run']:<22}{r['accuracy']:>7.3f}{r['tokens_per_answer']:>8.1f}{r['kv_bytes_peak'] / 1000:>9.0f}  "
+              f"{tasks:<38}{read} of {r['n']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"root": str(root), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
