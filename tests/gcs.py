@@ -12,11 +12,7 @@ Use it from a test file with
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -24,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.s3 import _free_port
+from tests.s3 import BucketPrefix, _free_port, loopback_server
 
 BUCKET = "mmreason-test"
 # Variables that would point pyarrow at real Google Cloud; cleared while a test talks to the server.
@@ -54,50 +50,16 @@ class GcsServer:
                 return sorted(names)
 
 
-@dataclass(frozen=True)
-class GcsPrefix:
-    server: GcsServer
-    prefix: str
-    """A fresh object-name prefix in the bucket, for one test."""
-
-    @property
-    def uri(self) -> str:
-        return f"gs://{self.server.bucket}/{self.prefix}"
-
-    def keys(self) -> list[str]:
-        """Object names under this test's prefix, relative to it."""
-        return [k[len(self.prefix) + 1:] for k in self.server.keys(self.prefix + "/")]
-
-
 @pytest.fixture(scope="session")
 def gcs_server():
     """gcp-storage-emulator on a free loopback port (in memory), in its own process group (killed as a
     group at the end), with one bucket."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
-                             "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     server = GcsServer(f"127.0.0.1:{port}", BUCKET)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{server.host}/storage/v1/b/{BUCKET}", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"GCS emulator did not answer on {server.host} (exit {proc.poll()})")
-                time.sleep(0.2)
+    with loopback_server([sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1", "--port",
+                          str(port), "--in-memory", "--default-bucket", BUCKET, "-q"],
+                         f"http://{server.host}/storage/v1/b/{BUCKET}", "GCS emulator"):
         yield server
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -107,4 +69,4 @@ def gcs(gcs_server, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name, value in gcs_server.env.items():
         monkeypatch.setenv(name, value)
-    return GcsPrefix(gcs_server, f"t-{uuid.uuid4().hex[:10]}")
+    return BucketPrefix(gcs_server, f"t-{uuid.uuid4().hex[:10]}", "gs")

@@ -18,7 +18,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -51,14 +54,16 @@ class S3Server:
 
 
 @dataclass(frozen=True)
-class S3Prefix:
-    server: S3Server
+class BucketPrefix:
+    server: Any
+    """The store's server: `.bucket` and `.keys(prefix)` (S3Server, tests.gcs.GcsServer)."""
     prefix: str
     """A fresh key prefix in the bucket, for one test."""
+    scheme: str = "s3"
 
     @property
     def uri(self) -> str:
-        return f"s3://{self.server.bucket}/{self.prefix}"
+        return f"{self.scheme}://{self.server.bucket}/{self.prefix}"
 
     def keys(self) -> list[str]:
         """Keys under this test's prefix, relative to it."""
@@ -71,26 +76,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on a free loopback port, in its own process group (killed as a group at the
-    end), with one bucket."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{port}", BUCKET)
+@contextmanager
+def loopback_server(argv: list[str], probe: str, what: str) -> Iterator[None]:
+    """Run `argv` in its own process group until `probe` (a URL) answers — then the block — and kill
+    the group at the end, whatever happened."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 60
         while True:
             try:
-                urllib.request.urlopen(server.endpoint, timeout=2).close()
+                urllib.request.urlopen(probe, timeout=2).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not answer on {server.endpoint} (exit {proc.poll()})")
+                    raise RuntimeError(f"{what} did not answer on {probe} (exit {proc.poll()})")
                 time.sleep(0.2)
-        server.client().create_bucket(Bucket=BUCKET)
-        yield server
+        yield
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -102,6 +103,18 @@ def s3_server():
             pass
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port, in its own process group (killed as a group at the
+    end), with one bucket."""
+    port = _free_port()
+    server = S3Server(f"http://127.0.0.1:{port}", BUCKET)
+    with loopback_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                         server.endpoint, "moto server"):
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
 @pytest.fixture
 def s3(s3_server, monkeypatch):
     """The standard AWS variables pointed at the server for this test, and a fresh prefix in its bucket."""
@@ -109,4 +122,4 @@ def s3(s3_server, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
-    return S3Prefix(s3_server, f"t-{uuid.uuid4().hex[:10]}")
+    return BucketPrefix(s3_server, f"t-{uuid.uuid4().hex[:10]}")
