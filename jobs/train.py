@@ -70,12 +70,7 @@ def resolve_model_path(cfg: TrainConfig) -> str:
         spec = get_spec(cfg.model.backbone)
     except ValueError as exc:
         raise ConfigError(f"model.backbone: {exc}") from None
-    if cfg.model.codebook_rows and spec.family.name != "anole":
-        raise ConfigError(f"model.codebook_rows: only an anole-family backbone has a VQ codebook to fit, not "
-                          f"{cfg.model.backbone}")
-    if cfg.model.codebook_rows and (cfg.init_from is not None or cfg.model.checkpoint is not None):
-        raise ConfigError("model.codebook_rows: the codebook is fitted only for a fresh tiny backbone; this stage "
-                          "starts from " + (cfg.init_from or cfg.model.checkpoint) + " (set model.codebook_rows=0)")
+    check_codebook_rows(cfg)
     if cfg.init_from is not None:
         check_checkpoint(cfg.model.backbone, cfg.init_from)
         return cfg.init_from if storage.is_remote(cfg.init_from) else str(Path(cfg.init_from).resolve())
@@ -105,6 +100,19 @@ def resolve_model_path(cfg: TrainConfig) -> str:
                 Path(init).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(built, init)
     return init
+
+
+def check_codebook_rows(cfg: TrainConfig) -> None:
+    """`model.codebook_rows` needs a fresh tiny backbone of the anole family."""
+    if not cfg.model.codebook_rows:
+        return
+    family = get_spec(cfg.model.backbone).family.name
+    if family != "anole":
+        raise ConfigError(f"model.codebook_rows: only an anole-family backbone has a VQ codebook to fit, not "
+                          f"{cfg.model.backbone}")
+    if cfg.init_from is not None or cfg.model.checkpoint is not None:
+        raise ConfigError("model.codebook_rows: the codebook is fitted only for a fresh tiny backbone; this stage "
+                          "starts from " + (cfg.init_from or cfg.model.checkpoint) + " (set model.codebook_rows=0)")
 
 
 def fit_tiny_codebook(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
@@ -462,6 +470,7 @@ def check_stage(cfg: TrainConfig) -> dict[str, Any]:
         resolve_model_path(cfg)
     else:
         get_spec(cfg.model.backbone)
+        check_codebook_rows(cfg)
     entries = train_shards(cfg)
     from mmreason.train.loop import deepspeed_config
 
