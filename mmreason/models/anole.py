@@ -226,10 +226,11 @@ class AnoleFamily(Family):
         ones do not. Returns the fraction of latents' variance the codebook leaves (lower is better)
         before and after, and how many codes are used."""
         vq = self.model.model.vqmodel
-        pixels = torch.cat([self.image_inputs([as_pil(im) for im in chunk])["pixel_values"]
-                            for chunk in _chunks(list(images), batch)])
-        latents = torch.cat([vq.quant_conv(vq.encoder(pixels[i : i + batch].to(vq.device, vq.dtype))).float()
-                             for i in range(0, len(pixels), batch)])
+        images = list(images)
+        latents = torch.cat([
+            vq.quant_conv(vq.encoder(self.image_inputs([as_pil(im) for im in images[i : i + batch]])["pixel_values"]
+                                     .to(vq.device, vq.dtype))).float()
+            for i in range(0, len(images), batch)])
         z = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         book = vq.quantize.embedding.weight
         total = float(((z - z.mean(0)) ** 2).sum())
@@ -267,10 +268,6 @@ class AnoleFamily(Family):
                 )
             ids = ids.masked_scatter(slots, tokens)
         return self.model.get_input_embeddings()(ids)
-
-
-def _chunks(items: list, n: int) -> Iterable[list]:
-    return (items[i : i + n] for i in range(0, len(items), n))
 
 
 __all__ = ["AnoleFamily", "AnoleForConditionalGeneration", "IMAGE_END", "IMAGE_START", "build_processor",
