@@ -195,10 +195,16 @@ def test_anole_codebook_fitted_to_images_quantises_them_closer_and_survives_save
               for png_bytes in generate_example(TASKS[task], 3, "train", i, 0, FRACTIONS, RenderOptions()).get("images")]
     family = load_backbone("tiny-anole", build_tiny("tiny-anole", tmp_path / "m"))
     random_codes = family.image_token_ids(images)
+    kept = family.drawn_images(images)  # drawn_images keeps each image's codes; a fitted codebook forgets them
+    assert [run[1:-1] for run in kept] == random_codes.tolist()
+    family.image_token_ids = lambda ims: pytest.fail(f"{len(list(ims))} kept images encoded again")
+    assert family.drawn_images(images) == kept
+    del family.image_token_ids
     stats = family.fit_codebook(images, iters=10)
     assert stats["residual_after"] < 0.8 * stats["residual_before"] and stats["residual_before"] > 0.9
     fitted_codes = family.image_token_ids(images)
     assert len(set(fitted_codes.flatten().tolist())) > len(set(random_codes.flatten().tolist()))
+    assert [run[1:-1] for run in family.drawn_images(images)] == fitted_codes.tolist()
     family.save(tmp_path / "m")
     assert torch.equal(load_backbone("tiny-anole", tmp_path / "m").image_token_ids(images), fitted_codes)
 

@@ -22,6 +22,7 @@ vocabulary is the word-level tokenizer plus one `IMGIMG…` token per code (the 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable
 
 import torch
@@ -38,6 +39,9 @@ from mmreason.models.tokenizer import IMAGE
 IMAGE_START, IMAGE_END = "<racm3:break>", "<eoss>"
 """Chameleon's begin/end-of-image tokens (ChameleonProcessor's defaults)."""
 TINY_CODEBOOK = 256
+DRAWN_CODES_KEPT = 200_000
+"""Images whose codes `AnoleFamily.drawn_images` keeps (~0.7 kB each: the 8×8 codes of a tiny
+image; a 6 400-row visual-thought epoch draws ~45 000)."""
 
 
 def image_code_token(code: int) -> str:
@@ -178,6 +182,7 @@ class AnoleFamily(Family):
         self.code_token_ids = mapping.img2bpe_mapping_tensor.long()
         # Chameleon's VQ-VAE is frozen (MVoT and Anole train only the transformer)
         model.model.vqmodel.requires_grad_(False)
+        self._drawn_codes: dict[bytes, list[int]] = {}  # drawn_images' codes by content digest
 
     def _special_ids(self, *tokens: str) -> list[int]:
         ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
@@ -208,9 +213,24 @@ class AnoleFamily(Family):
         return self._codes_as_tokens(self.image_inputs(images)["pixel_values"])
 
     def drawn_images(self, images: list[Any]) -> list[list[int]]:
-        """Each image as the model writes it: `<racm3:break>`, its VQ codes' tokens, `<eoss>`."""
-        codes = self.image_token_ids(images).tolist()
-        return [[self.image_start_id, *row, self.image_end_id] for row in codes]
+        """Each image as the model writes it: `<racm3:break>`, its VQ codes' tokens, `<eoss>`.
+        The codes of encoded images (a row's `step_images`) are kept, by content, for the next time
+        the row comes round: the VQ-VAE is frozen, so they cannot change while training, and
+        encoding a visual-thought row's drawings took ~a quarter of a training step. `fit_codebook`
+        forgets them (`DRAWN_CODES_KEPT` at most, then the oldest go first)."""
+        keys = [hashlib.blake2b(bytes(im), digest_size=16).digest() if isinstance(im, (bytes, bytearray)) else None
+                for im in images]
+        todo = [i for i, key in enumerate(keys) if key is None or key not in self._drawn_codes]
+        fresh = dict(zip(todo, self.image_token_ids([images[i] for i in todo]).tolist() if todo else []))
+        runs = []
+        for i, key in enumerate(keys):
+            codes = fresh[i] if i in fresh else self._drawn_codes[key]
+            if i in fresh and key is not None:
+                self._drawn_codes[key] = codes
+                if len(self._drawn_codes) > DRAWN_CODES_KEPT:
+                    del self._drawn_codes[next(iter(self._drawn_codes))]
+            runs.append([self.image_start_id, *codes, self.image_end_id])
+        return runs
 
     def codebook_embeddings(self) -> torch.Tensor:
         """(K, D) VQ codebook, row k = code k: the space MVoT's discrepancy loss measures distance in."""
@@ -249,6 +269,7 @@ class AnoleFamily(Family):
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty code keeps its place
         after, nearest = residual(centres)
         book.copy_(centres.to(book.dtype))
+        self._drawn_codes.clear()
         return {"residual_before": before, "residual_after": after, "latents": float(len(z)),
                 "codes_used": float(len(torch.unique(nearest)))}
 
