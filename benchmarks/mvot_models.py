@@ -2,7 +2,11 @@
 of `configs/bench/mvot-cpu.yaml` (and its text-only control) scores on the test rows it was evaluated
 on, against the majority answer's rate per task, and whether it reads the image at all — the first
 line of a reply transcribes the layout ("The agent starts at cell 0. The goal is at cell 8. …" /
-"Start 0. A 7. …"), so its first three sentences are compared with the row's own first step.
+"Start 0. A 7. …"), so its first three sentences are compared with the row's own first step —
+and whether it reasons: each later line of the reply (its drawings left out) against the row's step
+at that place, the move alone ("Go down") and the whole line (move, cell reached, letter passed).
+Each task's accuracy comes with the exact one-sided binomial p-value of scoring that many or more
+by always giving the majority answer (`p_vs_majority`).
 
     mmreason quickstart configs/bench/mvot-cpu.yaml root=ROOT                        # mvot-cot
     mmreason quickstart configs/bench/mvot-cpu.yaml root=ROOT cot.visual_thoughts.enabled=false \\
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter, defaultdict
@@ -29,6 +34,21 @@ sys.path.insert(0, str(REPO))
 from mmreason.data import read_table  # noqa: E402
 
 TRANSCRIPTION = ("start", "second", "third")  # the first three sentences of the first step
+DRAWING = re.compile(r"<racm3:break>.*?<eoss>", re.S)
+
+
+def p_at_least(k: int, n: int, rate: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, rate): how often the majority answer scores k of n or more."""
+    return min(1.0, sum(math.comb(n, i) * rate ** i * (1 - rate) ** (n - i) for i in range(k, n + 1)))
+
+
+def reasoning_lines(output: str, steps: list[str]) -> tuple[int, int, int]:
+    """(moves right, lines right, lines compared): the reply's lines after the transcription, its
+    drawings left out, against the row's steps at the same places."""
+    lines = [line.strip() for line in DRAWING.sub("", output).split("\n") if line.strip()]
+    pairs = list(zip(lines[1:], steps[1:]))
+    moves = sum(got.split()[:2] == want.split()[:2] for got, want in pairs)
+    return moves, sum(got == want for got, want in pairs), len(steps) - 1
 
 
 def sentences(text: str) -> list[str]:
@@ -41,7 +61,7 @@ def summarise(root: Path, run: str, gold: dict[str, dict[str, Any]]) -> dict[str
     preds = [json.loads(line) for line in (eval_dir / "predictions-cot.jsonl").read_text().splitlines()]
     by_task: dict[str, list[bool]] = defaultdict(list)
     answers: dict[str, Counter] = defaultdict(Counter)
-    read_right = Counter()
+    read_right, reasoned = Counter(), Counter()
     for p in preds:
         row = gold[p["id"]]
         by_task[p["task"]].append(bool(p["correct"]))
@@ -49,15 +69,22 @@ def summarise(root: Path, run: str, gold: dict[str, dict[str, Any]]) -> dict[str
         want, got = sentences(row["steps"][0]), sentences(p["output"].split("\n")[0])
         for k, name in enumerate(TRANSCRIPTION[: len(want)]):
             read_right[name] += int(k < len(got) and got[k] == want[k])
+        moves, lines, of = reasoning_lines(p["output"], row["steps"])
+        reasoned.update(moves=moves, lines=lines, of=of)
     return {
         "run": run, "n": len(preds), "accuracy": results["accuracy"],
         "tokens_per_answer": results["tokens_per_answer"], "kv_bytes_peak": results["kv_bytes_peak"],
-        "by_task": {t: {"n": len(v), "accuracy": sum(v) / len(v),
-                        "majority_answer_rate": max(answers[t].values()) / sum(answers[t].values())}
-                    for t, v in sorted(by_task.items())},
+        "by_task": {t: task_summary(v, answers[t]) for t, v in sorted(by_task.items())},
         "transcription_right": {name: read_right[name] for name in TRANSCRIPTION},
+        "steps_right": {"moves": reasoned["moves"], "lines": reasoned["lines"], "of": reasoned["of"]},
         "checkpoint": str(root / "train" / run / "export"),
     }
+
+
+def task_summary(correct: list[bool], answers: Counter) -> dict[str, Any]:
+    majority = max(answers.values()) / sum(answers.values())
+    return {"n": len(correct), "accuracy": sum(correct) / len(correct), "majority_answer_rate": majority,
+            "p_vs_majority": p_at_least(sum(correct), len(correct), majority)}
 
 
 def main() -> None:
@@ -70,12 +97,15 @@ def main() -> None:
     test = read_table(root / "data" / "gridworld", split="test", columns=["id", "steps", "answer"]).to_pylist()
     gold = {row["id"]: row for row in test}
     rows = [summarise(root, run, gold) for run in args.runs]
-    print(f"{'run':<22}{'acc':>7}{'tokens':>8}{'peak kB':>9}  per task (majority)                   start/2nd/3rd read")
+    print(f"{'run':<22}{'acc':>7}{'tokens':>8}{'peak kB':>9}  per task (majority; p)                          "
+          f"start/2nd/3rd read   moves / lines right of")
     for r in rows:
-        tasks = "  ".join(f"{t} {v['accuracy']:.2f} ({v['majority_answer_rate']:.2f})" for t, v in r["by_task"].items())
+        tasks = "  ".join(f"{t} {v['accuracy']:.2f} ({v['majority_answer_rate']:.2f}; {v['p_vs_majority']:.2f})"
+                          for t, v in r["by_task"].items())
         read = "/".join(str(r["transcription_right"][k]) for k in TRANSCRIPTION)
+        steps = r["steps_right"]
         print(f"{r['run']:<22}{r['accuracy']:>7.3f}{r['tokens_per_answer']:>8.1f}{r['kv_bytes_peak'] / 1000:>9.0f}  "
-              f"{tasks:<38}{read} of {r['n']}")
+              f"{tasks:<48}{read + ' of ' + str(r['n']):<21}{steps['moves']} / {steps['lines']} of {steps['of']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"root": str(root), "rows": rows}, indent=2))

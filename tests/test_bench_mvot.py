@@ -86,3 +86,20 @@ def test_kv_presses_mvot_evaluates_the_drawing_model_on_both_tasks_with_a_drawin
     maze = bench.press_settings("maze", [0.5], {0.5: None}, {0.5: None})
     assert "mvot_window" not in [s["name"] for s in maze]  # the maze model's list is as before
     assert load_config(type(cfg), None, ["press={name: mvot_window, latest: 1}"]).press["name"] == "mvot_window"
+
+
+def test_mvot_models_scores_each_reasoning_line_without_its_drawing_and_the_majority_p_value():
+    """benchmarks/mvot_models.py: a reply's lines after the transcription, drawings left out, are
+    compared with the row's steps at their places (move alone, whole line); the p-value is the
+    exact chance that always giving the majority answer scores at least as many."""
+    spec = importlib.util.spec_from_file_location("mvot_models", REPO / "benchmarks" / "mvot_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reply = ("Start 0. A 4.\nGo down 3.\n<racm3:break>IMGIMGBZ IMGIMGCZ<eoss>Go right 5.\n"
+             "<racm3:break>IMGIMGBZ<eoss>The answer is A.")
+    steps = ["Start 0. A 7.", "Go down 3.", "Go right 4 D.", "Go up 1."]
+    assert module.reasoning_lines(reply, steps) == (2, 1, 3)
+    assert module.reasoning_lines("Start 0.", steps) == (0, 0, 3)  # a reply cut short is wrong, not skipped
+    assert module.p_at_least(0, 10, 0.3) == pytest.approx(1.0)
+    assert module.p_at_least(3, 3, 0.5) == pytest.approx(0.125)
+    assert module.p_at_least(2, 3, 0.5) == pytest.approx(0.5)
