@@ -104,6 +104,11 @@ def resolve_model_path(cfg: TrainConfig) -> str:
 
 def check_codebook_rows(cfg: TrainConfig) -> None:
     """`model.codebook_rows` needs a fresh tiny backbone of the anole family."""
+    if cfg.model.tokenizer_steps < 0:
+        raise ConfigError(f"model.tokenizer_steps: {cfg.model.tokenizer_steps} < 0")
+    if cfg.model.tokenizer_steps and not cfg.model.codebook_rows:
+        raise ConfigError("model.tokenizer_steps: the tokenizer trains on the images of model.codebook_rows "
+                          "training rows; set model.codebook_rows too")
     if not cfg.model.codebook_rows:
         return
     family = get_spec(cfg.model.backbone).family.name
@@ -117,7 +122,8 @@ def check_codebook_rows(cfg: TrainConfig) -> None:
 
 def fit_tiny_codebook(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
     """Fit the fresh tiny-anole's VQ codebook at `checkpoint` to the images of `model.codebook_rows`
-    training rows (prompt and step images), and save it there."""
+    training rows (prompt and step images) — k-means, then `model.tokenizer_steps` of tokenizer
+    training — and save it there."""
     from mmreason.data.selection import training_rows
 
     rows = training_rows(cfg.data, cfg.model.codebook_rows)
@@ -126,9 +132,15 @@ def fit_tiny_codebook(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
         raise ConfigError(f"model.codebook_rows: the training rows of {cfg.data.path} hold no images to fit to")
     family = load_backbone(cfg.model.backbone, checkpoint)
     stats = family.fit_codebook(images, seed=cfg.seed)
-    family.save(checkpoint)
     print(f"tiny-anole codebook fitted to {len(images)} images of {len(rows)} rows: {int(stats['codes_used'])} codes "
           f"used, latent residual {stats['residual_before']:.3f} -> {stats['residual_after']:.3f}", flush=True)
+    if cfg.model.tokenizer_steps:
+        trained = family.train_tokenizer(images, cfg.model.tokenizer_steps, seed=cfg.seed)
+        print(f"tiny-anole tokenizer trained {cfg.model.tokenizer_steps} steps: reconstruction mse "
+              f"{trained['mse_first']:.3f} -> {trained['mse_last']:.3f}, {int(trained['codes_used'])} codes used",
+              flush=True)
+        stats = {**stats, **{f"tokenizer_{k}": v for k, v in trained.items()}}
+    family.save(checkpoint)
     return stats
 
 

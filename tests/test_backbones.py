@@ -209,6 +209,33 @@ def test_anole_codebook_fitted_to_images_quantises_them_closer_and_survives_save
     assert torch.equal(load_backbone("tiny-anole", tmp_path / "m").image_token_ids(images), fitted_codes)
 
 
+def test_anole_tokenizer_training_reconstructs_images_and_changes_only_the_vq_encoder(tmp_path):
+    """VQ-VAE training of the tiny-anole's encoder + codebook (with a decoder that is then dropped):
+    reconstruction error falls well below where it starts, the transformer is untouched, the VQ-VAE
+    is frozen again afterwards, kept drawing codes are forgotten, and a saved checkpoint holds the
+    trained encoder and no decoder."""
+    images = [png_bytes for i in range(6) for task in ("maze", "frozenlake")
+              for png_bytes in generate_example(TASKS[task], 3, "train", i, 0, FRACTIONS, RenderOptions()).get("images")]
+    family = load_backbone("tiny-anole", build_tiny("tiny-anole", tmp_path / "m"))
+    family.fit_codebook(images, iters=5)
+    before = {k: v.clone() for k, v in family.model.state_dict().items()}
+    family.drawn_images(images)
+    stats = family.train_tokenizer(images, steps=60, batch=8, lr=2e-3)
+    assert stats["mse_last"] < 0.5 * stats["mse_first"], stats
+    after = family.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.vqmodel.") for k in changed), sorted(changed)[:5]
+    assert any(".encoder." in k for k in changed) and "model.vqmodel.quantize.embedding.weight" in changed
+    assert not family.model.model.vqmodel.training
+    assert not any(p.requires_grad for p in family.model.model.vqmodel.parameters())
+    assert family._drawn_codes == {}
+    codes = family.image_token_ids(images)
+    family.save(tmp_path / "m")
+    reloaded = load_backbone("tiny-anole", tmp_path / "m")
+    assert torch.equal(reloaded.image_token_ids(images), codes)
+    assert set(reloaded.model.state_dict()) == set(before)
+
+
 def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
     """MVoT's visual thoughts: step-image codes in the labels give a normal loss (Chameleon's stock
     forward masks image logits to -inf-ish, which would make it ~1e38)."""

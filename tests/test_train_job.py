@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmreason.config import ConfigError, load_config
 from mmreason.models import CheckpointError, build_tiny, load_backbone
@@ -204,6 +205,21 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
     assert build_shm_op() is None
 
 
+def test_fresh_tiny_anole_codebook_fit_then_tokenizer_training_is_saved_in_its_init(maze_data, tmp_path):
+    """`model.codebook_rows` + `model.tokenizer_steps`: k-means on the rows' images, then tokenizer
+    training, both reported, and the checkpoint the stage starts from quantises with the result."""
+    cfg = stage_cfg(maze_data, tmp_path / "runs", "model.backbone=tiny-anole", "model.codebook_rows=6",
+                    "model.tokenizer_steps=30")
+    built = build_tiny("tiny-anole", tmp_path / "init")
+    fresh = load_backbone("tiny-anole", built)
+    stats = train.fit_tiny_codebook(cfg, built)
+    assert stats["residual_after"] < stats["residual_before"]
+    assert stats["tokenizer_steps"] == 30 and stats["tokenizer_mse_last"] < stats["tokenizer_mse_first"]
+    from mmreason.data.selection import training_rows
+    images = [im for row in training_rows(cfg.data, 6) for im in row["images"]]
+    assert not torch.equal(load_backbone("tiny-anole", built).image_token_ids(images), fresh.image_token_ids(images))
+
+
 @pytest.mark.parametrize(
     "override, error, needle",
     [
@@ -217,6 +233,8 @@ def test_training_deepspeed_skips_the_shared_memory_inference_op():
         ("model.codebook_rows=100", ConfigError, "model.codebook_rows: only an anole-family backbone has a VQ codebook"),
         ("model.backbone=tiny-anole model.codebook_rows=100 model.checkpoint=/x", ConfigError,
          "model.codebook_rows: the codebook is fitted only for a fresh tiny backbone; this stage starts from /x"),
+        ("model.backbone=tiny-anole model.tokenizer_steps=50", ConfigError,
+         "model.tokenizer_steps: the tokenizer trains on the images of model.codebook_rows"),
     ],
 )
 def test_bad_stage_inputs_fail_before_any_worker_starts(maze_data, tmp_path, override, error, needle):

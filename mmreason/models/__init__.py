@@ -47,6 +47,11 @@ class ModelConfig:
     """A fresh tiny-anole (no checkpoint, no init_from): fit its VQ-VAE codebook by k-means to the
     images (prompt and step images) of this many training rows before training (`AnoleFamily.
     fit_codebook`) — a random codebook cannot tell the cells of a small drawing apart. 0: random."""
+    tokenizer_steps: int = 0
+    """With `codebook_rows`: then train the VQ-VAE's encoder and codebook as an image tokenizer on the
+    same images for this many steps (VQ-VAE training with a throwaway decoder, `AnoleFamily.
+    train_tokenizer`), as a real Anole's VQ-VAE was trained; k-means alone keeps a random encoder,
+    whose codes lose the small glyphs (maze letters). 0: k-means only."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
 from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
+from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEEncoderResnetBlock
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
@@ -154,6 +155,36 @@ def visual_token_discrepancy(logits: torch.Tensor, labels: torch.Tensor, codeboo
     return (probs * distance).sum(-1).mean()
 
 
+TOKENIZER_RESTART_EVERY = 100
+"""`AnoleFamily.train_tokenizer` moves codes no image picked in this many steps onto fresh latents."""
+
+
+class TokenizerDecoder(torch.nn.Module):
+    """Latents → pixels, the mirror of `ChameleonVQVAEEncoder` (its residual blocks; nearest-neighbour
+    upsampling + convolution per level): the half of a VQ-VAE that transformers' Chameleon leaves out.
+    Only `AnoleFamily.train_tokenizer` uses it, to train the encoder and codebook; it is not saved."""
+
+    def __init__(self, vq_config: Any):
+        super().__init__()
+        width = vq_config.base_channels * vq_config.channel_multiplier[-1]
+        self.conv_in = torch.nn.Conv2d(vq_config.latent_channels, width, 3, padding=1)
+        levels = []
+        for level, mult in enumerate(reversed(vq_config.channel_multiplier)):
+            out = vq_config.base_channels * mult
+            blocks: list[torch.nn.Module] = [ChameleonVQVAEEncoderResnetBlock(vq_config, width, out)]
+            if level != len(vq_config.channel_multiplier) - 1:
+                blocks += [torch.nn.Upsample(scale_factor=2.0, mode="nearest"), torch.nn.Conv2d(out, out, 3, padding=1)]
+            levels.append(torch.nn.Sequential(*blocks))
+            width = out
+        self.levels = torch.nn.Sequential(*levels)
+        self.norm_out = torch.nn.GroupNorm(num_groups=32, num_channels=width, eps=1e-6, affine=True)
+        self.conv_out = torch.nn.Conv2d(width, vq_config.in_channels, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        hidden = self.levels(self.conv_in(latents))
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(hidden)))
+
+
 class AnoleFamily(Family):
     name = "anole"
     model_class = AnoleForConditionalGeneration
@@ -272,6 +303,64 @@ class AnoleFamily(Family):
         self._drawn_codes.clear()
         return {"residual_before": before, "residual_after": after, "latents": float(len(z)),
                 "codes_used": float(len(torch.unique(nearest)))}
+
+    def train_tokenizer(self, images: Iterable[Any], steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+                        log_every: int = 0) -> dict[str, float]:
+        """Train the VQ-VAE's encoder and codebook as an image tokenizer on `images` for `steps` steps:
+        VQ-VAE training (van den Oord et al. 2017) — pixels → encoder → nearest code → a decoder →
+        pixels, mean squared reconstruction error plus the quantizer's codebook and commitment terms,
+        gradients passed straight through the code choice — as a real Anole's VQ-VAE was trained
+        (Chameleon's, on images). transformers' Chameleon has no decoder (it never draws pixels), so
+        the decoder here is `TokenizerDecoder`, used for this training and then dropped; codes that
+        no image picked in the last `restart_every` steps are moved onto latents of the current batch
+        (codebook restarts, as in Jukebox/ViT-VQGAN practice). Start from `fit_codebook` (k-means
+        init) so no code starts dead. Returns reconstruction MSE of the first and last batches and
+        codes used."""
+        vq = self.model.model.vqmodel
+        images = [as_pil(im) for im in images]
+        pixels = torch.cat([self.image_inputs(images[i : i + 256])["pixel_values"] for i in range(0, len(images), 256)])
+        pixels = pixels.to(vq.device, vq.dtype)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        decoder = TokenizerDecoder(vq.config).to(vq.device, vq.dtype)
+        parts = [vq.encoder, vq.quant_conv, vq.quantize]
+        params = [p for m in parts for p in m.parameters()] + list(decoder.parameters())
+        opt = torch.optim.Adam(params, lr=lr)
+        vq.train()
+        vq.requires_grad_(True)
+        book = vq.quantize.embedding.weight
+        picked = torch.zeros(book.shape[0], dtype=torch.bool, device=book.device)
+        mse_first = mse = float("nan")
+        try:
+            for step in range(steps):
+                x = pixels[torch.randint(len(pixels), (min(batch, len(pixels)),), generator=g)]
+                z = vq.quant_conv(vq.encoder(x))
+                quant, vq_loss, codes = vq.quantize(z)
+                recon = decoder(vq.post_quant_conv(quant))
+                rec = torch.nn.functional.mse_loss(recon, x)
+                opt.zero_grad(set_to_none=True)
+                (rec + vq_loss).backward()
+                opt.step()
+                mse = rec.item()
+                mse_first = mse if step == 0 else mse_first
+                picked[codes] = True
+                if (step + 1) % TOKENIZER_RESTART_EVERY == 0:
+                    dead = (~picked).nonzero().squeeze(1)
+                    if len(dead):
+                        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                        with torch.no_grad():
+                            book[dead] = flat[torch.randint(len(flat), (len(dead),), generator=g)].to(book.dtype)
+                    picked.zero_()
+                if log_every and (step + 1) % log_every == 0:
+                    print(f"tokenizer step {step + 1}/{steps}: reconstruction mse {mse:.4f}", flush=True)
+        finally:
+            vq.requires_grad_(False)
+            vq.eval()
+        with torch.no_grad():
+            used = torch.unique(torch.cat([self._codes_as_tokens(pixels[i : i + 256])
+                                           for i in range(0, len(pixels), 256)]))
+        self._drawn_codes.clear()
+        return {"mse_first": mse_first, "mse_last": mse, "steps": float(steps), "codes_used": float(len(used))}
 
     def visual_token_discrepancy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`visual_token_discrepancy` with this model's codebook and code → token mapping."""
