@@ -103,3 +103,32 @@ def test_mvot_models_scores_each_reasoning_line_without_its_drawing_and_the_majo
     assert module.p_at_least(0, 10, 0.3) == pytest.approx(1.0)
     assert module.p_at_least(3, 3, 0.5) == pytest.approx(0.125)
     assert module.p_at_least(2, 3, 0.5) == pytest.approx(0.5)
+
+
+def test_tokenizer_probe_windows_cover_each_cell_and_read_letters_from_pixels():
+    """benchmarks/tokenizer_probe.py: a cell's window is the latent patches its box overlaps; the
+    probed cells are a maze's four letters and every FrozenLake cell; and the probe reads the maze
+    letters from the windows' pixels (4×4 grids: a cell is 2×2 patches, so a misplaced window would
+    hold no letter and score near chance)."""
+    spec = importlib.util.spec_from_file_location("tokenizer_probe", REPO / "benchmarks" / "tokenizer_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from mmreason.tasks import TASKS, RenderOptions, generate_example
+    from mmreason.tasks.render import GridCanvas
+
+    assert module.patch_window(4, 0, 0, 64, 8) == (range(0, 2), range(0, 2))
+    assert module.patch_window(4, 3, 2, 64, 8) == (range(6, 8), range(4, 6))
+    for r in range(3):
+        for c in range(3):
+            (y0, y1, x0, x1), (wy, wx) = GridCanvas(3, 3, 64).box(r, c), module.patch_window(3, r, c, 64, 8)
+            assert wy.start * 8 <= y0 and y1 <= wy.stop * 8 and (wy.start + 1) * 8 > y0 and (wy.stop - 1) * 8 < y1
+            assert wx.start * 8 <= x0 and x1 <= wx.stop * 8 and len(wy) <= module.WINDOW and len(wx) <= module.WINDOW
+    fractions = {"train": 1.0, "val": 0.0, "test": 0.0}
+    rows = {task: [dict(generate_example(TASKS[task], 4, "train", i, 0, fractions, RenderOptions()), task=task)
+                   for i in range(40)] for task in ("maze", "frozenlake")}
+    assert all(len(module.cells(row)) == 4 for row in rows["maze"])
+    lake_kinds = [sorted(k for *_, k in module.cells(row)) for row in rows["frozenlake"]]
+    assert all(len(k) == 16 and k.count(2) == 1 and k.count(3) == 1 for k in lake_kinds)  # one goal, one start
+    train, test = module.features(rows["maze"][:30], None), module.features(rows["maze"][30:], None)
+    scores = module.probe(train, test, 4)
+    assert scores["train"] == 1.0 and scores["test"] >= 0.9, scores
