@@ -132,3 +132,33 @@ def test_tokenizer_probe_windows_cover_each_cell_and_read_letters_from_pixels():
     train, test = module.features(rows["maze"][:30], None), module.features(rows["maze"][30:], None)
     scores = module.probe(train, test, 4)
     assert scores["train"] == 1.0 and scores["test"] >= 0.9, scores
+
+
+def test_mvot_models_scores_each_press_evaluation_like_a_model(tmp_path):
+    """`mvot_models.py --press-eval`: every RUN/{result.json, predictions.jsonl} kv_presses.py leaves
+    is scored like a cot export — transcription and later lines against the row's steps — beside the
+    press's accuracy and KV fraction."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("mvot_models", REPO / "benchmarks" / "mvot_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gold = {"m0": {"steps": ["Start 0. A 7. B 1.", "Go down 3.", "Go right 4 D."], "answer": "A"},
+            "f0": {"steps": ["The agent starts at cell 2.", "Go up. Now at cell 2."], "answer": "C"}}
+    replies = {"none": ("Start 0. A 7. B 1.\nGo down 3.\n<racm3:break>IMGIMGBZ<eoss>Go right 4 D.", "A", True),
+               "tova": ("Start 0. A 5.\nGo down 3.\nGo right 5.", "B", False)}
+    for press, (reply, prediction, correct) in replies.items():
+        run = tmp_path / f"mvot-{press}"
+        run.mkdir()
+        run.joinpath("result.json").write_text(json.dumps({"row": {
+            "press": press, "press_settings": "{}", "accuracy": 0.5 if correct else 0.0, "kv_fraction_peak": 0.4}}))
+        preds = [{"id": "m0", "task": "maze", "output": reply, "prediction": prediction, "correct": correct},
+                 {"id": "f0", "task": "frozenlake", "output": "The agent starts at cell 2.\nGo up. Now at cell 2.",
+                  "prediction": "C", "correct": True}]
+        run.joinpath("predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    rows = {r["press"]: r for r in module.summarise_presses(tmp_path, gold)}
+    assert rows["none"]["transcription_right"] == {"start": 2, "second": 1, "third": 1}
+    assert rows["none"]["steps_right"] == {"moves": 3, "lines": 3, "of": 3}
+    assert rows["tova"]["transcription_right"] == {"start": 2, "second": 0, "third": 0}
+    assert rows["tova"]["steps_right"] == {"moves": 3, "lines": 2, "of": 3}
+    assert rows["tova"]["by_task"]["maze"]["accuracy"] == 0.0 and rows["none"]["kv_fraction_peak"] == 0.4
