@@ -236,6 +236,60 @@ def test_anole_tokenizer_training_reconstructs_images_and_changes_only_the_vq_en
     assert set(reloaded.model.state_dict()) == set(before)
 
 
+def test_anole_decodes_drawings_as_image_spans_of_exactly_its_codes():
+    """`ImageSpanRule`: outside an image no code and no `<eoss>`; after `<racm3:break>` codes only,
+    exactly `codes_per_image`, then `<eoss>` and nothing else. Each step both rows' logits favour
+    one token (10) over the rest (−id: token 0 is the best one left when the favourite is refused)."""
+    from mmreason.models.anole import ImageSpanRule
+
+    start, end, text, eos = 1, 2, 3, 4
+    rule = ImageSpanRule(2, start, end, torch.tensor([5, 6, 7]), codes_per_image=2)
+    picks = []
+    for favoured in [(5, start), (end, 5), (start, text), (eos, end), (text, 6), (text, 7), (text, start)]:
+        logits = -torch.arange(8.0).repeat(2, 1)
+        logits[[0, 1], list(favoured)] = 10.0
+        token = rule.allow(logits).argmax(-1)
+        picks.append(token.tolist())
+        rule.step(token)
+    assert [p[0] for p in picks] == [0, 0, start, 5, 5, end, text]  # code, <eoss> refused outside; eos, text inside; <eoss> forced
+    assert [p[1] for p in picks] == [start, 5, 5, end, 0, 0, start]  # text refused inside; codes refused once closed
+
+
+def spans(reply: list[int], start: int, end: int, codes: set[int]) -> tuple[list[int], int]:
+    """(codes in each image span of `reply`, codes outside any span)."""
+    lengths, outside, inside = [], 0, None
+    for t in reply:
+        if t == start:
+            inside = 0
+        elif t == end and inside is not None:
+            lengths.append(inside)
+            inside = None
+        elif t in codes:
+            if inside is None:
+                outside += 1
+            else:
+                inside += 1
+    return lengths, outside
+
+
+def test_decode_follows_the_familys_decoding_rule(tiny_dir, rows):
+    """`coconut.decode` (the cached loop every evaluation uses) and the uncached reference both obey
+    the family's rule: with `<racm3:break>` replaced by whatever the random model says first, the
+    reply opens an image there, holds exactly its codes, closes it, and draws no code outside one."""
+    from mmreason.latent.coconut import GenerationSettings, generate, generate_uncached
+    from mmreason.models.anole import ImageSpanRule
+
+    family = load_backbone("tiny-anole", tiny_dir("tiny-anole"))
+    batch = family.collate([family.encode(rows[0], with_target=False)], pad_side="left")
+    first = generate(family, batch, 0, GenerationSettings(max_new_tokens=1))[0][0]
+    family.decoding_rule = lambda b: ImageSpanRule(b, first, family.image_end_id, family.code_token_ids, 5)
+    codes = set(family.code_token_ids.tolist())
+    cached = generate(family, batch, 0, GenerationSettings(max_new_tokens=20))[0]
+    lengths, outside = spans(cached, first, family.image_end_id, codes)
+    assert cached[0] == first and lengths and all(n == 5 for n in lengths) and outside == 0, cached
+    assert generate_uncached(family, batch, 0, 20) == cached
+
+
 def test_anole_learns_image_tokens_in_labels(tiny_dir, rows):
     """MVoT's visual thoughts: step-image codes in the labels give a normal loss (Chameleon's stock
     forward masks image logits to -inf-ish, which would make it ~1e38)."""

@@ -196,14 +196,18 @@ def decode(family: Family, logits: torch.Tensor, cache, mask: torch.Tensor, next
            settings: GenerationSettings, generator: torch.Generator | None = None) -> list[list[int]]:
     """Token-by-token decoding from a filled cache: `logits` (B, V) of each row's last input,
     `mask` (B, L) the inputs' 2-D attention mask, `next_pos` (B, 1) the next position. Returns the
-    generated token ids per row, up to and without eos (`generate`'s last part)."""
+    generated token ids per row, up to and without eos (`generate`'s last part). The family's
+    `decoding_rule` (an anole model's image spans) limits what each row may say next."""
     model = family.model
     eos = family.tokenizer.eos_token_id
     done = [False] * logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(logits.shape[0])]
     embed_tokens = model.get_input_embeddings()
+    rule = family.decoding_rule(logits.shape[0])
     for _ in range(settings.max_new_tokens):
-        token = _pick(logits, settings, generator)
+        token = _pick(logits if rule is None else rule.allow(logits), settings, generator)
+        if rule is not None:
+            rule.step(token)
         for b, t in enumerate(token.tolist()):  # one device-to-host copy per step
             if not done[b]:
                 if t == eos:
@@ -241,8 +245,12 @@ def generate_uncached(family: Family, batch: dict[str, torch.Tensor], n_latents:
     else:
         seq = embeds
     out_ids: list[int] = []
+    rule = family.decoding_rule(1)
     for _ in range(max_new_tokens):
-        token = model(inputs_embeds=seq, use_cache=False).logits[:, -1].argmax(-1)
+        logits = model(inputs_embeds=seq, use_cache=False).logits[:, -1]
+        token = (logits if rule is None else rule.allow(logits)).argmax(-1)
+        if rule is not None:
+            rule.step(token)
         if int(token) == eos:
             break
         out_ids.append(int(token))

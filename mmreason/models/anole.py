@@ -155,6 +155,38 @@ def visual_token_discrepancy(logits: torch.Tensor, labels: torch.Tensor, codeboo
     return (probs * distance).sum(-1).mean()
 
 
+class ImageSpanRule:
+    """Interleaved text-and-image decoding as Chameleon and Anole do it (the logits processors of
+    Anole's interleaved generation: image tokens only inside an image, a fixed number of them):
+    after `<racm3:break>` only VQ code tokens, exactly `codes_per_image` of them, then `<eoss>`;
+    outside an image no code token and no `<eoss>`. Without it a small model may leave a drawing
+    open (hundreds of codes until the token budget: the row gets no answer, its image is never
+    finished, so a press waiting for `<eoss>` never compresses it) or close one early."""
+
+    def __init__(self, batch_size: int, start_id: int, end_id: int, code_ids: torch.Tensor, codes_per_image: int):
+        self.start_id, self.end_id, self.n = start_id, end_id, codes_per_image
+        self.code_ids = code_ids.long()
+        self.count = torch.full((batch_size,), -1, dtype=torch.long)  # codes so far in the open image; -1: none
+
+    def allow(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (B, V) with every token the rule forbids at each row's next place set to the minimum."""
+        vocab = logits.shape[-1]
+        code = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        code[self.code_ids.to(logits.device)] = True
+        end = torch.zeros_like(code)
+        end[self.end_id] = True
+        count = self.count.to(logits.device)[:, None]
+        forbid = torch.where(count < 0, code | end, torch.where(count >= self.n, ~end, ~code))
+        return logits.masked_fill(forbid, torch.finfo(logits.dtype).min)
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Advance each row's state past the token it took."""
+        tokens = tokens.to(self.count.device).long()
+        opened = self.count >= 0
+        self.count = torch.where(tokens == self.start_id, 0,
+                                 torch.where(tokens == self.end_id, -1, torch.where(opened, self.count + 1, -1)))
+
+
 TOKENIZER_RESTART_EVERY = 100
 """`AnoleFamily.train_tokenizer` moves codes no image picked in this many steps onto fresh latents."""
 
@@ -262,6 +294,11 @@ class AnoleFamily(Family):
                     del self._drawn_codes[next(iter(self._drawn_codes))]
             runs.append([self.image_start_id, *codes, self.image_end_id])
         return runs
+
+    def decoding_rule(self, batch_size: int) -> ImageSpanRule:
+        """Drawings are decoded as Chameleon decodes images: `ImageSpanRule`."""
+        return ImageSpanRule(batch_size, self.image_start_id, self.image_end_id, self.code_token_ids,
+                             self.codes_per_image)
 
     def codebook_embeddings(self) -> torch.Tensor:
         """(K, D) VQ codebook, row k = code k: the space MVoT's discrepancy loss measures distance in."""

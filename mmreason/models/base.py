@@ -205,6 +205,12 @@ class Family(abc.ABC):
         self.model.save_pretrained(out_dir, safe_serialization=True)
         (self.processor or self.tokenizer).save_pretrained(out_dir)  # a processor saves its tokenizer
 
+    def decoding_rule(self, batch_size: int) -> Any:
+        """What the next token may be, row by row, while decoding (`coconut.decode`): an object with
+        `allow(logits) -> logits` and `step(tokens)`, or None when any token may follow any (every
+        family but one that draws: `AnoleFamily`'s image spans)."""
+        return None
+
     def drawn_images(self, images: list[Any]) -> list[list[int]]:
         """Token ids of images the model *writes* (MVoT's visual thoughts), one list per image;
         only families whose vocabulary holds image codes (anole) can."""
