@@ -106,13 +106,21 @@ def probe(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, to
         return {"train": acc(x_train, y_train), "test": acc(x_test, y_test), "n_test": float(len(y_test))}
 
 
+def evenly(rows: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
+    """At most `most` of `rows` (0: all), spread evenly over them: the shards come one grid size
+    after another, so a prefix would hold one size only."""
+    if not most or len(rows) <= most:
+        return rows
+    return [rows[i * len(rows) // most] for i in range(most)]
+
+
 def run(root: Path, checkpoints: dict[str, str | None], max_rows: int) -> dict[str, Any]:
     data = root / "data" / "gridworld"
     columns = ["task", "images", "meta"]
     out: dict[str, Any] = {"root": str(root), "tasks": {}}
     for task, classes in (("maze", 4), ("frozenlake", len(FROZENLAKE_KINDS))):
-        train_rows = read_table(data, split="train", task=task, columns=columns).to_pylist()[:max_rows]
-        test_rows = read_table(data, split="test", task=task, columns=columns).to_pylist()[:max_rows]
+        train_rows = evenly(read_table(data, split="train", task=task, columns=columns).to_pylist(), max_rows)
+        test_rows = evenly(read_table(data, split="test", task=task, columns=columns).to_pylist(), max_rows)
         if not train_rows or not test_rows:
             raise SystemExit(f"{data}: no {task} rows in train and test")
         test_labels = [label for row in test_rows for *_, label in cells(row)]
@@ -131,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="NAME=CHECKPOINT of tiny-anole checkpoints")
     parser.add_argument("--root", default="runs/bench-mvot", help="a root whose data/gridworld has the rows")
-    parser.add_argument("--rows", type=int, default=1000, help="rows per task and split, at most")
+    parser.add_argument("--rows", type=int, default=0, help="rows per task and split, at most, spread over "
+                        "the grid sizes (0: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/tokenizer_probe.json"))
     args = parser.parse_args()
     named = dict(arg.split("=", 1) for arg in args.checkpoints)
