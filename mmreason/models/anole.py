@@ -17,7 +17,10 @@ for step images, which a trainer puts into the labels to teach the model to draw
 The tiny variant: 64 px images (its processor resizes and crops to 64), a VQ-VAE of 32 channels that
 downsamples 8× to 8×8 = 64 codes from a codebook of 256, and a 2-layer text model of width 128. Its
 vocabulary is the word-level tokenizer plus one `IMGIMG…` token per code (the names Chameleon's
-`vocabulary_map` decodes).
+`vocabulary_map` decodes). A fresh tiny VQ-VAE is random; `fit_codebook` (k-means) and
+`train_tokenizer` (VQ-VAE training with `TokenizerDecoder`) make it an image tokenizer before a
+stage trains the transformer (`model.codebook_rows`, `model.tokenizer_steps`). Replies are decoded
+under `ImageSpanRule`: a drawing is exactly `codes_per_image` codes between its markers.
 """
 
 from __future__ import annotations
