@@ -352,10 +352,10 @@ class AnoleFamily(Family):
         gradients passed straight through the code choice — as a real Anole's VQ-VAE was trained
         (Chameleon's, on images). transformers' Chameleon has no decoder (it never draws pixels), so
         the decoder here is `TokenizerDecoder`, used for this training and then dropped; codes that
-        no image picked in the last `restart_every` steps are moved onto latents of the current batch
-        (codebook restarts, as in Jukebox/ViT-VQGAN practice). Start from `fit_codebook` (k-means
-        init) so no code starts dead. Returns reconstruction MSE of the first and last batches and
-        codes used."""
+        no image picked in the last `TOKENIZER_RESTART_EVERY` steps are moved onto latents of the
+        current batch (codebook restarts, as in Jukebox and ViT-VQGAN). Call `fit_codebook` first
+        (k-means init, as `jobs.train` does) so no code starts dead. Returns the reconstruction MSE
+        of the first and last batches and the codes the images use afterwards."""
         vq = self.model.model.vqmodel
         images = [as_pil(im) for im in images]
         pixels = torch.cat([self.image_inputs(images[i : i + 256])["pixel_values"] for i in range(0, len(images), 256)])
