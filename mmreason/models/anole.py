@@ -170,14 +170,17 @@ class ImageSpanRule:
         self.start_id, self.end_id, self.n = start_id, end_id, codes_per_image
         self.code_ids = code_ids.long()
         self.count = torch.full((batch_size,), -1, dtype=torch.long)  # codes so far in the open image; -1: none
+        self._masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (code, end) over the vocabulary
 
     def allow(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (B, V) with every token the rule forbids at each row's next place set to the minimum."""
-        vocab = logits.shape[-1]
-        code = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        code[self.code_ids.to(logits.device)] = True
-        end = torch.zeros_like(code)
-        end[self.end_id] = True
+        if self._masks is None or self._masks[0].shape[0] != logits.shape[-1] or self._masks[0].device != logits.device:
+            code = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            code[self.code_ids.to(logits.device)] = True
+            end = torch.zeros_like(code)
+            end[self.end_id] = True
+            self._masks = (code, end)  # built once a decode, not every step
+        code, end = self._masks
         count = self.count.to(logits.device)[:, None]
         forbid = torch.where(count < 0, code | end, torch.where(count >= self.n, ~end, ~code))
         return logits.masked_fill(forbid, torch.finfo(logits.dtype).min)
